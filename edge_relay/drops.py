@@ -1,0 +1,60 @@
+"""Why a datagram was dropped: one vocabulary for every decoder and the relay.
+
+Decoders return these values instead of raising; the relay turns each into a
+counter (`edge_relay_drops_total{reason="..."}`). The numeric values index the
+counter arrays, so append new reasons at the end and never renumber.
+`OK` (0) means "not dropped".
+"""
+
+import enum
+
+
+class Drop(enum.IntEnum):
+    OK = 0
+    # RFC 7983 demultiplexing and I/O
+    NOT_WEBRTC = 1            # first byte is not STUN, DTLS or RTP/RTCP
+    TRUNCATED = 2             # datagram larger than the receive buffer
+    # STUN (RFC 8489)
+    STUN_MALFORMED = 3        # header, length, attribute walk or FINGERPRINT bad
+    STUN_NOT_BINDING_REQUEST = 4  # a new flow may only start with a Binding Request
+    STUN_NO_USERNAME = 5      # Binding Request without USERNAME "<server>:<client>"
+    # routing token (docs/PROTOCOL.md section 3)
+    TOKEN_MALFORMED = 6       # bad length or characters outside ice-char
+    TOKEN_VERSION = 7
+    TOKEN_KEY_ID = 8
+    TOKEN_MAC = 9
+    TOKEN_EXPIRED = 10
+    TOKEN_FUTURE = 11         # expiry further ahead than the allowed lifetime
+    UNKNOWN_TRANSCEIVER = 12  # token valid, transceiver id not configured
+    # flows
+    UNKNOWN_FLOW = 13         # DTLS/RTP/STUN-response from an address with no flow
+    FLOW_TABLE_FULL = 14
+    PENDING_PER_SOURCE = 15   # too many pending flows from one source IP
+    DRAINING = 16             # new flow refused while the relay drains
+    # forwarding header (docs/PROTOCOL.md section 4)
+    HEADER_SHORT = 17
+    HEADER_MAGIC = 18
+    HEADER_VERSION = 19
+    HEADER_TYPE = 20          # unknown type, or a type not valid in this direction
+    HEADER_KEY_ID = 21
+    HEADER_FAMILY = 22
+    HEADER_MAC = 23
+    HEADER_STALE = 24         # timestamp outside the acceptance window
+    # transceiver leg policy
+    NOT_TRANSCEIVER = 25      # internal socket: source is not a configured transceiver
+    NO_FLOW = 26              # header names a client that is not a live flow
+    FLOW_OF_OTHER = 27        # header names a flow owned by another transceiver
+    # app-level rate limits (edge hardening)
+    RATE_SOURCE_NEW_FLOWS = 28
+    RATE_GLOBAL_NEW_FLOWS = 29
+    RATE_FLOW_PACKETS = 30
+    # sending
+    SEND_FAILED = 31          # the kernel refused a datagram (ENOBUFS, EAGAIN, ...)
+
+    @property
+    def label(self):
+        """The Prometheus label value: the lower-case name."""
+        return self.name.lower()
+
+
+N_DROPS = len(Drop)
