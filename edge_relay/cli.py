@@ -1,0 +1,216 @@
+"""The `edge-relay` command line.
+
+Exit codes (documented in --help and edge-relay(8)):
+  0  success
+  1  an operator error: invalid config, unusable key file, socket that cannot be bound;
+     the message names the key or file
+  2  usage error (unknown subcommand or option)
+"""
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+
+from . import __version__, config as config_mod, keys
+from .errors import EdgeRelayError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+DEFAULT_CONFIG = "/etc/edge-relay/edge-relay.toml"
+DEFAULT_KEY_DIR = "/etc/edge-relay/keys"
+
+
+def _log(args_level="info"):
+    from .log import Log
+    return Log(level=args_level)
+
+
+def cmd_run(args):
+    cfg = config_mod.load(args.config)
+    from . import supervisor
+    return supervisor.run(args.config, cfg, workers=args.workers)
+
+
+def cmd_check_config(args):
+    try:
+        cfg = config_mod.load(args.file)
+    except EdgeRelayError as exc:
+        for line in str(exc).splitlines():
+            print(f"{args.file}: {line}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.keys:
+        try:
+            keys.load_dir(cfg.keys.dir, cfg.keys.signing_key_id)
+        except EdgeRelayError as exc:
+            print(f"{args.file}: keys.dir: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+    if not args.quiet:
+        print(f"{args.file}: ok ({len(cfg.listeners)} listeners, {len(cfg.transceivers)} transceivers)")
+    return EXIT_OK
+
+
+def cmd_keygen(args):
+    os.makedirs(args.dir, mode=0o750, exist_ok=True)
+    group = None
+    if args.group:
+        import grp
+        try:
+            group = grp.getgrnam(args.group).gr_gid
+        except KeyError:
+            print(f"keygen: group {args.group!r} does not exist", file=sys.stderr)
+            return EXIT_ERROR
+    path = keys.write_key_file(args.dir, args.id, group=group)
+    print(path)
+    return EXIT_OK
+
+
+def _keyring_for(args):
+    if args.config:
+        cfg = config_mod.load(args.config)
+        return keys.load_dir(cfg.keys.dir, cfg.keys.signing_key_id), cfg
+    return keys.load_dir(args.keys), None
+
+
+def cmd_mint_ufrag(args):
+    from . import demo
+    keyring, _ = _keyring_for(args)
+    ufrag, password = demo.mint_session(keyring, args.transceiver, time.time(), args.lifetime)
+    if args.json:
+        print(json.dumps({"ufrag": ufrag, "password": password, "transceiver": args.transceiver}))
+    else:
+        print(f"ufrag {ufrag}\npassword {password}")
+    return EXIT_OK
+
+
+def cmd_version(args):
+    print(f"edge-relay {__version__} (python {sys.version.split()[0]})")
+    return EXIT_OK
+
+
+def _hostport(text):
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    host = host.strip("[]")
+    try:
+        return host, int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: port must be a number") from None
+
+
+def cmd_demo_transceiver(args):
+    from . import demo
+    keyring, cfg = _keyring_for(args)
+    host, port = args.listen
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, port))
+    tx = demo.DemoTransceiver(keyring, args.id, sock)
+    print(f"demo transceiver {args.id} on {host}:{sock.getsockname()[1]}", file=sys.stderr, flush=True)
+    try:
+        tx.serve(stop_after=args.duration)
+    except KeyboardInterrupt:
+        pass
+    print(json.dumps({"checks_answered": tx.checks_answered, "media_echoed": tx.media_echoed,
+                      "probes_answered": tx.probes_answered, "drops": tx.drops}))
+    return EXIT_OK
+
+
+def cmd_demo_client(args):
+    from . import demo
+    if args.ufrag and args.password:
+        ufrag, password = args.ufrag, args.password
+    else:
+        keyring, _ = _keyring_for(args)
+        ufrag, password = demo.mint_session(keyring, args.transceiver, time.time())
+    clients = [demo.VoiceClient(args.relay, ufrag, password) for _ in range(args.clients)]
+    try:
+        demo.run_clients(clients, args.duration)
+    except KeyboardInterrupt:
+        pass
+    report = demo.client_report(clients)
+    print(json.dumps(report))
+    return EXIT_OK if report["connected"] == len(clients) else EXIT_ERROR
+
+
+def cmd_demo(args):
+    from . import demo_run
+    return demo_run.main(duration=args.duration, clients=args.clients, workers=args.workers)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="edge-relay",
+        description="Edge UDP relay for real-time voice AI over WebRTC.",
+        epilog="Exit status: 0 success, 1 operator error (the message names the key or file), 2 usage error.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("run", help="run the relay (supervisor and workers)")
+    s.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    s.add_argument("--workers", type=int, default=None, help="override relay.workers")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("check-config", help="validate a config file; one line per problem, exit 1 if any")
+    s.add_argument("file")
+    s.add_argument("--keys", action="store_true", help="also load the key directory it names")
+    s.add_argument("--quiet", "-q", action="store_true")
+    s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("keygen", help="write a new 32-byte key file <id>.key with mode 0640")
+    s.add_argument("--dir", default=DEFAULT_KEY_DIR, help=f"key directory (default {DEFAULT_KEY_DIR})")
+    s.add_argument("--id", type=int, default=None, help="key id 0..255 (default: one above the highest)")
+    s.add_argument("--group", default=None, help="group that may read the key (e.g. edge-relay)")
+    s.set_defaults(func=cmd_keygen)
+
+    def key_source(s):
+        g = s.add_mutually_exclusive_group()
+        g.add_argument("--config", "-c", default=None, help="take the key directory from this config")
+        g.add_argument("--keys", default=DEFAULT_KEY_DIR, help=f"key directory (default {DEFAULT_KEY_DIR})")
+
+    s = sub.add_parser("mint-ufrag", help="print a routing-token ufrag and a demo ICE password")
+    s.add_argument("--transceiver", "-t", type=int, required=True, help="transceiver id 0..65535")
+    s.add_argument("--lifetime", type=float, default=4 * 3600, help="seconds the ufrag may open flows")
+    s.add_argument("--json", action="store_true")
+    key_source(s)
+    s.set_defaults(func=cmd_mint_ufrag)
+
+    s = sub.add_parser("version", help="print the version")
+    s.set_defaults(func=cmd_version)
+
+    s = sub.add_parser("demo-transceiver", help="run the demo transceiver (ICE-lite echo)")
+    s.add_argument("--listen", type=_hostport, required=True, help="HOST:PORT to listen on")
+    s.add_argument("--id", type=int, required=True, help="its transceiver id")
+    s.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    key_source(s)
+    s.set_defaults(func=cmd_demo_transceiver)
+
+    s = sub.add_parser("demo-client", help="run synthetic voice clients against a relay")
+    s.add_argument("--relay", type=_hostport, required=True, help="the relay's public HOST:PORT")
+    s.add_argument("--transceiver", "-t", type=int, default=1, help="transceiver id to mint a ufrag for")
+    s.add_argument("--ufrag", default=None)
+    s.add_argument("--password", default=None)
+    s.add_argument("--clients", type=int, default=1)
+    s.add_argument("--duration", type=float, default=5.0)
+    key_source(s)
+    s.set_defaults(func=cmd_demo_client)
+
+    s = sub.add_parser("demo", help="relay + demo transceiver + voice clients on loopback, live status")
+    s.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    s.add_argument("--clients", type=int, default=4)
+    s.add_argument("--workers", type=int, default=1)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgeRelayError as exc:
+        for line in str(exc).splitlines():
+            print(f"edge-relay {args.command}: {line}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_OK

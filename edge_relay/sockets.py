@@ -1,0 +1,51 @@
+"""Creating the relay's UDP sockets: public listeners and per-worker internal sockets.
+
+Listeners use SO_REUSEPORT so that each worker holds its own socket on the
+same public address and the kernel spreads clients across them by 4-tuple
+hash. IPv6 listeners are IPV6_V6ONLY so that "0.0.0.0" and "::" can be listed
+side by side and each listener has exactly one family.
+"""
+
+import socket
+
+from .errors import StartupError
+
+
+def family_of(address):
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def udp_socket(address, port, *, reuseport=False, rcvbuf=None, sndbuf=None, what="socket"):
+    """A bound non-blocking UDP socket; StartupError (one line naming it) on failure."""
+    family = family_of(address)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        for opt, size in ((socket.SO_RCVBUF, rcvbuf), (socket.SO_SNDBUF, sndbuf)):
+            if size:
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        sock.bind((address, port))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        shown = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
+        raise StartupError(f"{what} {shown}: cannot bind: {exc.strerror or exc}") from None
+    return sock
+
+
+def listener_sockets(config):
+    """One SO_REUSEPORT socket per configured listener (for one worker)."""
+    r = config.relay
+    return [udp_socket(l.address, l.port, reuseport=True, rcvbuf=r.recv_buffer_bytes,
+                       sndbuf=r.send_buffer_bytes, what=f"listeners[{i}]")
+            for i, l in enumerate(config.listeners)]
+
+
+def internal_socket(config, worker_index):
+    """Worker `worker_index`'s own internal socket: transceivers answer to the address they heard from."""
+    r = config.relay
+    return udp_socket(config.internal.address, config.internal_port_for(worker_index),
+                      rcvbuf=r.recv_buffer_bytes, sndbuf=r.send_buffer_bytes, what="internal")

@@ -1,0 +1,229 @@
+"""One worker: a selectors loop that moves bytes between sockets and the Router.
+
+Theory of operation
+  The worker owns (or is handed) its share of the public listener sockets, its
+  own internal socket and a signal wake-up fd. Readiness of a socket triggers
+  a few batches of recvmmsg -> Router -> sendmmsg; each batch's output is sent
+  before the next receive because payloads are views into receive buffers.
+  Nothing here decides anything about a packet: that is router.py.
+
+  Timers are computed, never polled: the select timeout is the nearest of the
+  flow table's next expiry, the stats publication tick and the drain deadline.
+
+  Signals arrive through `signal.set_wakeup_fd`, so a signal wakes the select
+  and is handled in the loop, never inside a handler:
+    SIGHUP   reload config and keys; on error keep the old ones, log one line
+    SIGTERM  drain: refuse new flows, keep forwarding, exit after drain_seconds
+             (or as soon as no flow is left)
+    SIGINT   as SIGTERM
+"""
+
+import os
+import selectors
+import signal
+import socket
+import time
+
+from . import batchio, config as config_mod, keys, sockaddr
+from .drops import Drop
+from .errors import EdgeRelayError
+from .flows import FlowTable
+from .router import Policy, Router
+
+BATCHES_PER_WAKEUP = 8          # bounded work per readiness event keeps sockets fair
+PUBLISH_INTERVAL = 0.5          # seconds between counter publications
+
+
+def policy_of(cfg):
+    lim = cfg.limits
+    return Policy(lim.header_window, lim.token_max_lifetime, lim.clock_skew)
+
+
+def transceiver_addrs(cfg):
+    return {t.id: sockaddr.from_tuple((t.address, t.port)) for t in cfg.transceivers}
+
+
+def flow_table(cfg):
+    lim = cfg.limits
+    return FlowTable(n_listeners=len(cfg.listeners), max_flows=lim.max_flows,
+                     max_pending_per_source=lim.max_pending_per_source,
+                     pending_ttl=lim.pending_ttl, idle_timeout=lim.idle_timeout)
+
+
+class Worker:
+    """Runs the loop for one worker until stopped.
+
+    `publish(router, worker)` (optional) is called every PUBLISH_INTERVAL and
+    at exit with the router's counters, e.g. to copy them to shared memory.
+    """
+
+    def __init__(self, cfg, keyring, listeners, internal, log, *, config_path=None,
+                 publish=None, clock=time.monotonic, wall=time.time, flows=None):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.log = log
+        self.clock = clock
+        self.wall = wall
+        self.publish = publish
+        self.listeners = listeners
+        self.internal = internal
+        batch = cfg.relay.batch_size
+        mode = cfg.relay.io
+        self.listener_io = [batchio.open_io(s, batch, mode=mode) for s in listeners]
+        self.internal_io = batchio.open_io(internal, batch, mode=mode)
+        self.router = Router(flows or flow_table(cfg), keyring, transceiver_addrs(cfg),
+                             [s.family for s in listeners], policy_of(cfg))
+        self.stopping = False
+        self.drain_deadline = None
+        self.reloads = 0
+        self.reload_failures = 0
+        self.send_failed_seen = 0
+
+    @property
+    def io_name(self):
+        return self.internal_io.name
+
+    # -- one batch each way -------------------------------------------------
+
+    def pump_listener(self, index):
+        io = self.listener_io[index]
+        router = self.router
+        for _ in range(BATCHES_PER_WAKEUP):
+            n = io.recv()
+            if n == 0:
+                return
+            router.from_clients(index, io.views, io.addrs, n, self.clock(), int(self.wall() * 1000))
+            if router.to_transceivers:
+                self.internal_io.send(router.to_transceivers)
+                router.to_transceivers.clear()
+            if n < io.batch_size:
+                return
+
+    def pump_internal(self):
+        io = self.internal_io
+        router = self.router
+        for _ in range(BATCHES_PER_WAKEUP):
+            n = io.recv()
+            if n == 0:
+                return
+            router.from_transceivers(io.views, io.addrs, n, self.clock(), int(self.wall() * 1000))
+            for index, out in enumerate(router.to_clients):
+                if out:
+                    self.listener_io[index].send(out)
+                    out.clear()
+            if n < io.batch_size:
+                return
+
+    # -- control --------------------------------------------------------------
+
+    def reload(self):
+        """Re-read config and keys; keep the old ones and say why on any error."""
+        if self.config_path is None:
+            return False
+        try:
+            cfg = config_mod.load(self.config_path)
+            keyring = keys.load_dir(cfg.keys.dir, cfg.keys.signing_key_id)
+        except EdgeRelayError as exc:
+            self.reload_failures += 1
+            self.log.err("reload", "reload refused, keeping the running config: %s",
+                         str(exc).replace("\n", "; "))
+            return False
+        self.cfg = cfg
+        self.router.configure(keyring, transceiver_addrs(cfg), policy_of(cfg))
+        self.log.set_level(cfg.log.level)
+        self.reloads += 1
+        self.log.notice("reload", "reloaded: %d transceivers, signing key %d",
+                        len(cfg.transceivers), keyring.signing.key_id)
+        return True
+
+    def drain(self):
+        if self.drain_deadline is None:
+            self.router.draining = True
+            self.drain_deadline = self.clock() + self.cfg.relay.drain_seconds
+            self.log.notice("drain", "draining %d flows for up to %.1f s",
+                            len(self.router.flows), self.cfg.relay.drain_seconds)
+
+    def stop(self):
+        self.stopping = True
+
+    def handle_signal(self, signum):
+        if signum == signal.SIGHUP:
+            self.reload()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self.drain()
+
+    # -- the loop -------------------------------------------------------------
+
+    def _timeout(self, now, next_publish):
+        deadlines = [next_publish]
+        flow_deadline = self.router.flows.next_deadline()
+        if flow_deadline is not None:
+            deadlines.append(flow_deadline)
+        if self.drain_deadline is not None:
+            deadlines.append(self.drain_deadline)
+        return max(0.0, min(deadlines) - now)
+
+    def _publish(self):
+        failed = sum(io.send_failed for io in self.listener_io) + self.internal_io.send_failed
+        truncated = sum(io.truncated for io in self.listener_io) + self.internal_io.truncated
+        drops = self.router.drops
+        drops[Drop.SEND_FAILED] = failed
+        drops[Drop.TRUNCATED] = truncated
+        if self.publish is not None:
+            self.publish(self.router, self)
+
+    def run(self, handle_signals=True, extra=None):
+        """Loop until stopped or drained. `extra`: {fileobj: callback} for the supervisor's pipes."""
+        sel = selectors.DefaultSelector()
+        wake_r = wake_w = None
+        old_wakeup = None
+        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+        old_handlers = {}
+        if handle_signals:
+            wake_r, wake_w = socket.socketpair()
+            wake_r.setblocking(False)
+            wake_w.setblocking(False)
+            old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+            for sig in handled:
+                old_handlers[sig] = signal.signal(sig, lambda *_: None)
+            sel.register(wake_r, selectors.EVENT_READ, "signal")
+        for index, sock in enumerate(self.listeners):
+            sel.register(sock, selectors.EVENT_READ, index)
+        sel.register(self.internal, selectors.EVENT_READ, "internal")
+        for fileobj, callback in (extra or {}).items():
+            sel.register(fileobj, selectors.EVENT_READ, callback)
+        self.log.info("start", "worker %d serving %d listeners with %s I/O",
+                      os.getpid(), len(self.listeners), self.io_name)
+        next_publish = self.clock() + PUBLISH_INTERVAL
+        try:
+            while not self.stopping:
+                now = self.clock()
+                for key, _ in sel.select(self._timeout(now, next_publish)):
+                    tag = key.data
+                    if tag == "internal":
+                        self.pump_internal()
+                    elif tag == "signal":
+                        for signum in wake_r.recv(64):
+                            self.handle_signal(signum)
+                    elif callable(tag):
+                        tag()
+                    else:
+                        self.pump_listener(tag)
+                now = self.clock()
+                if now >= (self.router.flows.next_deadline() or now + 1):
+                    self.router.expire(now)
+                if now >= next_publish:
+                    self._publish()
+                    next_publish = now + PUBLISH_INTERVAL
+                if self.drain_deadline is not None and (now >= self.drain_deadline or not len(self.router.flows)):
+                    self.stopping = True
+        finally:
+            self._publish()
+            sel.close()
+            if handle_signals:
+                signal.set_wakeup_fd(old_wakeup if old_wakeup is not None else -1)
+                for sig, handler in old_handlers.items():
+                    signal.signal(sig, handler)
+                wake_r.close()
+                wake_w.close()
+        self.log.info("stop", "worker %d stopped with %d flows", os.getpid(), len(self.router.flows))
