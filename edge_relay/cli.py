@@ -38,7 +38,8 @@ def cmd_check_config(args):
         cfg = config_mod.load(args.file)
     except EdgeRelayError as exc:
         for line in str(exc).splitlines():
-            print(f"{args.file}: {line}", file=sys.stderr)
+            # problems are "key: problem"; file-level ones already start with the path
+            print(line if line.startswith(str(args.file)) else f"{args.file}: {line}", file=sys.stderr)
         return EXIT_ERROR
     if args.keys:
         try:
