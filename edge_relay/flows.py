@@ -1,0 +1,495 @@
+"""The flow table: which transceiver owns each client address (sans-IO, clock passed in).
+
+Theory of operation
+-------------------
+A flow is one client (raw sockaddr bytes, see sockaddr.py) on one listener
+(public socket index) bound to one transceiver id. It is PENDING from the first
+valid STUN Binding Request until that transceiver answers through the relay,
+then CONFIRMED. The table never reads a clock: every method that needs time
+takes `now`, finite float seconds on a monotonic clock.
+
+Lifetimes
+  * PENDING flows die `pending_ttl` after creation. Client packets never extend
+    them, so a spoofer cannot keep pending state alive. The hot path must not
+    write `last_seen` on a pending flow (`if flow.state == CONFIRMED:
+    flow.last_seen = now`); even if it does, `expire` ignores `last_seen` for
+    pending flows (the bucket a pending flow sits in is its creation deadline;
+    only `snapshot` and a bucket rebuild read it).
+  * CONFIRMED flows die `idle_timeout` after the last client packet (RFC 7675
+    consent: 30 s). The hot path refreshes a flow by assigning
+    `flow.last_seen = now`; the table costs nothing per packet.
+  * A flow is never removed before its deadline and may outlive it by up to
+    one `granularity` (plus however late the caller runs `expire`). Until then
+    the hot path can still find it; callers that care compare deadlines.
+
+Timer wheel
+  Every flow sits in the bucket of its deadline: bucket k holds deadlines in
+  [(k-1)*g, k*g) and is due once k*g <= now. A heap of bucket numbers gives the
+  earliest due bucket, so `expire` pops only due buckets and `next_deadline` is
+  O(1). Entries are checked lazily when their bucket pops: a removed flow is
+  skipped, a confirmed flow whose `last_seen` moved on is re-bucketed at its new
+  deadline. Each live confirmed flow is therefore touched about once per
+  `idle_timeout`, never per packet. A removed flow's object lingers in its
+  bucket until that bucket is due; if stale entries pile up (many `remove`
+  calls) the buckets are rebuilt, amortised O(1) per removal.
+
+Memory (tests/test_flows.py measures it with tracemalloc): about 222 bytes
+per confirmed IPv4 flow at 100k flows: Flow object 88 (seven slots + GC
+header), key bytes 49, last_seen float 24 (when not shared with other flows
+of the same batch), dict entry and index ~52, bucket entry ~9. Transceiver ids
+are interned so they cost nothing per flow. Whatever the router caches in
+`route` comes on top.
+
+Invariants (the tests check them against a reference model)
+  * `by_listener[i]` maps key -> Flow for exactly the live flows of listener i;
+    a flow's `state` is REMOVED once it has left the table, and removed flows
+    never come back (open makes a new Flow object).
+  * `pending` / `confirmed` count the live flows in each state; the per-source
+    pending counts (keyed by `sockaddr.source_ip`) sum to `pending` and hold no
+    zero entries.
+  * Caps refuse new flows (a Drop is returned); existing flows are never
+    evicted to make room.
+  * `restore` raises ValueError and nothing else for any malformed input, and
+    leaves the table unchanged when it raises.
+"""
+
+import binascii
+import heapq
+import math
+import socket
+import struct
+import sys
+
+from .drops import Drop
+from .sockaddr import SOCKADDR_IN6_LEN, SOCKADDR_IN_LEN, source_ip
+
+PENDING = 0
+CONFIRMED = 1
+REMOVED = 2          # internal: the flow has left the table (its object may linger in a bucket)
+
+# Transceiver ids are interned so 100k flows share a handful of int objects
+# (struct.unpack makes a fresh int above 256 for every token); the map is
+# reset past this size, which only costs sharing, never correctness.
+_MAX_INTERNED = 65536
+
+
+class Flow:
+    """One client address on one listener, owned by one transceiver.
+
+    Attributes (plain slots; the hot path reads and writes them directly):
+      key          raw sockaddr bytes of the client (the by_listener dict key)
+      listener     public socket index
+      transceiver  owning transceiver id
+      state        PENDING, CONFIRMED, or REMOVED once out of the table
+      last_seen    pending: creation time; confirmed: last client packet
+      restart_to   transceiver id of an ICE restart in progress, or None
+      route        opaque router cache (e.g. a header prefix); the table never
+                   reads it, and resets it to None when `move` changes owner
+    """
+
+    # Seven pointers and nothing else: no __dict__, no __weakref__ (memory target).
+    __slots__ = ("key", "listener", "transceiver", "state", "last_seen", "restart_to", "route")
+
+    def __init__(self, key, listener, transceiver, state, last_seen):
+        self.key = key
+        self.listener = listener
+        self.transceiver = transceiver
+        self.state = state
+        self.last_seen = last_seen
+        self.restart_to = None
+        self.route = None
+
+    def __repr__(self):
+        state = ("PENDING", "CONFIRMED", "REMOVED")[self.state]
+        return (f"<Flow {self.key.hex()} l{self.listener} t{self.transceiver} {state}"
+                f" last_seen={self.last_seen} restart_to={self.restart_to}>")
+
+
+# Snapshot wire format, version 1 (all little-endian; only ever read by the
+# same build family on the same host, but versioned so a newer relay can
+# refuse an older layout cleanly):
+#   header  magic "ERFT" | version u8 | reserved u8 (0) | reserved u16 (0)
+#           | count u32 | crc32 u32 of every record byte
+#   record  age f64 (now - last_seen, >= 0) | transceiver u32 | restart_to u32
+#           | listener u16 | state u8 | flags u8 (bit 0: restart_to present)
+#           | key length u8 (16 or 28) | key
+# `route` is not saved: it is a cache the router rebuilds.
+SNAPSHOT_MAGIC = b"ERFT"
+SNAPSHOT_VERSION = 1
+_SNAP_HEAD = struct.Struct("<4sBBHII")
+_SNAP_REC = struct.Struct("<dIIHBBB")
+_F_RESTART = 1
+_U32 = 0xFFFFFFFF
+_AF_INET = socket.AF_INET.to_bytes(2, sys.byteorder)
+_AF_INET6 = socket.AF_INET6.to_bytes(2, sys.byteorder)
+_ZERO8 = bytes(8)
+
+
+class FlowTable:
+    """Flows of one worker, indexed by listener then client sockaddr bytes.
+
+    Parameters
+      n_listeners             number of public sockets (listener indexes 0..n-1)
+      max_flows               cap on all live flows (pending + confirmed)
+      max_pending_per_source  cap on pending flows per source IP
+      pending_ttl             seconds a pending flow lives after creation
+      idle_timeout            seconds a confirmed flow lives after its last client packet
+      granularity             timer-wheel bucket width in seconds: expiry runs at
+                              most this late, and larger buckets mean fewer wake-ups
+
+    `by_listener[i].get(sa)` is the hot-path lookup; `pending`, `confirmed` and
+    `scanned` (bucket entries examined by `expire`, cumulative: a work meter)
+    are plain int attributes, read-only for callers.
+    """
+
+    # Rebuild the buckets when they hold this many entries beyond two per live flow.
+    _compact_slack = 4096
+
+    def __init__(self, *, n_listeners=1, max_flows=200_000, max_pending_per_source=16,
+                 pending_ttl=5.0, idle_timeout=30.0, granularity=0.25):
+        for name, value in (("pending_ttl", pending_ttl), ("idle_timeout", idle_timeout),
+                            ("granularity", granularity)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, not {value!r}")
+        if n_listeners < 1 or n_listeners > 0xFFFF:
+            raise ValueError(f"n_listeners must be 1..65535, not {n_listeners!r}")
+        if max_flows < 0 or max_pending_per_source < 0:
+            raise ValueError("max_flows and max_pending_per_source must be >= 0")
+        self.n_listeners = n_listeners
+        self.max_flows = max_flows
+        self.max_pending_per_source = max_pending_per_source
+        self.pending_ttl = float(pending_ttl)
+        self.idle_timeout = float(idle_timeout)
+        self.granularity = float(granularity)
+        self.by_listener = [{} for _ in range(n_listeners)]
+        self.pending = 0
+        self.confirmed = 0
+        self.scanned = 0
+        self._per_source = {}        # source_ip -> live pending flows from it (never 0)
+        self._buckets = {}           # bucket number -> [Flow, ...]
+        self._heap = []              # bucket numbers present in _buckets, min-heap
+        self._entries = 0            # total entries across buckets, live or stale
+        self._ids = {}               # interned transceiver ids
+
+    # -- lookup ------------------------------------------------------------
+
+    def get(self, listener, sa):
+        """The live Flow for `sa` (bytes) on `listener`, or None."""
+        return self.by_listener[listener].get(sa)
+
+    def __len__(self):
+        return self.pending + self.confirmed
+
+    def __iter__(self):
+        """Live flows. Do not open/remove/expire while iterating: iterate a list(table)."""
+        for flows in self.by_listener:
+            yield from flows.values()
+
+    def next_deadline(self):
+        """The earliest `now` at which `expire` may have work, or None if it never will.
+
+        The due bucket may hold only refreshed or removed flows, so a wake-up
+        at this time can find nothing to do; it is never too late.
+        """
+        return self._heap[0] * self.granularity if self._heap else None
+
+    # -- transitions ---------------------------------------------------------
+
+    def open(self, listener, sa, transceiver, now):
+        """A new PENDING flow for `sa` on `listener` owned by `transceiver`, created at `now`.
+
+        Returns the existing flow unchanged if `sa` already has one on that
+        listener (whatever its transceiver: ICE restarts go through
+        `restart_to` and `move`). Returns Drop.FLOW_TABLE_FULL when the table
+        holds `max_flows`, or Drop.PENDING_PER_SOURCE when the source IP
+        already has `max_pending_per_source` pending flows. Nothing is evicted.
+        """
+        if type(sa) is not bytes:
+            sa = bytes(sa)          # never keep (or hash) a view of a receive buffer
+        flows = self.by_listener[listener]
+        flow = flows.get(sa)
+        if flow is not None:
+            return flow
+        if self.pending + self.confirmed >= self.max_flows:
+            return Drop.FLOW_TABLE_FULL
+        src = source_ip(sa)
+        n = self._per_source.get(src, 0)
+        if n >= self.max_pending_per_source:
+            return Drop.PENDING_PER_SOURCE
+        self._per_source[src] = n + 1
+        self.pending += 1
+        flow = Flow(sa, listener, self._intern(transceiver), PENDING, now)
+        flows[sa] = flow
+        self._schedule(flow, now + self.pending_ttl)
+        return flow
+
+    def confirm(self, flow, now):
+        """The owning transceiver answered: PENDING -> CONFIRMED, last_seen = now.
+
+        Idempotent on a confirmed flow (it only refreshes last_seen). Returns
+        False, changing nothing, if the flow has left the table.
+        """
+        state = flow.state
+        if state == CONFIRMED:
+            flow.last_seen = now
+            return True
+        if state != PENDING:
+            return False
+        flow.last_seen = now
+        self._promote(flow, now)
+        return True
+
+    def move(self, flow, transceiver, now):
+        """ICE restart completed: `transceiver` owns the flow, which is confirmed at `now`.
+
+        Clears `restart_to` and `route` (the router's cache was built for the
+        old owner). Returns False, changing nothing, if the flow has left the table.
+        """
+        state = flow.state
+        if state == REMOVED:
+            return False
+        flow.transceiver = self._intern(transceiver)
+        flow.restart_to = None
+        flow.route = None
+        flow.last_seen = now
+        if state == PENDING:
+            self._promote(flow, now)
+        return True
+
+    def remove(self, flow):
+        """Take a flow out of the table now (idempotent)."""
+        if flow.state == REMOVED:
+            return
+        self._drop(flow)
+        # Removals are the one way stale bucket entries accumulate faster than
+        # buckets fall due; rebuild once they dwarf the live entries.
+        if self._entries > 2 * (self.pending + self.confirmed) + self._compact_slack:
+            self._compact()
+
+    def expire(self, now):
+        """Remove every flow whose deadline is <= `now`, visiting only due buckets.
+
+        Returns the number of flows removed. A flow may survive its deadline
+        by up to one granularity: it goes when its bucket falls due.
+        """
+        heap = self._heap
+        if not heap:
+            return 0
+        g = self.granularity
+        buckets = self._buckets
+        idle = self.idle_timeout
+        removed = 0
+        while heap and heap[0] * g <= now:
+            k = heapq.heappop(heap)
+            bucket = buckets.pop(k)
+            self._entries -= len(bucket)
+            self.scanned += len(bucket)
+            for flow in bucket:
+                state = flow.state
+                if state == CONFIRMED:
+                    deadline = flow.last_seen + idle
+                    if now < deadline:
+                        # Strictly later than k, so a bucket never refills itself.
+                        self._schedule(flow, deadline, k + 1)
+                        continue
+                elif state != PENDING:
+                    continue        # removed (or a duplicate of a flow already expired)
+                # A pending flow's only entry is its creation deadline: due now.
+                self._drop(flow)
+                removed += 1
+        return removed
+
+    # -- snapshot ------------------------------------------------------------
+
+    def snapshot(self, now):
+        """The live, unexpired flows as versioned binary (see the format above).
+
+        Ages (now - last_seen) are saved, not times, so the receiving process
+        may use any monotonic clock. `route` is not saved. Left out: flows
+        whose ids do not fit 32 bits (the v1 token carries 16) and keys that
+        are not a Linux sockaddr_in / sockaddr_in6.
+        """
+        rec = _SNAP_REC.pack
+        parts = []
+        for flow in self:
+            limit = self.pending_ttl if flow.state == PENDING else self.idle_timeout
+            if now >= flow.last_seen + limit:
+                continue
+            rto = flow.restart_to
+            tid = flow.transceiver
+            # Anything restore would reject must stay out, or one odd flow
+            # would make the whole snapshot unusable.
+            if not (0 <= tid <= _U32 and (rto is None or 0 <= rto <= _U32)
+                    and _key_ok(flow.key)):
+                continue
+            age = now - flow.last_seen
+            parts.append(rec(age if age > 0.0 else 0.0, tid, 0 if rto is None else rto,
+                             flow.listener, flow.state, 0 if rto is None else _F_RESTART,
+                             len(flow.key)))
+            parts.append(flow.key)
+        body = b"".join(parts)
+        head = _SNAP_HEAD.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, 0, len(parts) // 2,
+                               binascii.crc32(body))
+        return head + body
+
+    def restore(self, data, now):
+        """Add the flows of a `snapshot` to this table; returns how many were added.
+
+        Each flow keeps its age relative to `now` (the time between snapshot
+        and restore does not count). Skipped without error: flows already
+        expired, flows on a listener this table does not have, clients that
+        already have a flow here, and flows that the caps refuse. Raises
+        ValueError (and nothing else) for malformed data, leaving the table
+        unchanged: the whole snapshot is validated before any flow is added.
+        """
+        records = _parse_snapshot(data)
+        added = 0
+        per_source = self._per_source
+        for age, tid, rto, listener, state, key in records:
+            if listener >= self.n_listeners:
+                continue
+            last_seen = now - age
+            ttl = self.pending_ttl if state == PENDING else self.idle_timeout
+            deadline = last_seen + ttl
+            if now >= deadline:
+                continue
+            flows = self.by_listener[listener]
+            if key in flows or self.pending + self.confirmed >= self.max_flows:
+                continue
+            if state == PENDING:
+                src = source_ip(key)
+                n = per_source.get(src, 0)
+                if n >= self.max_pending_per_source:
+                    continue
+                per_source[src] = n + 1
+                self.pending += 1
+            else:
+                self.confirmed += 1
+            flow = Flow(key, listener, self._intern(tid), state, last_seen)
+            if rto is not None:
+                flow.restart_to = self._intern(rto)
+            flows[key] = flow
+            self._schedule(flow, deadline)
+            added += 1
+        return added
+
+    # -- internals -----------------------------------------------------------
+
+    def _intern(self, tid):
+        ids = self._ids
+        shared = ids.get(tid)
+        if shared is None:
+            if len(ids) >= _MAX_INTERNED:
+                ids.clear()
+            ids[tid] = shared = tid
+        return shared
+
+    def _schedule(self, flow, deadline, earliest=None):
+        # Bucket k is due once k*g <= now; k = floor(d/g) + 1 makes k*g > d
+        # (float rounding can at worst make it equal), so nothing goes early.
+        k = int(deadline // self.granularity) + 1
+        if earliest is not None and k < earliest:
+            k = earliest
+        bucket = self._buckets.get(k)
+        if bucket is None:
+            self._buckets[k] = [flow]
+            heapq.heappush(self._heap, k)
+        else:
+            bucket.append(flow)
+        self._entries += 1
+
+    def _promote(self, flow, now):
+        self._leave_pending(flow)
+        self.confirmed += 1
+        flow.state = CONFIRMED
+        # The pending entry stays where it is and re-buckets the flow when it
+        # falls due; only a confirmed deadline earlier than that needs its own
+        # entry (idle_timeout < pending_ttl), at the cost of one duplicate.
+        if self.idle_timeout < self.pending_ttl:
+            self._schedule(flow, now + self.idle_timeout)
+
+    def _leave_pending(self, flow):
+        self.pending -= 1
+        src = source_ip(flow.key)
+        n = self._per_source[src] - 1
+        if n:
+            self._per_source[src] = n
+        else:
+            del self._per_source[src]
+
+    def _drop(self, flow):
+        del self.by_listener[flow.listener][flow.key]
+        if flow.state == PENDING:
+            self._leave_pending(flow)
+        else:
+            self.confirmed -= 1
+        flow.state = REMOVED
+
+    def _compact(self):
+        self._buckets = {}
+        self._heap = []
+        self._entries = 0
+        for flow in self:
+            ttl = self.pending_ttl if flow.state == PENDING else self.idle_timeout
+            self._schedule(flow, flow.last_seen + ttl)
+
+
+def _key_ok(key):
+    """Is `key` a sockaddr the kernel could have written (the only keys a snapshot carries)?"""
+    if len(key) == SOCKADDR_IN_LEN:
+        return key[:2] == _AF_INET and key[8:] == _ZERO8
+    return len(key) == SOCKADDR_IN6_LEN and key[:2] == _AF_INET6
+
+
+def _parse_snapshot(data):
+    """[(age, tid, restart_to|None, listener, state, key)] or ValueError; never mutates."""
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError:
+        raise ValueError("flow snapshot: not a bytes-like object") from None
+    size = len(view)
+    if size < _SNAP_HEAD.size:
+        raise ValueError("flow snapshot: shorter than its header")
+    magic, version, res8, res16, count, crc = _SNAP_HEAD.unpack_from(view, 0)
+    if magic != SNAPSHOT_MAGIC:
+        raise ValueError("flow snapshot: bad magic")
+    if version != SNAPSHOT_VERSION:
+        raise ValueError(f"flow snapshot: unsupported version {version}")
+    if res8 or res16:
+        raise ValueError("flow snapshot: reserved header bits set")
+    body = view[_SNAP_HEAD.size:]
+    if binascii.crc32(body) != crc:
+        raise ValueError("flow snapshot: checksum mismatch")
+    if count * (_SNAP_REC.size + SOCKADDR_IN_LEN) > len(body):
+        raise ValueError("flow snapshot: count larger than the data")
+    records = []
+    seen = set()
+    off = 0
+    end = len(body)
+    unpack = _SNAP_REC.unpack_from
+    for _ in range(count):
+        if off + _SNAP_REC.size > end:
+            raise ValueError("flow snapshot: truncated record")
+        age, tid, rto, listener, state, flags, klen = unpack(body, off)
+        off += _SNAP_REC.size
+        if klen != SOCKADDR_IN_LEN and klen != SOCKADDR_IN6_LEN:
+            raise ValueError(f"flow snapshot: bad address length {klen}")
+        if off + klen > end:
+            raise ValueError("flow snapshot: truncated address")
+        key = bytes(body[off:off + klen])
+        off += klen
+        if not _key_ok(key):
+            raise ValueError("flow snapshot: malformed address")
+        if not (math.isfinite(age) and age >= 0.0):
+            raise ValueError("flow snapshot: bad age")
+        if state not in (PENDING, CONFIRMED):
+            raise ValueError(f"flow snapshot: bad state {state}")
+        if flags & ~_F_RESTART or (not flags and rto):
+            raise ValueError("flow snapshot: bad flags")
+        if (listener, key) in seen:
+            raise ValueError("flow snapshot: duplicate flow")
+        seen.add((listener, key))
+        records.append((age, tid, rto if flags else None, listener, state, key))
+    if off != end:
+        raise ValueError("flow snapshot: trailing bytes")
+    return records
