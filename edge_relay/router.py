@@ -97,6 +97,7 @@ class Router:
         ts6 = header.timestamp_bytes(wall_ms)
         sent = sent_bytes = in_bytes = 0
         seal = header.seal
+        transceivers = self.transceivers
         for i in range(n):
             data = views[i]
             sa = addrs[i]
@@ -115,13 +116,13 @@ class Router:
                     flow.last_seen = now
                 if kind == _STUN and data[:2] == _BINDING_REQUEST and not self._same_owner(flow, data, now, wall_ms):
                     continue
-            route = flow.route
-            if route is None:
-                route = self._route(flow)
-                if route is None:
+            head = flow.route
+            tx_sa = transceivers.get(flow.transceiver)
+            if head is None or tx_sa is None:
+                head = self._prefix(flow)
+                if tx_sa is None:       # its transceiver left the config at a reload
                     drops[Drop.UNKNOWN_TRANSCEIVER] += 1
                     continue
-            tx_sa, head = route
             out.append((tx_sa, seal(mac, head, ts6, data), data))
             sent += 1
             sent_bytes += len(data)
@@ -192,27 +193,26 @@ class Router:
         # forward this request to the new owner; everything else keeps going to the old one
         flow.restart_to = tx_id
         out = self.to_transceivers
-        tx_sa, head = self._route(flow, tx_id)
+        tx_sa, head = self.transceivers[tx_id], self._prefix(flow, cache=False)
         out.append((tx_sa, header.seal(self.keyring.signing.header_mac, head,
                                        header.timestamp_bytes(wall_ms), data), data))
         self.stats[TO_TX_PACKETS] += 1
         self.stats[TO_TX_BYTES] += len(data) + header.HEADER_LEN
         return False
 
-    def _route(self, flow, tx_id=None):
-        """(transceiver sockaddr, header octets 0..25) for `flow`, cached on the flow for its owner."""
-        owner = tx_id is None
-        tx_id = flow.transceiver if owner else tx_id
-        tx_sa = self.transceivers.get(tx_id)
-        if tx_sa is None:
-            return None
+    def _prefix(self, flow, cache=True):
+        """Header octets 0..25 for `flow`'s datagrams, cached on the flow.
+
+        Only the prefix is cached (about 60 bytes a flow); the transceiver's
+        address is looked up by id per packet, which keeps a flow within its
+        memory budget and lets a reload re-point a transceiver at once.
+        """
         family, port, address = sockaddr.client_fields(flow.key)
         head = header.prefix(self.keyring.signing.key_id, header.TO_TRANSCEIVER, 0, flow.listener,
                              family, int.from_bytes(port, "big"), address)
-        route = (tx_sa, head)
-        if owner:
-            flow.route = route
-        return route
+        if cache:
+            flow.route = head
+        return head
 
     # -- transceiver -> client ------------------------------------------------
 
