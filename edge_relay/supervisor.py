@@ -1,19 +1,721 @@
-"""Process model: the supervisor owns the sockets and runs the workers.
+"""Process model: the supervisor owns the sockets and runs one pinned worker per core.
 
-(First step: a single worker in the supervisor's own process; the forking,
-pinned multi-worker supervisor comes with the operations work.)
+Theory of operation
+  The supervisor validates the config and keys, creates (or takes back from
+  systemd's fd store) every socket: one SO_REUSEPORT socket per worker per
+  listener ("l<listener>w<worker>") and one internal socket per worker
+  ("i<worker>", port internal.port + worker). It holds them for its whole
+  life, so the reuseport group never changes when a worker dies: datagrams
+  for a dead worker's socket wait in that socket's buffer for its successor.
+
+  Each worker is a fork()ed child pinned to one CPU, running worker.Worker
+  over its own sockets, with a SOCK_SEQPACKET control channel:
+    supervisor -> worker   b"reload"  re-read config and keys (already validated)
+                           b"drain"   refuse new flows, forward the rest, exit
+                           b"stop"    exit now (hand-over to a new worker)
+    worker -> supervisor   b"reloaded" / b"reload-failed"
+                           b"flows" + a memfd (SCM_RIGHTS) with the flow table
+                           snapshot, sent as the worker exits
+  Counters and the heartbeat go through metrics.SharedCounters (no per-packet
+  IPC). A worker is "up" while its heartbeat is fresher than HEARTBEAT_STALE.
+
+  A worker that dies unasked is restarted on the same sockets after an
+  exponential backoff; CRASH_LIMIT deaths within CRASH_WINDOW seconds is a
+  crash loop: logged, counted, shown in STATUS=, and backed off up to
+  BACKOFF_MAX. The SIGKILLed worker's flows are learned again at each
+  client's next consent check.
+
+  systemd (sdnotify.py): READY=1 once every worker serves; STATUS= every few
+  seconds; SIGHUP -> RELOADING=1 (+MONOTONIC_USEC), then READY=1 once the
+  workers acknowledged; SIGTERM -> STOPPING=1, /healthz 503, workers drain
+  for relay.drain_seconds (or until no flow is left), their flow snapshots
+  go to the fd store as "flows<worker>", BARRIER=1, exit 0. WATCHDOG=1 is
+  sent at half $WATCHDOG_USEC only while every worker is up.
+  At start, stored sockets whose family and address match the config are
+  reused (they were never closed: no datagram is lost across a restart),
+  others are closed and bound again; stored flows go back to their worker.
+
+  Signals arrive through signal.set_wakeup_fd and are handled in the loop.
 """
 
-from . import keys, sockets
+import collections
+import ipaddress
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from . import config as config_mod, httpd, keys, metrics, sdnotify, sockets
+from .errors import EdgeRelayError, StartupError
 from .log import Log
-from .worker import Worker
+from .worker import Worker, flow_table
+
+HEARTBEAT_STALE = 5.0       # seconds without a publication before a worker counts as down
+STATUS_INTERVAL = 2.0       # seconds between STATUS= updates
+CRASH_WINDOW = 30.0         # deaths counted over this many seconds ...
+CRASH_LIMIT = 5             # ... this many of them is a crash loop
+BACKOFF_MIN = 0.1           # first restart delay; doubles with each death in the window
+BACKOFF_MAX = 30.0
+RELOAD_ACK_TIMEOUT = 5.0    # READY=1 after a reload even if a worker never answers
+KILL_GRACE = 5.0            # after drain_seconds, SIGKILL workers still running
+CTL_MAX = 256
 
 
 def run(config_path, cfg, workers=None):
     log = Log(level=cfg.log.level)
     keyring = keys.load_dir(cfg.keys.dir, cfg.keys.signing_key_id)
-    listeners = sockets.listener_sockets(cfg)
-    internal = sockets.internal_socket(cfg, 0)
-    worker = Worker(cfg, keyring, listeners, internal, log, config_path=config_path)
-    worker.run()
-    return 0
+    sup = Supervisor(config_path, cfg, keyring, log, workers=workers)
+    try:
+        return sup.run()
+    finally:
+        sup.close()
+
+
+def structure(cfg, n):
+    """What a reload cannot change without new sockets and new workers."""
+    return (tuple((l.address, l.port) for l in cfg.listeners), cfg.internal.address, cfg.internal.port, n)
+
+
+def wanted_sockets(cfg, n):
+    """[(name, address, port, reuseport, what)] for `n` workers, in a stable order."""
+    out = []
+    for w in range(n):
+        for li, l in enumerate(cfg.listeners):
+            out.append((f"l{li}w{w}", l.address, l.port, True, f"listeners[{li}]"))
+        out.append((f"i{w}", cfg.internal.address, cfg.internal_port_for(w), False, "internal"))
+    return out
+
+
+def socket_matches(sock, address, port, reuseport):
+    """True when `sock` is a UDP socket bound where the config wants it."""
+    try:
+        if sock.type != socket.SOCK_DGRAM or sock.family != sockets.family_of(address):
+            return False
+        host, bound = sock.getsockname()[:2]
+        if ipaddress.ip_address(host.split("%")[0]) != ipaddress.ip_address(address):
+            return False
+        if port and bound != port:
+            return False
+        if reuseport and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+            return False
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def bind_sockets(cfg, n, pool):
+    """({name: socket}, fresh names): reuse matching sockets from `pool` (taken out of it), bind the rest.
+
+    On StartupError every socket bound here is closed and `pool` is unchanged.
+    """
+    r = cfg.relay
+    socks, fresh = {}, []
+    try:
+        for name, address, port, reuseport, what in wanted_sockets(cfg, n):
+            old = pool.get(name)
+            if old is not None and socket_matches(old, address, port, reuseport):
+                old.setblocking(False)
+                socks[name] = old
+                continue
+            socks[name] = sockets.udp_socket(address, port, reuseport=reuseport, rcvbuf=r.recv_buffer_bytes,
+                                             sndbuf=r.send_buffer_bytes, what=what)
+            fresh.append(name)
+    except StartupError:
+        for name in fresh:
+            socks[name].close()
+        raise
+    for name, sock in socks.items():
+        if name not in fresh:
+            del pool[name]
+    return socks, fresh
+
+
+class Slot:
+    """One worker position: its process, control channel and restart history."""
+
+    def __init__(self, index, cpu):
+        self.index = index
+        self.cpu = cpu
+        self.pid = None
+        self.ctl = None
+        self.started = 0.0
+        self.deaths = collections.deque()
+        self.restart_at = None
+        self.crash_loop = False
+        self.restore = None         # flow snapshot bytes for the next process
+        self.handed = None          # memfd the last process sent as it exited
+        self.asked_to_stop = False
+        self.reload_acked = True
+
+
+class Supervisor:
+    def __init__(self, config_path, cfg, keyring, log, *, workers=None, env=os.environ):
+        self.config_path = config_path
+        self.cfg = cfg
+        self.keyring = keyring
+        self.log = log
+        self.workers_override = workers
+        self.n = workers or cfg.effective_workers()
+        self.notifier = sdnotify.Notifier(env)
+        try:
+            self.watchdog = sdnotify.watchdog_interval(env)
+        except ValueError as exc:
+            log.warning("watchdog", "ignoring the watchdog: %s", exc)
+            self.watchdog = None
+        self.generation = 1
+        self.reloads = 0
+        self.reload_failures = 0
+        self.restarts = 0
+        self.stopping = False
+        self.stop_deadline = None
+        self.ready_sent = False
+        self.reload_deadline = None
+        self.restructure = None
+        self.done = False
+        self.sel = selectors.DefaultSelector()
+        self.http = None
+        self.socks = {}
+        self.by_pid = {}
+        self._wake = None
+        self._last_status = (0.0, 0)
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [None]
+        self._adopt(env)
+        self.shared = metrics.SharedCounters(self.n)
+        self.slots = [Slot(i, self.cpus[i % len(self.cpus)]) for i in range(self.n)]
+        for i, data in self._stored_flows.items():
+            if i < self.n:
+                self.slots[i].restore = data
+        if cfg.management.enabled:
+            m = cfg.management
+            try:
+                sock = httpd.listen(m.address, m.port)
+            except OSError as exc:
+                raise StartupError(f"management {m.address}:{m.port}: cannot listen: "
+                                   f"{exc.strerror or exc}") from None
+            self.http = httpd.Server(sock, self.sel, {"/metrics": self._metrics, "/healthz": self._healthz})
+
+    # -- sockets and the fd store ---------------------------------------------
+
+    def _adopt(self, env):
+        try:
+            inherited = sdnotify.listen_fds(env)
+        except (ValueError, OSError) as exc:
+            self.log.warning("fdstore", "ignoring passed fds: %s", exc)
+            inherited = {}
+        self._stored_flows = {}
+        pool = {}
+        for name, fds in inherited.items():
+            for extra in fds[1:]:
+                os.close(extra)
+            fd = fds[0]
+            if name.startswith("flows") and name[5:].isdigit():
+                try:
+                    self._stored_flows[int(name[5:])] = sdnotify.memfd_read(fd)
+                except (OSError, ValueError) as exc:
+                    self.log.warning("fdstore", "stored %s unreadable: %s", name, exc)
+                os.close(fd)
+                self.notifier.fdstore_remove(name)      # consumed; a fresh one is stored at exit
+                continue
+            try:
+                pool[name] = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                self.notifier.fdstore_remove(name)
+        try:
+            self.socks, fresh = bind_sockets(self.cfg, self.n, pool)
+        except StartupError:
+            for sock in pool.values():
+                sock.close()
+            raise
+        self._retire_unused(pool)
+        self._store(fresh)
+        reused = len(self.socks) - len(fresh)
+        if inherited:
+            self.log.notice("fdstore", "took back %d of %d sockets and the flows of %d workers from the fd store",
+                            reused, len(self.socks), len(self._stored_flows))
+        elif self.notifier.enabled:
+            self.log.notice("fdstore", "fd store empty: starting fresh")
+        else:
+            self.log.notice("fdstore", "no NOTIFY_SOCKET or LISTEN_FDS: starting fresh, "
+                            "sockets and flows will not outlive this process")
+
+    def _retire_unused(self, pool):
+        for name, sock in pool.items():
+            sock.close()
+            self.notifier.fdstore_remove(name)
+        pool.clear()
+
+    def _store(self, names):
+        if not self.notifier.enabled:
+            return
+        for name in names:
+            self.notifier.fdstore_remove(name)
+            if not self.notifier.fdstore(name, [self.socks[name].fileno()]):
+                self.log.warning("fdstore", "fd store refused %s (FileDescriptorStoreMax too low?)", name)
+
+    def _worker_sockets(self, w):
+        listeners = [self.socks[f"l{li}w{w}"] for li in range(len(self.cfg.listeners))]
+        return listeners, self.socks[f"i{w}"]
+
+    # -- workers ----------------------------------------------------------------
+
+    def _spawn(self, slot):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 70
+            try:
+                ours.close()
+                code = self._child(slot, theirs)
+            except BaseException:  # noqa: BLE001 - the child must never return into the supervisor
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        theirs.close()
+        ours.setblocking(False)
+        slot.pid, slot.ctl = pid, ours
+        slot.started = time.monotonic()
+        slot.restore = None
+        slot.asked_to_stop = False
+        slot.reload_acked = True
+        self.by_pid[pid] = slot
+        self.sel.register(ours, selectors.EVENT_READ, lambda s=slot: self._read_ctl(s))
+
+    def _child(self, slot, ctl):
+        i = slot.index
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        mine = {id(s) for s in (*self._worker_sockets(i)[0], self._worker_sockets(i)[1])}
+        self.sel.close()
+        if self.http is not None:
+            for c in list(self.http.conns):
+                c.close()
+            self.http.sock.close()
+        for s in self._wake:
+            s.close()
+        for other in self.slots:
+            if other.ctl is not None:
+                other.ctl.close()
+            if other.handed is not None:
+                os.close(other.handed)
+        for sock in self.socks.values():
+            if id(sock) not in mine:
+                sock.close()
+        for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            os.environ.pop(var, None)
+        try:
+            with open("/proc/self/comm", "w") as f:
+                f.write(f"edge-relay w{i}")
+        except OSError:
+            pass
+        if slot.cpu is not None:
+            try:
+                os.sched_setaffinity(0, {slot.cpu})
+            except OSError:
+                pass
+        log = Log(level=self.cfg.log.level, name=f"edge-relay[w{i}]")
+        flows = flow_table(self.cfg)
+        if slot.restore:
+            try:
+                added = flows.restore(slot.restore, time.monotonic())
+                log.notice("restore", "worker %d: restored %d flows", i, added)
+            except ValueError as exc:
+                log.warning("restore", "worker %d: flow snapshot refused: %s", i, exc)
+        slot.restore = None
+        view = self.shared.slot(i)
+        state = {"generation": self.generation, "started": metrics.monotonic_ns()}
+
+        def publish(router, worker):
+            metrics.publish(view, router, state["generation"], worker.reloads, worker.reload_failures,
+                            state["started"])
+
+        listeners, internal = self._worker_sockets(i)
+        worker = Worker(self.cfg, self.keyring, listeners, internal, log, config_path=self.config_path,
+                        publish=publish, flows=flows)
+        ctl.setblocking(False)
+
+        def on_ctl():
+            while True:
+                try:
+                    msg = ctl.recv(CTL_MAX)
+                except BlockingIOError:
+                    return True
+                except OSError:
+                    msg = b""
+                if not msg:             # the supervisor is gone: drain and leave
+                    worker.drain()
+                    return False
+                if msg == b"reload":
+                    ok = worker.reload()
+                    if ok:
+                        state["generation"] += 1
+                    worker._publish()
+                    _send(ctl, b"reloaded" if ok else b"reload-failed")
+                elif msg == b"drain":
+                    worker.drain()
+                elif msg == b"stop":
+                    worker.stop()
+
+        worker.run(handle_signals=True, extra={ctl: on_ctl})
+        fd = sdnotify.memfd_write(f"edge-relay-flows{i}", worker.snapshot())
+        try:
+            ctl.setblocking(True)
+            socket.send_fds(ctl, [b"flows"], [fd])
+        except OSError:
+            pass
+        return 0
+
+    def _read_ctl(self, slot):
+        while slot.ctl is not None:
+            try:
+                msg, fds, _, _ = socket.recv_fds(slot.ctl, CTL_MAX, 4)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg, fds = b"", []
+            if not msg:
+                self.sel.unregister(slot.ctl)
+                slot.ctl.close()
+                slot.ctl = None
+                for fd in fds:
+                    os.close(fd)
+                return
+            if msg == b"flows" and fds:
+                if slot.handed is not None:
+                    os.close(slot.handed)
+                slot.handed = fds.pop(0)
+            elif msg in (b"reloaded", b"reload-failed"):
+                slot.reload_acked = True
+                if msg == b"reload-failed":
+                    self.log.err("reload", "worker %d kept its old config", slot.index)
+            for fd in fds:
+                os.close(fd)
+
+    def _send_all(self, msg):
+        for slot in self.slots:
+            if slot.ctl is not None:
+                _send(slot.ctl, msg)
+
+    def _reap(self):
+        now = time.monotonic()
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = self.by_pid.pop(pid, None)
+            if slot is None:
+                continue
+            self._read_ctl(slot)
+            if slot.ctl is not None:
+                self.sel.unregister(slot.ctl)
+                slot.ctl.close()
+                slot.ctl = None
+            self.shared.retire(slot.index)
+            slot.pid = None
+            code = os.waitstatus_to_exitcode(status)
+            how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+            if self.stopping or slot.asked_to_stop:
+                self.log.info("worker.exit", "worker %d (pid %d) exited: %s", slot.index, pid, how)
+                continue
+            if slot.handed is not None:     # it left on its own (a stray SIGTERM): keep its flows
+                slot.restore = self._take_handed(slot)
+            while slot.deaths and now - slot.deaths[0] > CRASH_WINDOW:
+                slot.deaths.popleft()
+            slot.deaths.append(now)
+            delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (len(slot.deaths) - 1))
+            if len(slot.deaths) >= CRASH_LIMIT:
+                if not slot.crash_loop:
+                    self.log.err("worker.crash-loop", "worker %d died %d times in %.0f s: crash loop, "
+                                 "restarting it in %.1f s", slot.index, len(slot.deaths), CRASH_WINDOW, delay)
+                slot.crash_loop = True
+                self.notifier.status(self._status_text())
+            self.log.err("worker.died", "worker %d (pid %d) died (%s); restart in %.1f s",
+                         slot.index, pid, how, delay)
+            slot.restart_at = now + delay
+
+    def _take_handed(self, slot):
+        fd, slot.handed = slot.handed, None
+        try:
+            return sdnotify.memfd_read(fd)
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+
+    def up(self):
+        """Indexes of workers that serve: alive with a fresh heartbeat."""
+        now = metrics.monotonic_ns()
+        stale = int(HEARTBEAT_STALE * 1e9)
+        out = set()
+        for slot in self.slots:
+            if slot.pid is None:
+                continue
+            hb = self.shared.words[slot.index * metrics.SLOT_WORDS + metrics.HEARTBEAT]
+            if hb and now - hb < stale:
+                out.add(slot.index)
+        return out
+
+    def healthy(self):
+        return not self.stopping and self.restructure is None and len(self.up()) == self.n
+
+    # -- reload and stop ----------------------------------------------------------
+
+    def reload(self):
+        self.notifier.reloading()
+        try:
+            cfg = config_mod.load(self.config_path)
+            keyring = keys.load_dir(cfg.keys.dir, cfg.keys.signing_key_id)
+        except EdgeRelayError as exc:
+            self.reload_failures += 1
+            self.log.err("reload", "reload refused, keeping the running config: %s",
+                         str(exc).replace("\n", "; "))
+            self.notifier.ready(self._status_text())
+            return False
+        n = self.workers_override or cfg.effective_workers()
+        if structure(cfg, n) != structure(self.cfg, self.n):
+            try:
+                pool = dict(self.socks)
+                socks, fresh = bind_sockets(cfg, n, pool)
+            except (StartupError, ValueError) as exc:
+                self.reload_failures += 1
+                self.log.err("reload", "reload refused, keeping the running config: %s", exc)
+                self.notifier.ready(self._status_text())
+                return False
+            self.restructure = (cfg, keyring, n, socks, fresh, pool)
+            for slot in self.slots:
+                slot.restart_at = None
+                if slot.pid is not None:
+                    slot.asked_to_stop = True
+            self._send_all(b"stop")
+            self.log.notice("reload", "listeners or workers changed: handing the flows to new workers")
+        else:
+            for slot in self.slots:
+                slot.reload_acked = slot.ctl is None
+            self._send_all(b"reload")
+            self.reload_deadline = time.monotonic() + RELOAD_ACK_TIMEOUT
+        if cfg.management != self.cfg.management:
+            self.log.warning("reload", "management address changes take effect at the next restart")
+        self.cfg, self.keyring = cfg, keyring
+        self.log.set_level(cfg.log.level)
+        self.generation += 1
+        self.reloads += 1
+        self.log.notice("reload", "config generation %d: %d transceivers, signing key %d",
+                        self.generation, len(cfg.transceivers), keyring.signing.key_id)
+        return True
+
+    def _apply_restructure(self):
+        cfg, keyring, n, socks, fresh, pool = self.restructure
+        self.restructure = None
+        handed = {slot.index: self._take_handed(slot) for slot in self.slots if slot.handed is not None}
+        self._retire_unused(pool)           # old sockets the new config does not use
+        self.socks = socks
+        self._store(fresh)
+        old = metrics.totals(self.shared)
+        self.shared.close()
+        self.shared = metrics.SharedCounters(n)
+        self.shared.base[0] = old.stats + old.drops
+        self.n = n
+        self.slots = [Slot(i, self.cpus[i % len(self.cpus)]) for i in range(n)]
+        for i, data in handed.items():
+            if i < n:
+                self.slots[i].restore = data
+        for slot in self.slots:
+            self._spawn(slot)
+
+    def begin_stop(self):
+        if self.stopping:
+            self._send_all(b"stop")         # asked twice: skip the rest of the drain
+            return
+        self.stopping = True
+        self.notifier.stopping(self._status_text())
+        self.log.notice("stop", "stopping: draining %d workers for up to %.1f s",
+                        len(self.by_pid), self.cfg.relay.drain_seconds)
+        for slot in self.slots:
+            slot.restart_at = None
+        self._send_all(b"drain")
+        self.stop_deadline = time.monotonic() + self.cfg.relay.drain_seconds + KILL_GRACE
+
+    def _finish(self):
+        kept = 0
+        for slot in self.slots:
+            if slot.handed is None:
+                continue
+            if self.notifier.enabled and self.notifier.fdstore(f"flows{slot.index}", [slot.handed]):
+                kept += 1
+            os.close(slot.handed)
+            slot.handed = None
+        if self.notifier.enabled:
+            self.notifier.barrier()
+            self.log.notice("stop", "stopped; flows of %d workers kept in the fd store", kept)
+        else:
+            self.log.notice("stop", "stopped")
+        self.done = True
+
+    # -- status, metrics, health ----------------------------------------------------
+
+    def totals(self):
+        t = metrics.totals(self.shared, self.up())
+        t.worker_restarts = self.restarts
+        t.crash_looping = sum(1 for s in self.slots if s.crash_loop)
+        t.reloads = self.reloads
+        t.reload_failures = self.reload_failures
+        t.generation = self.generation
+        t.ready = self.healthy()
+        return t
+
+    def _status_text(self):
+        t = self.totals()
+        now = time.monotonic()
+        packets = t.stats[0] + t.stats[4]
+        last_time, last_packets = self._last_status
+        pps = (packets - last_packets) / (now - last_time) if last_time and now > last_time else 0.0
+        self._last_status = (now, packets)
+        text = (f"{t.workers_up}/{t.workers} workers up, {t.flows_pending + t.flows_confirmed} flows, "
+                f"{pps:.0f} pps, config generation {self.generation}")
+        if t.crash_looping:
+            text += f"; {t.crash_looping} workers in a crash loop"
+        if self.stopping:
+            text = "draining: " + text
+        return text
+
+    def _metrics(self):
+        return 200, metrics.CONTENT_TYPE, metrics.render(self.totals()).encode("utf-8")
+
+    def _healthz(self):
+        if self.stopping:
+            return 503, "text/plain", b"draining\n"
+        if not self.ready_sent or not self.healthy():
+            return 503, "text/plain", b"not ready\n"
+        return 200, "text/plain", b"ok\n"
+
+    # -- the loop -----------------------------------------------------------------
+
+    def _on_signal(self):
+        signums = set(self._wake[0].recv(256))
+        if signal.SIGTERM in signums or signal.SIGINT in signums:
+            self.begin_stop()
+        if signal.SIGCHLD in signums:
+            self._reap()
+        if signal.SIGHUP in signums and not self.stopping and self.restructure is None:
+            self.reload()
+
+    def _tick(self, now):
+        """Timers; returns the select timeout."""
+        deadlines = [now + 0.5]
+        if self.stopping:
+            if not self.by_pid:
+                self._finish()
+                return 0
+            if now >= self.stop_deadline:
+                for pid in self.by_pid:
+                    self.log.err("stop", "worker pid %d did not drain in time: killing it", pid)
+                    os.kill(pid, signal.SIGKILL)
+                self.stop_deadline = now + KILL_GRACE
+            deadlines.append(self.stop_deadline)
+        elif self.restructure is not None:
+            if not self.by_pid:
+                self._apply_restructure()
+        else:
+            for slot in self.slots:
+                if slot.restart_at is not None:
+                    if now >= slot.restart_at:
+                        slot.restart_at = None
+                        self.restarts += 1
+                        self.log.notice("worker.restart", "restarting worker %d", slot.index)
+                        self._spawn(slot)
+                    else:
+                        deadlines.append(slot.restart_at)
+                elif slot.crash_loop and slot.pid is not None and now - slot.started > CRASH_WINDOW:
+                    slot.crash_loop = False
+                    slot.deaths.clear()
+                    self.log.notice("worker.crash-loop", "worker %d is stable again", slot.index)
+            healthy = self.healthy()
+            if healthy and not self.ready_sent:
+                self.ready_sent = True
+                self.notifier.ready(self._status_text())
+                self._next_status = now + STATUS_INTERVAL
+                self.log.notice("ready", "serving with %d workers", self.n)
+            if self.reload_deadline is not None:
+                if all(s.reload_acked for s in self.slots) or now >= self.reload_deadline:
+                    self.reload_deadline = None
+                    self.notifier.ready(self._status_text())
+                else:
+                    deadlines.append(self.reload_deadline)
+            if self.watchdog is not None and now >= self._next_watchdog:
+                if healthy:
+                    self.notifier.watchdog()
+                self._next_watchdog = now + self.watchdog
+        if now >= self._next_status:
+            if self.ready_sent:
+                self.notifier.status(self._status_text())
+            self._next_status = now + STATUS_INTERVAL
+        deadlines.append(self._next_status)
+        if self.watchdog is not None:
+            deadlines.append(self._next_watchdog)
+        if self.http is not None:
+            nearest = self.http.expire()
+            if nearest is not None:
+                deadlines.append(nearest)
+        self.log.flush()
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def run(self):
+        self._wake = socket.socketpair()
+        for s in self._wake:
+            s.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(self._wake[1].fileno(), warn_on_full_buffer=False)
+        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+        old = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
+        self.sel.register(self._wake[0], selectors.EVENT_READ, self._on_signal)
+        now = time.monotonic()
+        self._next_status = now + STATUS_INTERVAL
+        self._next_watchdog = now
+        self.log.info("start", "supervisor %d: %d workers, %d listeners, management %s",
+                      os.getpid(), self.n, len(self.cfg.listeners),
+                      f"{self.cfg.management.address}:{self.cfg.management.port}"
+                      if self.http is not None else "off")
+        try:
+            for slot in self.slots:
+                self._spawn(slot)
+            timeout = 0.0
+            while not self.done:
+                for key, _ in self.sel.select(timeout):
+                    key.data()
+                timeout = self._tick(time.monotonic())
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            for pid in list(self.by_pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                except OSError:
+                    pass
+        return 0
+
+    def close(self):
+        if self.http is not None:
+            self.http.close()
+        self.sel.close()
+        for sock in self.socks.values():
+            sock.close()
+        if self._wake:
+            for s in self._wake:
+                s.close()
+        self.shared.close()
+
+
+def _send(sock, msg):
+    try:
+        sock.send(msg)
+    except OSError:
+        pass

@@ -146,6 +146,10 @@ class Worker:
     def stop(self):
         self.stopping = True
 
+    def snapshot(self):
+        """The flow table as flows.FlowTable.snapshot bytes (handed to the next worker)."""
+        return self.router.flows.snapshot(self.clock())
+
     def handle_signal(self, signum):
         if signum == signal.SIGHUP:
             self.reload()
@@ -173,7 +177,10 @@ class Worker:
             self.publish(self.router, self)
 
     def run(self, handle_signals=True, extra=None):
-        """Loop until stopped or drained. `extra`: {fileobj: callback} for the supervisor's pipes."""
+        """Loop until stopped or drained. `extra`: {fileobj: callback} for the supervisor's pipes.
+
+        A callback that returns False is unregistered (its peer is gone).
+        """
         sel = selectors.DefaultSelector()
         wake_r = wake_w = None
         old_wakeup = None
@@ -195,6 +202,7 @@ class Worker:
         self.log.info("start", "worker %d serving %d listeners with %s I/O",
                       os.getpid(), len(self.listeners), self.io_name)
         next_publish = self.clock() + PUBLISH_INTERVAL
+        self._publish()         # the first heartbeat: this worker serves
         try:
             while not self.stopping:
                 now = self.clock()
@@ -206,7 +214,8 @@ class Worker:
                         for signum in wake_r.recv(64):
                             self.handle_signal(signum)
                     elif callable(tag):
-                        tag()
+                        if tag() is False:
+                            sel.unregister(key.fileobj)
                     else:
                         self.pump_listener(tag)
                 now = self.clock()

@@ -1,0 +1,154 @@
+"""A tiny non-blocking HTTP/1.0 server for /metrics and /healthz, driven by the supervisor's loop.
+
+Contract
+  - One request per connection (HTTP/1.0 style, `Connection: close`); the
+    request head must arrive whole within MAX_REQUEST bytes and TIMEOUT
+    seconds, or the connection is answered 400/408 (or just closed).
+  - GET (and HEAD) only: other methods get 405. Paths are looked up in
+    `routes` {path: callable() -> (status, content_type, body bytes)}; the
+    query string is ignored; anything else is 404.
+  - At most MAX_CONNECTIONS at once; beyond that new connections are closed
+    at accept. Nothing here blocks and nothing raises into the caller's loop.
+"""
+
+import selectors
+import socket
+import time
+
+MAX_REQUEST = 8192
+MAX_CONNECTIONS = 64
+TIMEOUT = 5.0
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 503: "Service Unavailable"}
+
+
+def listen(address, port):
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def response(status, content_type, body, head_only=False):
+    head = (f"HTTP/1.0 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\nCache-Control: no-store\r\n\r\n").encode("ascii")
+    return head if head_only else head + body
+
+
+class _Conn:
+    __slots__ = ("sock", "buf", "out", "deadline")
+
+    def __init__(self, sock, deadline):
+        self.sock = sock
+        self.buf = b""
+        self.out = None
+        self.deadline = deadline
+
+
+class Server:
+    def __init__(self, sock, sel, routes, clock=time.monotonic):
+        self.sock = sock
+        self.sel = sel
+        self.routes = routes
+        self.clock = clock
+        self.conns = {}
+        sel.register(sock, selectors.EVENT_READ, self._accept)
+
+    def _accept(self):
+        for _ in range(16):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(self.conns) >= MAX_CONNECTIONS:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            c = _Conn(conn, self.clock() + TIMEOUT)
+            self.conns[conn] = c
+            self.sel.register(conn, selectors.EVENT_READ, lambda c=c: self._readable(c))
+
+    def _readable(self, c):
+        try:
+            data = c.sock.recv(MAX_REQUEST + 1 - len(c.buf))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self._close(c)
+        if not data:
+            return self._close(c)
+        c.buf += data
+        end = c.buf.find(b"\r\n\r\n")
+        if end < 0:
+            end = c.buf.find(b"\n\n")
+        if end < 0:
+            if len(c.buf) > MAX_REQUEST:
+                self._answer(c, response(400, "text/plain", b"request too large\n"))
+            return
+        self._answer(c, self._handle(c.buf[:end]))
+
+    def _handle(self, head):
+        try:
+            line = head.split(b"\n", 1)[0].decode("ascii").strip()
+            method, target, version = line.split(" ")
+        except (UnicodeDecodeError, ValueError):
+            return response(400, "text/plain", b"bad request\n")
+        if not version.startswith("HTTP/1."):
+            return response(400, "text/plain", b"bad request\n")
+        if method not in ("GET", "HEAD"):
+            return response(405, "text/plain", b"method not allowed\n")
+        handler = self.routes.get(target.split("?", 1)[0])
+        if handler is None:
+            return response(404, "text/plain", b"not found\n", method == "HEAD")
+        status, ctype, body = handler()
+        return response(status, ctype, body, method == "HEAD")
+
+    def _answer(self, c, data):
+        c.out = memoryview(data)
+        self.sel.modify(c.sock, selectors.EVENT_WRITE, lambda c=c: self._writable(c))
+        self._writable(c)
+
+    def _writable(self, c):
+        try:
+            sent = c.sock.send(c.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self._close(c)
+        c.out = c.out[sent:]
+        if not c.out:
+            self._close(c)
+
+    def _close(self, c):
+        if self.conns.pop(c.sock, None) is not None:
+            self.sel.unregister(c.sock)
+            c.sock.close()
+
+    def expire(self):
+        """Close connections past their deadline; returns the next deadline or None."""
+        now = self.clock()
+        nearest = None
+        for c in list(self.conns.values()):
+            if now >= c.deadline:
+                self._close(c)
+            elif nearest is None or c.deadline < nearest:
+                nearest = c.deadline
+        return nearest
+
+    def close(self):
+        for c in list(self.conns.values()):
+            self._close(c)
+        self.sel.unregister(self.sock)
+        self.sock.close()
