@@ -135,6 +135,49 @@ def cmd_demo_client(args):
     return EXIT_OK if report["connected"] == len(clients) else EXIT_ERROR
 
 
+def cmd_stats(args):
+    """Fetch the relay's /metrics and print it for a person (or as JSON)."""
+    import urllib.error
+    import urllib.request
+    from . import metrics
+    url = args.url
+    if url is None:
+        cfg = config_mod.load(args.config)
+        m = cfg.management
+        if not m.enabled:
+            print(f"edge-relay stats: {args.config}: management.port is 0 (metrics disabled)", file=sys.stderr)
+            return EXIT_ERROR
+        host = "127.0.0.1" if m.address == "0.0.0.0" else "::1" if m.address == "::" else m.address
+        url = f"http://[{host}]:{m.port}/metrics" if ":" in host else f"http://{host}:{m.port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            samples = metrics.parse(r.read().decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"edge-relay stats: {url}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        out = {}
+        for (name, labels), value in samples.items():
+            key = name + ("{" + ",".join(f"{k}={v}" for k, v in labels) + "}" if labels else "")
+            out[key] = int(value) if value == int(value) else value
+        print(json.dumps(out, indent=1, sort_keys=True))
+        return EXIT_OK
+    get = lambda name, **lab: int(samples.get((name, tuple(lab.items())), 0))  # noqa: E731
+    print(f"workers      {get('edge_relay_workers_up')}/{get('edge_relay_workers')} up, "
+          f"{get('edge_relay_worker_restarts_total')} restarts, ready {get('edge_relay_ready')}")
+    print(f"config       generation {get('edge_relay_config_generation')}, "
+          f"{get('edge_relay_reloads_total')} reloads, {get('edge_relay_reload_failures_total')} refused")
+    print(f"flows        {get('edge_relay_flows', state='confirmed')} confirmed, "
+          f"{get('edge_relay_flows', state='pending')} pending")
+    for d in ("client_in", "to_transceiver", "transceiver_in", "to_client"):
+        print(f"{d:<14} {get('edge_relay_packets_total', direction=d):>12} packets "
+              f"{get('edge_relay_bytes_total', direction=d):>14} bytes")
+    drops = sorted(((int(v), dict(lab)["reason"]) for (name, lab), v in samples.items()
+                    if name == "edge_relay_drops_total" and v), reverse=True)
+    print("drops        " + (", ".join(f"{r} {n}" for n, r in drops) if drops else "none"))
+    return EXIT_OK
+
+
 def cmd_demo(args):
     from . import demo_run
     return demo_run.main(duration=args.duration, clients=args.clients, workers=args.workers)
@@ -195,6 +238,13 @@ def build_parser():
     s.add_argument("--duration", type=float, default=5.0)
     key_source(s)
     s.set_defaults(func=cmd_demo_client)
+
+    s = sub.add_parser("stats", help="print a running relay's counters (from its /metrics)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"take management.address/port from this config (default {DEFAULT_CONFIG})")
+    g.add_argument("--url", default=None, help="the metrics URL, e.g. http://127.0.0.1:9477/metrics")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_stats)
 
     s = sub.add_parser("demo", help="relay + demo transceiver + voice clients on loopback, live status")
     s.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
