@@ -15,6 +15,10 @@ Rules (DESIGN.md "What the relay promises")
   or RTP/RTCP (RFC 7983); a new flow opens only from a well-formed STUN
   Binding Request whose USERNAME carries a valid routing token naming a
   configured transceiver. Everything else is a Drop reason.
+  Rate limits (ratelimit.py, the second line behind nftables): a source IP
+  (IPv6: its /64) may try `new_flows_per_source_*` new flows, counted before
+  the token's MAC is checked; the worker opens at most `new_flows_*` flows
+  with valid tokens; a flow forwards at most `flow_packets_*` packets.
   Transceiver side: the source must be a configured transceiver address; the
   header must verify; the client it names must be a live flow owned by that
   transceiver (or one it is taking over by ICE restart). Only then does the
@@ -24,7 +28,7 @@ State changes happen only after authentication: a token's MAC before a flow
 opens, a header's MAC before a flow is confirmed or moved.
 """
 
-from . import header, sockaddr, stun, token
+from . import header, ratelimit, sockaddr, stun, token
 from .drops import N_DROPS, Drop
 from .flows import CONFIRMED, PENDING
 
@@ -43,14 +47,27 @@ STAT_NAMES = ("client_in_packets", "client_in_bytes", "to_transceiver_packets", 
 
 
 class Policy:
-    """The numbers the router needs from config.limits (plain attributes, read per batch)."""
+    """The numbers the router needs from config.limits (plain attributes, read per batch).
 
-    __slots__ = ("header_window_ms", "token_max_lifetime", "clock_skew")
+    `rates` holds the app-level rate limits (ratelimit.Limits keyword
+    arguments); the defaults are config.Limits' defaults. Build a Policy
+    from a config with `Policy.from_limits(cfg.limits)` so they follow it.
+    """
 
-    def __init__(self, header_window=2.0, token_max_lifetime=86400.0, clock_skew=5.0):
+    __slots__ = ("header_window_ms", "token_max_lifetime", "clock_skew", "rates")
+
+    def __init__(self, header_window=2.0, token_max_lifetime=86400.0, clock_skew=5.0, **rates):
         self.header_window_ms = int(header_window * 1000)
         self.token_max_lifetime = token_max_lifetime
         self.clock_skew = clock_skew
+        ratelimit.Limits(**rates)           # refuse unknown names or bad values now, not at configure
+        self.rates = rates
+
+    @classmethod
+    def from_limits(cls, lim):
+        """Every number from a config.Limits section, rate limits included."""
+        return cls(lim.header_window, lim.token_max_lifetime, lim.clock_skew,
+                   **{name: getattr(lim, name) for name in ratelimit.CONFIG_KEYS})
 
 
 class Router:
@@ -77,6 +94,10 @@ class Router:
     def configure(self, keyring, transceivers, policy):
         """Swap keys, routes and limits (reload). Flows stay; their cached headers are rebuilt lazily."""
         self.keyring = keyring
+        old = getattr(self, "policy", None)
+        if old is None or old.rates != policy.rates:
+            # New buckets only when the numbers change, so a reload does not refill them.
+            self.limits = ratelimit.Limits(**policy.rates)
         self.policy = policy
         self.transceivers = dict(transceivers)
         by_addr = {}
@@ -98,6 +119,7 @@ class Router:
         sent = sent_bytes = in_bytes = 0
         seal = header.seal
         transceivers = self.transceivers
+        flow_allow = self.limits.per_flow.allow
         for i in range(n):
             data = views[i]
             sa = addrs[i]
@@ -111,6 +133,9 @@ class Router:
                 kind = _CLASS[data[0]]
                 if not kind:
                     drops[Drop.NOT_WEBRTC] += 1
+                    continue
+                if not flow_allow(flow.key, now):
+                    drops[Drop.RATE_FLOW_PACKETS] += 1
                     continue
                 if flow.state == CONFIRMED:
                     flow.last_seen = now
@@ -139,12 +164,22 @@ class Router:
         if kind != _STUN:
             drops[Drop.UNKNOWN_FLOW if kind else Drop.NOT_WEBRTC] += 1
             return None
+        limits = self.limits
+        # Per source before the token's MAC: one source cannot make us verify
+        # more than its allowance of tokens. Global after it: forged tokens
+        # must not spend the budget of genuine new flows.
+        if not limits.per_source.take(ratelimit.source_key(sa), now):
+            drops[Drop.RATE_SOURCE_NEW_FLOWS] += 1
+            return None
         tx_id = self._verified_transceiver(data, wall_ms)
         if tx_id.__class__ is Drop:
             drops[tx_id] += 1
             return None
         if self.draining:
             drops[Drop.DRAINING] += 1
+            return None
+        if not limits.total.take(now):
+            drops[Drop.RATE_GLOBAL_NEW_FLOWS] += 1
             return None
         flow = self.flows.open(listener, sa, tx_id, now)
         if flow.__class__ is Drop:

@@ -1,0 +1,257 @@
+"""App-level rate limits: the token buckets alone (sans-IO, clock passed in), then
+wired into a worker on loopback, where each refusal is its own Drop counter and
+nothing at all is sent.
+"""
+
+import os
+import socket
+import tracemalloc
+
+import pytest
+
+from edge_relay import ratelimit
+from edge_relay.ratelimit import Bucket, FlowMeter, SourceBuckets
+from edge_relay.router import Policy
+from tests.relayharness import Harness, drain
+from tests.test_relay import assert_silent, binding_request, open_flow
+
+
+# -- the buckets --------------------------------------------------------------
+
+def test_bucket_starts_full_refills_at_rate_and_caps_at_burst():
+    b = Bucket(rate=4.0, burst=5, now=100.0)
+    assert [b.take(100.0) for _ in range(6)] == [True] * 5 + [False]
+    assert not b.take(100.125)                # half a token
+    assert b.take(100.25)                     # one token after 1/rate
+    assert not b.take(100.25)
+    assert sum(b.take(1000.0) for _ in range(10)) == 5    # long idle: burst, not more
+
+
+def test_bucket_clock_going_back_adds_nothing():
+    b = Bucket(rate=1.0, burst=1, now=10.0)
+    assert b.take(10.0)
+    assert not b.take(5.0)
+    assert not b.take(10.5)
+    assert b.take(11.0)
+
+
+@pytest.mark.parametrize("args", [(0, 1), (-1, 1), (float("inf"), 1), (float("nan"), 1), (1, 0)])
+def test_bucket_refuses_bad_numbers(args):
+    with pytest.raises(ValueError):
+        Bucket(*args)
+
+
+def test_source_buckets_are_per_key():
+    s = SourceBuckets(rate=1.0, burst=2)
+    assert [s.take(b"a", 0.0) for _ in range(3)] == [True, True, False]
+    assert s.take(b"b", 0.0) and s.take(b"b", 0.0)
+    assert not s.take(b"a", 0.5)
+    assert s.take(b"a", 1.0)
+
+
+def test_source_table_is_capped_forgets_refilled_buckets_and_fails_open_to_untracked():
+    s = SourceBuckets(rate=1.0, burst=2, max_sources=100)
+    for i in range(100):
+        assert s.take(i, 0.0)
+    assert len(s) == 100
+    # Full of busy sources: a newcomer passes untracked (the global bucket still applies).
+    assert s.take("new", 0.5)
+    assert len(s) == 100 and s.untracked == 1
+    # The scan is not repeated for every newcomer while nothing can have refilled.
+    assert s.take("new2", 0.6) and s.untracked == 2
+    # Once the old buckets have refilled they are forgotten and the newcomer is tracked.
+    assert s.take("later", 10.0)
+    assert len(s) == 1 and "later" in s.buckets
+    for i in range(10_000):            # a spoofer cycling sources never grows the table
+        s.take(("spoof", i), 10.0 + i * 1e-4)
+    assert len(s) <= 100
+
+
+def test_source_key_is_ipv4_address_or_ipv6_slash_64():
+    from edge_relay import sockaddr
+    a = sockaddr.from_tuple(("192.0.2.1", 1000))
+    b = sockaddr.from_tuple(("192.0.2.1", 2000))
+    assert ratelimit.source_key(a) == ratelimit.source_key(b) == bytes([192, 0, 2, 1])
+    c = sockaddr.from_tuple(("2001:db8:1:2::1", 1000))
+    d = sockaddr.from_tuple(("2001:db8:1:2:ffff::9", 1000))
+    e = sockaddr.from_tuple(("2001:db8:1:3::1", 1000))
+    assert ratelimit.source_key(c) == ratelimit.source_key(d) != ratelimit.source_key(e)
+
+
+def test_flow_meter_caps_each_flow_at_burst_per_window():
+    m = FlowMeter(rate=100.0, burst=200)      # window 2 s
+    allowed = sum(m.allow(b"flood", 0.0 + i * 1e-5) for i in range(1000))
+    assert allowed == 200
+    assert m.allow(b"other", 0.5)             # another flow is not affected
+    assert m.allow(b"flood", 2.0)             # next window
+    # Average over many windows never exceeds rate.
+    m = FlowMeter(rate=100.0, burst=200)
+    t, allowed = 0.0, 0
+    for i in range(100_000):
+        t = i * 0.0001                         # 10 kpps for 10 s
+        allowed += m.allow(b"k", t)
+    assert allowed <= 100 * 10 + 200
+
+
+def test_flow_meter_never_stops_a_flow_below_half_its_allowance_even_when_cells_collide():
+    # Tiny sketch: every key shares both cells with the flood.
+    m = FlowMeter(rate=100.0, burst=200, cells=1)
+    for i in range(5000):
+        m.allow(b"flood", i * 1e-5)
+    assert sum(m.allow(b"voice", 0.1 + i * 0.02) for i in range(95)) == 95   # < burst/2 in the window
+    assert not m.allow(b"flood", 1.0)
+
+
+def test_flow_meter_voice_flows_pass_and_keep_no_per_flow_state():
+    m = FlowMeter(rate=1000.0, burst=2000)
+    keys = [os.urandom(16) for _ in range(20_000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for tick in range(20):                 # 50 packets/s each for 0.4 s
+            now = tick * 0.02
+            for k in keys:
+                assert m.allow(k, now)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert m.heavy == {}
+    # Fixed cost: the sketch (512 KiB, allocated up front); nothing per flow.
+    print(f"flow meter growth for 20k voice flows: {grown} bytes")
+    assert grown < 20_000      # i.e. < 1 byte per flow
+
+
+def test_flow_meter_memory_is_bounded_by_flows_that_are_heavy():
+    m = FlowMeter(rate=10.0, burst=20)
+    for i in range(5000):
+        for _ in range(15):
+            m.allow(i, 0.0)
+    assert len(m.heavy) <= 5000
+    m.allow(0, 100.0)                          # the window advances: everything reset
+    assert len(m.heavy) == 0
+
+
+def test_policy_from_limits_carries_every_rate_key():
+    from edge_relay import config
+    cfg = config.parse({"listeners": [{"address": "127.0.0.1"}],
+                        "transceivers": [{"id": 1, "address": "127.0.0.1", "port": 9}],
+                        "limits": {"new_flows_rate": 5.0, "flow_packets_burst": 7}}, ".")
+    p = Policy.from_limits(cfg.limits)
+    assert p.rates["new_flows_rate"] == 5.0 and p.rates["flow_packets_burst"] == 7
+    assert set(p.rates) == set(ratelimit.CONFIG_KEYS)
+    with pytest.raises(TypeError):
+        Policy(2.0, 1.0, 1.0, no_such_rate=1)
+
+
+# -- wired into the router: each refusal counted, nothing sent ----------------
+
+@pytest.fixture(params=["mmsg", "plain"])
+def make(tmp_path, request):
+    made = []
+    clock = [1000.0]
+
+    def factory(limits=None, **kw):
+        kw.setdefault("io_mode", request.param)
+        kw.setdefault("transceivers", {1: "sink"})
+        sub = tmp_path / f"h{len(made)}"
+        sub.mkdir()
+        h = Harness(sub, limits=limits, clock=lambda: clock[0], **kw)
+        # The worker builds its Policy from three numbers only (worker.policy_of);
+        # give the router the whole limits section as a worker should.
+        h.router.configure(h.keyring, h.router.transceivers, Policy.from_limits(h.cfg.limits))
+        h.clock = clock
+        made.append(h)
+        return h
+
+    yield factory
+    for h in made:
+        h.close()
+
+
+def test_per_source_new_flow_rate(make):
+    h = make(limits={"new_flows_per_source_rate": 1.0, "new_flows_per_source_burst": 2,
+                     "max_pending_per_source": 100})
+    clients = [h.client() for _ in range(4)]     # one source IP, four ports
+    for c in clients:
+        ufrag, _ = h.session()
+        c.sendto(binding_request(ufrag), h.public)
+    h.settle()
+    assert len(drain(h.sinks[1])) == 2
+    assert_silent(h, *clients)
+    assert h.drops() == {"RATE_SOURCE_NEW_FLOWS": 2}
+    assert len(h.router.flows) == 2
+    h.clock[0] += 1.0                               # one token back
+    ufrag, _ = h.session()
+    clients[2].sendto(binding_request(ufrag), h.public)
+    h.settle()
+    assert len(drain(h.sinks[1])) == 1
+    assert h.drops() == {"RATE_SOURCE_NEW_FLOWS": 2}
+
+
+def test_per_source_limit_applies_before_token_verification(make):
+    h = make(limits={"new_flows_per_source_rate": 1.0, "new_flows_per_source_burst": 1})
+    c = h.client()
+    for _ in range(5):
+        c.sendto(binding_request("x" * 40), h.public)     # bad token
+    h.settle()
+    assert_silent(h, c)
+    d = h.drops()
+    assert d.get("RATE_SOURCE_NEW_FLOWS") == 4 and sum(d.values()) == 5
+
+
+def test_global_new_flow_rate_counts_only_verified_tokens(make):
+    h = make(limits={"new_flows_rate": 1.0, "new_flows_burst": 2})
+    sources = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    clients = [h.client(s) for s in sources]
+    forged = h.client("127.0.0.5")
+    for _ in range(3):
+        forged.sendto(binding_request("A" * 40), h.public)     # forged: never spends the global budget
+    for c in clients:
+        ufrag, _ = h.session()
+        c.sendto(binding_request(ufrag), h.public)
+    h.settle()
+    assert len(drain(h.sinks[1])) == 2
+    assert_silent(h, *clients, forged)
+    d = h.drops()
+    assert d["RATE_GLOBAL_NEW_FLOWS"] == 2
+    assert "RATE_SOURCE_NEW_FLOWS" not in d
+    assert len(h.router.flows) == 2
+
+
+def test_per_flow_packet_rate(make):
+    h = make(limits={"flow_packets_rate": 10.0, "flow_packets_burst": 4})
+    c = h.client()
+    open_flow(h, c)
+    for i in range(10):
+        c.sendto(b"\x80" + bytes([i]) * 20, h.public)
+    h.settle()
+    assert len(drain(h.sinks[1])) == 4
+    assert_silent(h, c)
+    assert h.drops() == {"RATE_FLOW_PACKETS": 6}
+    h.clock[0] += 1.0                                 # next window
+    c.sendto(b"\x80again", h.public)
+    h.settle()
+    assert len(drain(h.sinks[1])) == 1
+
+
+def test_per_flow_cap_leaves_other_flows_alone(make):
+    h = make(limits={"flow_packets_rate": 10.0, "flow_packets_burst": 4})
+    flood, voice = h.client(), h.client("127.0.0.2")
+    open_flow(h, flood)
+    open_flow(h, voice)
+    for _ in range(50):
+        flood.sendto(b"\x80flood", h.public)
+    voice.sendto(b"\x80voice", h.public)
+    h.settle()
+    got = [d for d, _ in drain(h.sinks[1])]
+    assert sum(d.endswith(b"voice") for d in got) == 1
+    assert h.drops() == {"RATE_FLOW_PACKETS": 46}
+
+
+def test_reload_with_same_numbers_keeps_bucket_state(make):
+    h = make(limits={"new_flows_per_source_rate": 1.0, "new_flows_per_source_burst": 1})
+    limits = h.router.limits
+    h.router.configure(h.keyring, h.router.transceivers, Policy.from_limits(h.cfg.limits))
+    assert h.router.limits is limits
+    h.router.configure(h.keyring, h.router.transceivers, Policy())
+    assert h.router.limits is not limits
