@@ -101,6 +101,7 @@ class Totals:
         self.reloads = 0
         self.reload_failures = 0
         self.generation = 0
+        self.workers_generation = 0
         self.ready = False
 
 
@@ -118,6 +119,8 @@ def totals(shared, up=()):
         if i in up:
             t.flows_pending += values[FLOWS_PENDING]
             t.flows_confirmed += values[FLOWS_CONFIRMED]
+            gen = values[GENERATION]
+            t.workers_generation = gen if not t.workers_generation else min(gen, t.workers_generation)
     t.workers_up = len(up)
     return t
 
@@ -165,6 +168,9 @@ def render(t):
            [((), t.reload_failures)])
     family("edge_relay_config_generation", "gauge", "Generation of the running config (1 at start).",
            [((), t.generation)])
+    family("edge_relay_workers_config_generation", "gauge",
+           "Oldest config generation a serving worker runs (equals edge_relay_config_generation once reloaded).",
+           [((), t.workers_generation)])
     family("edge_relay_ready", "gauge", "1 when every worker serves and the relay is not draining.",
            [((), int(bool(t.ready)))])
     family("edge_relay_build_info", "gauge", "Version of edge-relay and Python.",

@@ -99,14 +99,17 @@ def test_sighup_adds_a_signing_key_and_refuses_a_broken_config(started):
     traffic = Traffic(first, tx)
     try:
         assert traffic.run(10, until=all_connected(first))
-        # rotation: the transceivers learn key 2 first, then the relay signs with it
+        # rotation: the transceivers learn key 2 first (still signing with 1), then the relay
+        # signs with it, then the transceivers do
         keys.write_key_file(setup.key_dir, 2)
         ring = keys.load_dir(setup.key_dir)
         assert ring.signing.key_id == 2
-        tx.set_keyring(ring)
+        tx.set_keyring(keys.load_dir(setup.key_dir, 1))
         setup.write(signing_key_id=2)
         relay.signal(signal.SIGHUP)
-        assert traffic.run(10, until=lambda: value(metrics(setup), "edge_relay_reloads_total") == 1)
+        assert traffic.run(10, until=lambda: value(metrics(setup), "edge_relay_workers_config_generation") == 2)
+        assert value(metrics(setup), "edge_relay_reloads_total") == 1
+        tx.set_keyring(ring)
         assert value(metrics(setup), "edge_relay_config_generation") == 2
         new_key = clients_for(setup, 2, keyring=ring)                       # tokens by key 2
         old_key = clients_for(setup, 2, keyring=keys.load_dir(setup.key_dir, 1))   # still key 1
