@@ -183,6 +183,22 @@ def cmd_demo(args):
     return demo_run.main(duration=args.duration, clients=args.clients, workers=args.workers)
 
 
+def cmd_render_nft(args):
+    from . import nft
+    if args.remove:
+        sys.stdout.write(nft.render_remove(nft.TRANSCEIVER_TABLE if args.transceiver_side else nft.TABLE))
+        return EXIT_OK
+    cfg = config_mod.load(args.config)
+    try:
+        text = (nft.render_transceiver(cfg, args.relay_address) if args.transceiver_side
+                else nft.render_relay(cfg))
+    except ValueError as exc:
+        print(f"edge-relay render-nft: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="edge-relay",
@@ -245,6 +261,17 @@ def build_parser():
     g.add_argument("--url", default=None, help="the metrics URL, e.g. http://127.0.0.1:9477/metrics")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("render-nft", help="print the nftables ruleset for this config (load with nft -f)")
+    s.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    s.add_argument("--transceiver-side", action="store_true",
+                   help="the ruleset for a transceiver host: its port accepts only the relay")
+    s.add_argument("--relay-address", action="append", default=[], metavar="ADDR",
+                   help="with --transceiver-side: a relay source address or CIDR (repeatable; "
+                        "default internal.address)")
+    s.add_argument("--remove", action="store_true",
+                   help="print a file that removes the table instead (nft -f, atomic)")
+    s.set_defaults(func=cmd_render_nft)
 
     s = sub.add_parser("demo", help="relay + demo transceiver + voice clients on loopback, live status")
     s.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
