@@ -331,7 +331,8 @@ def parse_prometheus(text):
             continue
         if line.startswith("# TYPE "):
             name, _, kind = line[7:].partition(" ")
-            assert current is families.get(name) and current["type"] is None, f"line {n}: TYPE out of place"
+            assert current is not None and current is families.get(name), f"line {n}: TYPE without HELP"
+            assert current["type"] is None, f"line {n}: second TYPE"
             assert kind in _TYPES, f"line {n}: bad type {kind!r}"
             current["type"] = kind
             continue
