@@ -1,0 +1,16 @@
+# edge-relay benchmark (bench/): the relay against a null forwarder, a naive
+# Python forwarder and a C forwarder (bench/cfwd.c, compiled here with gcc -O2)
+# in the same run. Prints a table and writes bench/results.json.
+#   make bench                 full run, under ~10 minutes
+#   make bench BENCH_QUICK=1   about a minute, same figures with fewer samples
+
+BENCH_QUICK ?=
+# The project's .venv when bootstrap made it, else Debian's python3.
+BENCH_PYTHON = $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,/usr/bin/python3)
+
+.PHONY: bench
+CLEAN += bench/.build
+
+bench: ## benchmark the relay vs null/naive/C forwarders (BENCH_QUICK=1: ~1 min); writes bench/results.json
+	scripts/bootstrap --apt gcc libc6-dev
+	BENCH_QUICK=$(BENCH_QUICK) $(BENCH_PYTHON) -m bench.run
