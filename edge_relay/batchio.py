@@ -1,0 +1,490 @@
+"""Batched datagram I/O: many datagrams per system call, payloads not copied in Python.
+
+Theory of operation
+-------------------
+`open_io(sock)` wraps a bound UDP socket (set non-blocking) in one of two
+objects with the same interface:
+
+  MmsgIO   recvmmsg(2)/sendmmsg(2) through ctypes: one system call per batch
+           each way. Used when libc has both (Linux, 64-bit).
+  PlainIO  socket.recvmsg_into / socket.sendmsg: one system call per
+           datagram. The fallback, and the reference the tests hold MmsgIO to.
+
+Receiving. `recv()` takes whatever is queued, at most `batch_size` datagrams,
+and never blocks or waits for a batch to fill. It returns n; for i < n,
+`views[i]` is the payload (a memoryview of exactly its length, cut from a
+receive buffer allocated once) and `addrs[i]` the source as raw sockaddr bytes
+(see sockaddr.py). The views are valid until the next `recv()` on the same
+object: the caller copies what it keeps. A datagram longer than `bufsize` is
+not returned, only counted in `truncated` (a truncated datagram is never
+forwarded). `recv()` returns 0 when nothing is queued; it retries (a bounded
+number of times) a pending ICMP error, which the kernel reports once on the
+next call and which says nothing about the queued datagrams. (An unconnected
+UDP socket only keeps such errors with IP_RECVERR/IPV6_RECVERR set.)
+
+Sending. `send(msgs)` takes (sockaddr, buf) or (sockaddr, head, body) tuples;
+head and body leave as one datagram from two iovecs, so a forwarding header
+is never concatenated with its payload. It returns how many datagrams the
+kernel accepted. A datagram the kernel refuses is retried only when a retry
+can help (EINTR; EAGAIN/ENOBUFS a few times; ECONNREFUSED, a pending error
+left by an earlier datagram, once), then counted in `send_failed` and
+skipped: the rest of the batch still goes. Per-datagram errors never raise
+and no loop is unbounded.
+
+Errors: recv() raises OSError only for an error that is not about a datagram
+(EBADF: a bug). send() never raises OSError; a dead socket shows up as every
+datagram counted in `send_failed`.
+
+Invariants: buffers, iovecs and headers are allocated in the constructor and
+reused; MmsgIO makes one foreign call, the system call, per batch of up to
+`batch_size` datagrams; an object is used by one thread (a worker owns its
+sockets).
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import socket
+import struct
+import sys
+
+from . import sockaddr
+from .errors import StartupError
+
+# <bits/socket.h> flags; MSG_WAITFORONE is not exported by the socket module.
+MSG_TRUNC = 0x20
+MSG_DONTWAIT = 0x40
+MSG_WAITFORONE = 0x10000
+
+_NAME_CAP = 128          # sizeof(struct sockaddr_storage): any family fits
+_RECV_ATTEMPTS = 4       # system calls per recv() spent on EINTR / ICMP errors / all-truncated batches
+_SEND_BUSY_RETRIES = 3   # EAGAIN/ENOBUFS retries of one datagram before it is counted as failed
+_SEND_INTR_RETRIES = 8   # EINTR retries of one datagram
+
+# Errors the kernel stores on a socket when an ICMP error arrives (udp_err:
+# icmp_err_convert in net/ipv4/icmp.c, icmpv6_err_convert in net/ipv6/icmp.c)
+# and reports once on the next call. On recv they are about some datagram we
+# sent earlier, never about the queued ones.
+_ICMP_ERRORS = frozenset((
+    errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
+    errno.ENONET, errno.EPROTO, errno.ENOPROTOOPT, errno.EMSGSIZE, errno.EACCES,
+))
+_SEND_BUSY = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS))
+
+MODES = ("auto", "mmsg", "plain")
+
+
+def open_io(sock, batch_size=32, bufsize=2048, mode="auto"):
+    """Wrap a bound datagram socket for batched I/O and set it non-blocking.
+
+    Parameters: `batch_size` datagrams per recv() and per system call;
+    `bufsize` the largest datagram accepted; `mode` "auto" (MmsgIO when
+    available, else PlainIO), "mmsg" or "plain".
+    Returns: a MmsgIO or PlainIO; its `name` says which.
+    Raises: StartupError for mode "mmsg" without recvmmsg/sendmmsg;
+    ValueError for an unknown mode or a size below 1.
+    """
+    if mode not in MODES:
+        raise ValueError(f"io mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if batch_size < 1 or bufsize < 1:
+        raise ValueError("batch_size and bufsize must be at least 1")
+    sock.setblocking(False)
+    if mode == "plain" or (mode == "auto" and not mmsg_available()):
+        return PlainIO(sock, batch_size, bufsize)
+    if not mmsg_available():
+        raise StartupError("io mode 'mmsg': recvmmsg/sendmmsg are not available "
+                           "(they need libc on 64-bit Linux); use io mode 'auto' or 'plain'")
+    return MmsgIO(sock, batch_size, bufsize)
+
+
+# ---------------------------------------------------------------------------
+# libc and the kernel structures (<sys/socket.h>, <bits/uio.h>)
+
+class _iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class _msghdr(ctypes.Structure):
+    _fields_ = [
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint32),      # socklen_t, then 4 bytes of padding
+        ("msg_iov", ctypes.c_void_p),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    ]
+
+
+class _mmsghdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", _msghdr), ("msg_len", ctypes.c_uint)]
+
+
+# The hot paths read and write the header arrays through memoryviews cast to
+# 32- and 64-bit words: an index costs ~30 ns where a ctypes field costs
+# ~120 ns. These are the word indexes of each field inside one mmsghdr,
+# taken from the ctypes layout above rather than written by hand.
+_HDR_SIZE = ctypes.sizeof(_mmsghdr)                 # 64 on LP64
+_HDR_U32 = _HDR_SIZE // 4
+_HDR_U64 = _HDR_SIZE // 8
+_NAME = _msghdr.msg_name.offset // 8                # u64 words
+_IOVLEN = _msghdr.msg_iovlen.offset // 8
+_NAMELEN = _msghdr.msg_namelen.offset // 4          # u32 words
+_FLAGS = _msghdr.msg_flags.offset // 4
+_LEN = _mmsghdr.msg_len.offset // 4
+_IOV_SIZE = ctypes.sizeof(_iovec)
+
+_libc = None
+
+
+def _load_libc():
+    """libc with recvmmsg and sendmmsg, or None."""
+    global _libc
+    if _libc is None:
+        _libc = False
+        if sys.platform.startswith("linux") and ctypes.sizeof(ctypes.c_void_p) == 8:
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+                if hasattr(lib, "recvmmsg") and hasattr(lib, "sendmmsg"):
+                    _libc = lib
+            except OSError:
+                pass
+    return _libc or None
+
+
+def mmsg_available():
+    """True when libc has recvmmsg and sendmmsg with the layouts above (64-bit Linux)."""
+    return _BYTES_DATA is not None and _load_libc() is not None
+
+
+def _bytes_data_offset():
+    """Where a bytes object's data starts, relative to id(): ob_sval in PyBytesObject.
+
+    Measured once through c_char_p (which points at exactly that data) on two
+    objects rather than assumed, so a different build still gets it right.
+    """
+    offsets = {ctypes.cast(ctypes.c_char_p(probe), ctypes.c_void_p).value - id(probe)
+               for probe in (b"edge-relay", bytes(100))}
+    return offsets.pop() if len(offsets) == 1 else None      # None: MmsgIO unavailable
+
+
+# An iovec may point straight at a bytes object's data: id(b) + this offset
+# costs ~25 ns, where ctypes.cast(c_char_p(b), c_void_p) costs ~400 ns. It is
+# safe while the bytes object is alive, which send() guarantees by holding a
+# reference to every message until sendmmsg has returned.
+_BYTES_DATA = _bytes_data_offset()
+
+
+def _address(buf, keep):
+    """(address, nbytes) of any buffer for an iovec; what must stay alive goes in `keep`.
+
+    Writable contiguous buffers (bytearray, the views recv() hands out) are
+    pointed at in place through c_char.from_buffer, which also pins them.
+    Read-only views of bytes and non-contiguous views are copied once.
+    """
+    if type(buf) is bytes:
+        return id(buf) + _BYTES_DATA, len(buf)
+    view = buf if isinstance(buf, memoryview) else memoryview(buf)
+    nbytes = view.nbytes
+    if nbytes == 0:
+        return 0, 0
+    try:
+        anchor = ctypes.c_char.from_buffer(view)
+    except (TypeError, BufferError):
+        copy = view.tobytes()
+        keep.append(copy)
+        return id(copy) + _BYTES_DATA, nbytes
+    keep.append(anchor)
+    return ctypes.addressof(anchor), nbytes
+
+
+def _raw(nbytes, pins):
+    """A zeroed bytearray and its address: memory that ctypes, the kernel and memoryviews share.
+
+    The ctypes anchor goes in `pins`: while it lives the bytearray cannot be
+    resized, so the address handed to the kernel stays valid.
+    """
+    mem = bytearray(nbytes)
+    anchor = ctypes.c_char.from_buffer(mem)
+    pins.append(anchor)
+    return mem, ctypes.addressof(anchor)
+
+
+class MmsgIO:
+    """recvmmsg/sendmmsg through ctypes: one system call per batch each way."""
+
+    name = "mmsg"
+
+    def __init__(self, sock, batch_size=32, bufsize=2048):
+        libc = _load_libc()
+        if libc is None:
+            raise StartupError("recvmmsg/sendmmsg are not available in libc")
+        # No argtypes/restype: declaring them adds ~250 ns per call. Without
+        # them ints go as C int (the fd, counts and flags fit) and every
+        # pointer is passed as a ctypes object, never as a Python int, which
+        # would be truncated to 32 bits. The default restype (int) is right.
+        self._recvmmsg = libc.recvmmsg
+        self._sendmmsg = libc.sendmmsg
+        self._sock = sock                  # keeps the fd open while we use it
+        self._fd = sock.fileno()
+        self.batch_size = batch_size
+        self.bufsize = bufsize
+        self.truncated = 0
+        self.send_failed = 0
+
+        self._pins = pins = []
+
+        # Receive side: payload slots, sockaddr slots, one iovec and one
+        # mmsghdr per datagram. The kernel fills them in place.
+        self._rbuf, rbuf_addr = _raw(batch_size * bufsize, pins)
+        self._rnames, rnames_addr = _raw(batch_size * _NAME_CAP, pins)
+        self._riov_mem, riov_addr = _raw(batch_size * _IOV_SIZE, pins)
+        self._rhdr_mem, rhdr_addr = _raw(batch_size * _HDR_SIZE, pins)
+        riov = (_iovec * batch_size).from_buffer(self._riov_mem)
+        rhdr = (_mmsghdr * batch_size).from_buffer(self._rhdr_mem)
+        for i in range(batch_size):
+            riov[i].iov_base = rbuf_addr + i * bufsize
+            riov[i].iov_len = bufsize
+            hdr = rhdr[i].msg_hdr
+            hdr.msg_name = rnames_addr + i * _NAME_CAP
+            hdr.msg_namelen = _NAME_CAP
+            hdr.msg_iov = riov_addr + i * _IOV_SIZE
+            hdr.msg_iovlen = 1
+        self._rhdr_ptr = ctypes.c_void_p(rhdr_addr)
+        self._rhdr_u32 = memoryview(self._rhdr_mem).cast("I")
+        self._rbuf_view = memoryview(self._rbuf)
+        self._rnames_view = memoryview(self._rnames)
+        self.views = [memoryview(b"")] * batch_size
+        self.addrs = [b""] * batch_size
+
+        # Send side: two iovecs per message (head and body); each send()
+        # writes names, iovecs and lengths, and sendmmsg starts at any slot.
+        self._siov_mem, siov_addr = _raw(batch_size * 2 * _IOV_SIZE, pins)
+        self._shdr_mem, shdr_addr = _raw(batch_size * _HDR_SIZE, pins)
+        shdr = (_mmsghdr * batch_size).from_buffer(self._shdr_mem)
+        for i in range(batch_size):
+            shdr[i].msg_hdr.msg_iov = siov_addr + 2 * i * _IOV_SIZE
+        del shdr
+        self._shdr_u64 = memoryview(self._shdr_mem).cast("Q")
+        self._shdr_u32 = memoryview(self._shdr_mem).cast("I")
+        self._siov_u64 = memoryview(self._siov_mem).cast("Q")
+        # sendmmsg resumes after a partial send at slot k: one pointer object per slot, made once.
+        self._shdr_ptrs = [ctypes.c_void_p(shdr_addr + i * _HDR_SIZE) for i in range(batch_size)]
+
+    def recv(self):
+        """Receive what is queued, up to batch_size datagrams; return how many (see module doc)."""
+        for _ in range(_RECV_ATTEMPTS):
+            n = self._recvmmsg(self._fd, self._rhdr_ptr, self.batch_size,
+                               MSG_DONTWAIT | MSG_WAITFORONE, None)
+            if n < 0:
+                err = ctypes.get_errno()
+                if err == errno.EAGAIN:
+                    return 0
+                if err == errno.EINTR or err in _ICMP_ERRORS:
+                    continue
+                raise OSError(err, f"recvmmsg: {os.strerror(err)}")
+            kept = self._collect(n)
+            if kept:
+                return kept
+            # The whole batch was truncated: more may be queued behind it.
+        return 0
+
+    def _collect(self, n):
+        """Cut views and addresses for the n datagrams just received; drop the truncated ones."""
+        u32 = self._rhdr_u32
+        rbuf = self._rbuf_view
+        names = self._rnames_view
+        views = self.views
+        addrs = self.addrs
+        bufsize = self.bufsize
+        kept = 0
+        for i in range(n):
+            w = i * _HDR_U32
+            namelen = u32[w + _NAMELEN]
+            # The kernel overwrote msg_namelen with the address length; the
+            # next recvmmsg needs the capacity again.
+            u32[w + _NAMELEN] = _NAME_CAP
+            if u32[w + _FLAGS] & MSG_TRUNC:
+                self.truncated += 1
+                continue
+            start = i * bufsize
+            views[kept] = rbuf[start:start + u32[w + _LEN]]
+            start = i * _NAME_CAP
+            addrs[kept] = names[start:start + namelen].tobytes()
+            kept += 1
+        return kept
+
+    def send(self, msgs):
+        """Send (sockaddr, buf) or (sockaddr, head, body) tuples; return how many the kernel accepted."""
+        total = len(msgs)
+        sent = 0
+        for start in range(0, total, self.batch_size):
+            count = min(self.batch_size, total - start)
+            # Every address staged points into an object held here until
+            # sendmmsg has returned: the messages (in case the caller's list
+            # changes meanwhile) and the pins or copies made by _address.
+            batch = msgs[start:start + count]
+            pins = []
+            self._stage(batch, pins)
+            sent += self._send_staged(count)
+            del batch, pins
+        return sent
+
+    def _stage(self, batch, keep):
+        """Write names and iovecs for `batch` into the send slots 0..len(batch)-1."""
+        u64 = self._shdr_u64
+        u32 = self._shdr_u32
+        iov = self._siov_u64
+        for slot, msg in enumerate(batch):
+            sa = msg[0]
+            if type(sa) is bytes:
+                name, namelen = id(sa) + _BYTES_DATA, len(sa)
+            else:
+                name, namelen = _address(sa, keep)
+            u64[slot * _HDR_U64 + _NAME] = name
+            u32[slot * _HDR_U32 + _NAMELEN] = namelen
+            v = slot * 4                  # two iovecs of two words each
+            buf = msg[1]
+            if type(buf) is bytes:
+                iov[v] = id(buf) + _BYTES_DATA
+                iov[v + 1] = len(buf)
+            else:
+                iov[v], iov[v + 1] = _address(buf, keep)
+            if len(msg) > 2:
+                buf = msg[2]
+                if type(buf) is bytes:
+                    iov[v + 2] = id(buf) + _BYTES_DATA
+                    iov[v + 3] = len(buf)
+                else:
+                    iov[v + 2], iov[v + 3] = _address(buf, keep)
+                u64[slot * _HDR_U64 + _IOVLEN] = 2
+            else:
+                u64[slot * _HDR_U64 + _IOVLEN] = 1
+
+    def _send_staged(self, count):
+        """sendmmsg slots 0..count-1 under the error policy; return how many were sent.
+
+        sendmmsg stops at the first datagram the kernel refuses: it returns
+        the number sent before it, or -1 and its errno when it is the first.
+        So the loop always resumes at the refused datagram, retries it or
+        skips it, and each pass either advances or spends a bounded retry.
+        """
+        pos = sent = busy = intr = 0
+        refused = False
+        while pos < count:
+            n = self._sendmmsg(self._fd, self._shdr_ptrs[pos], count - pos, MSG_DONTWAIT)
+            if n > 0:
+                pos += n
+                sent += n
+                busy = intr = 0
+                refused = False
+                continue
+            err = ctypes.get_errno() if n < 0 else 0
+            if err == errno.EINTR and intr < _SEND_INTR_RETRIES:
+                intr += 1
+            elif err in _SEND_BUSY and busy < _SEND_BUSY_RETRIES:
+                busy += 1
+            elif err == errno.ECONNREFUSED and not refused:
+                refused = True            # the error was an earlier datagram's; this one was not tried
+            else:
+                self.send_failed += 1
+                pos += 1
+                busy = intr = 0
+                refused = False
+        return sent
+
+
+class PlainIO:
+    """socket.recvmsg_into / socket.sendmsg, one system call per datagram: the fallback."""
+
+    name = "plain"
+
+    def __init__(self, sock, batch_size=32, bufsize=2048):
+        self._sock = sock
+        self._family = sock.family
+        self.batch_size = batch_size
+        self.bufsize = bufsize
+        self.truncated = 0
+        self.send_failed = 0
+        self._buf = bytearray(batch_size * bufsize)
+        whole = memoryview(self._buf)
+        self._slots = [[whole[i * bufsize:(i + 1) * bufsize]] for i in range(batch_size)]
+        self.views = [memoryview(b"")] * batch_size
+        self.addrs = [b""] * batch_size
+
+    def recv(self):
+        """Receive what is queued, up to batch_size datagrams; return how many (see module doc)."""
+        recvmsg_into = self._sock.recvmsg_into
+        slots = self._slots
+        kept = 0
+        spare = _RECV_ATTEMPTS            # calls that may return no datagram before we give up
+        while kept < self.batch_size:
+            slot = slots[kept]
+            try:
+                nbytes, _, flags, addr = recvmsg_into(slot, 0, MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError as exc:             # EINTR is retried inside recvmsg_into (PEP 475)
+                if exc.errno not in _ICMP_ERRORS:
+                    raise
+                if spare == 0:
+                    break
+                spare -= 1
+                continue
+            if flags & MSG_TRUNC:
+                self.truncated += 1
+                if spare == 0:
+                    break
+                spare -= 1
+                continue
+            self.views[kept] = slot[0][:nbytes]
+            self.addrs[kept] = sockaddr.from_tuple(addr)
+            kept += 1
+        return kept
+
+    def send(self, msgs):
+        """Send (sockaddr, buf) or (sockaddr, head, body) tuples; return how many the kernel accepted."""
+        sendmsg = self._sock.sendmsg
+        sent = 0
+        for msg in msgs:
+            try:
+                dest = self._destination(msg[0])
+            except (ValueError, struct.error):     # not a sockaddr this socket can send to
+                self.send_failed += 1
+                continue
+            bufs = msg[1:]
+            busy = 0
+            refused = False
+            while True:                            # bounded: each retry spends a budget
+                try:
+                    sendmsg(bufs, (), MSG_DONTWAIT, dest)
+                except OSError as exc:             # EINTR is retried inside sendmsg (PEP 475)
+                    if exc.errno in _SEND_BUSY and busy < _SEND_BUSY_RETRIES:
+                        busy += 1
+                        continue
+                    if exc.errno == errno.ECONNREFUSED and not refused:
+                        refused = True
+                        continue
+                    self.send_failed += 1
+                else:
+                    sent += 1
+                break
+        return sent
+
+    def _destination(self, sa):
+        """The socket-module address for raw sockaddr bytes, as the kernel would read them.
+
+        Keeps the IPv6 flow info and scope id (a link-local peer needs the
+        latter) and maps an IPv4 sockaddr for an IPv6 socket, as the kernel
+        does for MmsgIO.
+        """
+        host, port = sockaddr.to_tuple(sa)
+        if sockaddr.family_of(sa) == socket.AF_INET6:
+            if self._family != socket.AF_INET6:
+                raise ValueError("IPv6 destination for an IPv4 socket")   # the kernel says EAFNOSUPPORT
+            sa = bytes(sa)
+            return (host, port, int.from_bytes(sa[4:8], "big"), int.from_bytes(sa[24:28], sys.byteorder))
+        if self._family == socket.AF_INET6:
+            return ("::ffff:" + host, port, 0, 0)
+        return (host, port)

@@ -1,0 +1,329 @@
+"""batchio over real loopback sockets: every test runs on MmsgIO and PlainIO, IPv4 and IPv6.
+
+Determinism: nothing sleeps and nothing is timed. Waits are poll() with a
+bounded timeout (a failure, not a retry, when it expires) and every loop is
+bounded. To know that a burst is fully queued before recv(), the sender
+runs pinned to one CPU: loopback delivery goes through that CPU's backlog
+queue in order, so when a marker sent last has reached the sender's own
+socket, every datagram sent before it has reached its socket too.
+"""
+
+import contextlib
+import errno
+import os
+import select
+import socket
+
+import pytest
+
+from edge_relay import batchio, sockaddr
+from edge_relay.errors import StartupError
+
+WAIT_MS = 5000
+MARKER = b"--marker--"
+IP_RECVERR = 11        # <linux/in.h>; not exported by the socket module
+IPV6_RECVERR = 25      # <linux/in6.h>
+
+
+def _ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["mmsg", "plain"])
+def mode(request):
+    if request.param == "mmsg" and not batchio.mmsg_available():
+        pytest.skip("recvmmsg/sendmmsg not available")
+    return request.param
+
+
+@pytest.fixture(params=["ipv4", "ipv6"])
+def family(request):
+    if request.param == "ipv6":
+        if not _ipv6_loopback():
+            pytest.skip("no IPv6 loopback")
+        return socket.AF_INET6, "::1"
+    return socket.AF_INET, "127.0.0.1"
+
+
+@pytest.fixture
+def sockets(family):
+    """A factory of bound UDP sockets on the loopback of `family`, closed after the test."""
+    af, host = family
+    made = []
+
+    def make():
+        s = socket.socket(af, socket.SOCK_DGRAM)
+        made.append(s)
+        s.bind((host, 0))
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+def make_io(mode, sockets):
+    def make(batch_size=8, bufsize=256):
+        sock = sockets()
+        return batchio.open_io(sock, batch_size=batch_size, bufsize=bufsize, mode=mode), sock
+    return make
+
+
+def sa(sock):
+    return sockaddr.from_tuple(sock.getsockname())
+
+
+def wait_for(sock, events=select.POLLIN):
+    poller = select.poll()
+    poller.register(sock, events)
+    ready = poller.poll(WAIT_MS)
+    assert ready and ready[0][1] & events, f"socket not ready within {WAIT_MS} ms"
+
+
+@contextlib.contextmanager
+def one_cpu():
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(old)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def queue(dest, sends):
+    """Send (sender, payload) pairs to `dest` and return once all of them are queued there."""
+    with one_cpu():
+        for sender, payload in sends:
+            sender.sendto(payload, dest.getsockname())
+        last = sends[-1][0]
+        last.sendto(MARKER, last.getsockname())
+        wait_for(last)
+        assert last.recv(64) == MARKER
+
+
+def received(io, n):
+    return [(bytes(io.views[i]), io.addrs[i]) for i in range(n)]
+
+
+def recv_datagrams(sock, count):
+    """The next `count` datagrams queued on a plain socket (each waited for, bounded)."""
+    out = []
+    for _ in range(count):
+        wait_for(sock)
+        out.append(sock.recv(65536))
+    return out
+
+
+def assert_nothing_more(sock):
+    """Nothing queued: checked with a marker, as in queue()."""
+    with one_cpu():
+        sock.sendto(MARKER, sock.getsockname())
+        wait_for(sock)
+    assert sock.recv(65536) == MARKER
+
+
+# --- receiving ---------------------------------------------------------------
+
+def test_recv_full_batches_exact_payloads_and_sources(make_io, sockets):
+    io, sock = make_io(batch_size=8, bufsize=256)
+    a, b = sockets(), sockets()
+    sends = [((a, b)[i % 2], bytes([i]) * (1 + i * 13)) for i in range(19)]
+    sends.append((b, b"\xff" * 256))          # exactly bufsize: not truncated
+    queue(sock, sends)
+    expected = [(payload, sa(sender)) for sender, payload in sends]
+    got = []
+    for want in (8, 8, 4, 0):
+        n = io.recv()
+        assert n == want
+        got += received(io, n)
+    assert got == expected
+    assert io.truncated == 0
+    assert len(expected[0][1]) == (16 if sock.family == socket.AF_INET else 28)
+
+
+def test_recv_empty_socket_returns_zero(make_io):
+    io, sock = make_io()
+    assert sock.getblocking() is False
+    assert io.recv() == 0
+    assert io.recv() == 0
+
+
+def test_recv_takes_fewer_than_batch_size_when_fewer_are_queued(make_io, sockets):
+    io, sock = make_io(batch_size=8)
+    peer = sockets()
+    queue(sock, [(peer, b"one"), (peer, b"two"), (peer, b"three")])
+    assert io.recv() == 3
+    assert received(io, 3) == [(b"one", sa(peer)), (b"two", sa(peer)), (b"three", sa(peer))]
+    assert io.recv() == 0
+
+
+def test_views_are_slices_of_the_receive_buffer_until_next_recv(make_io, sockets):
+    io, sock = make_io(batch_size=4, bufsize=64)
+    peer = sockets()
+    queue(sock, [(peer, b"first")])
+    assert io.recv() == 1
+    view = io.views[0]
+    assert isinstance(view, memoryview) and bytes(view) == b"first"
+    queue(sock, [(peer, b"again")])
+    assert io.recv() == 1
+    assert bytes(view) == b"again"            # same slot reused: the caller copies what it keeps
+
+
+def test_oversize_datagram_is_dropped_and_counted(make_io, sockets):
+    io, sock = make_io(batch_size=8, bufsize=64)
+    peer = sockets()
+    queue(sock, [(peer, b"a" * 65), (peer, b"b" * 64), (peer, b"c" * 1000), (peer, b"ok")])
+    assert io.recv() == 2
+    assert received(io, 2) == [(b"b" * 64, sa(peer)), (b"ok", sa(peer))]
+    assert io.truncated == 2
+    assert io.recv() == 0
+
+
+def test_a_batch_of_only_oversize_datagrams_does_not_hide_the_next_one(make_io, sockets):
+    io, sock = make_io(batch_size=2, bufsize=64)
+    peer = sockets()
+    queue(sock, [(peer, b"x" * 100)] * 3 + [(peer, b"ok")])
+    assert io.recv() == 1
+    assert received(io, 1) == [(b"ok", sa(peer))]
+    assert io.truncated == 3
+
+
+# --- sending -----------------------------------------------------------------
+
+def test_send_one_and_two_buffers_as_one_datagram_each(make_io, sockets):
+    io, sock = make_io(batch_size=8, bufsize=256)
+    peer = sockets()
+    backing = bytearray(b"..writable..")
+    msgs = [
+        (sa(peer), b"single"),
+        (sa(peer), b"head:", b"body"),
+        (sa(peer), bytearray(b"head:"), memoryview(backing)[2:10]),
+        (sa(peer), memoryview(b"read-only view")[5:], b""),
+        (sa(peer), b"", b""),
+    ]
+    assert io.send(msgs) == 5
+    assert recv_datagrams(peer, 5) == [b"single", b"head:body", b"head:writable", b"only view", b""]
+    assert io.send_failed == 0
+    assert_nothing_more(peer)
+
+
+def test_forwarding_received_views_with_a_header(make_io, sockets):
+    io, sock = make_io(batch_size=4, bufsize=256)
+    client, target = sockets(), sockets()
+    queue(sock, [(client, b"payload-%d" % i) for i in range(3)])
+    n = io.recv()
+    assert n == 3
+    msgs = [(sa(target), b"HDR%d|" % i, io.views[i][7:]) for i in range(n)]
+    assert io.send(msgs) == 3
+    assert recv_datagrams(target, 3) == [b"HDR0|-0", b"HDR1|-1", b"HDR2|-2"]
+
+
+def test_send_more_than_batch_size_in_one_call(make_io, sockets):
+    io, sock = make_io(batch_size=4)
+    peer = sockets()
+    msgs = [(sa(peer), b"m%02d" % i) if i % 3 else (sa(peer), b"h%02d/" % i, b"body")
+            for i in range(23)]
+    assert io.send(msgs) == 23
+    assert recv_datagrams(peer, 23) == [b"".join(m[1:]) for m in msgs]
+    assert io.send_failed == 0
+    assert_nothing_more(peer)
+
+
+def test_refused_datagrams_are_counted_and_the_rest_still_go(make_io, sockets):
+    io, sock = make_io(batch_size=4)
+    peer = sockets()
+    host, _ = sockaddr.to_tuple(sa(peer))
+    bad = [
+        sockaddr.from_tuple((host, 0)),      # port 0: EINVAL
+        b"\x00\x00\x00",                      # not a sockaddr: EINVAL
+    ]
+    if sock.family == socket.AF_INET:
+        bad.append(sockaddr.from_tuple(("::1", 9)))   # IPv6 from an IPv4 socket: EAFNOSUPPORT
+    good = [(sa(peer), b"good-%02d" % i) for i in range(9)]
+    # With batch_size 4 the refusals fall at the start, end and middle of
+    # a chunk, two in a row, and last.
+    msgs = ([(bad[0], b"first")] + good[0:2] + [(bad[1], b"end", b"of chunk")] + good[2:4]
+            + [(bad[-1], b"middle")] + good[4:7] + [(bad[0], b"two"), (bad[1], b"in a row")]
+            + good[7:9] + [(bad[-1], b"last")])
+    assert io.send(msgs) == len(good)
+    assert io.send_failed == len(msgs) - len(good)
+    assert recv_datagrams(peer, len(good)) == [payload for _, payload in good]
+    assert_nothing_more(peer)
+
+
+@pytest.fixture
+def refusing_io(make_io, sockets):
+    """An io whose socket holds a pending ECONNREFUSED, and a live peer.
+
+    Unconnected UDP sockets only keep ICMP errors with IP_RECVERR set; the
+    error then fails the next call on the socket, whatever it is about.
+    """
+    io, sock = make_io()
+    if sock.family == socket.AF_INET:
+        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+    gone = sockets()
+    closed = sa(gone)
+    gone.close()
+    peer = sockets()
+    assert io.send([(closed, b"to nobody")]) == 1
+    wait_for(sock, select.POLLERR)
+    return io, sock, peer
+
+
+def test_pending_econnrefused_does_not_lose_a_send(refusing_io):
+    io, sock, peer = refusing_io
+    assert io.send([(sa(peer), b"after", b" refusal"), (sa(peer), b"next")]) == 2
+    assert io.send_failed == 0
+    assert recv_datagrams(peer, 2) == [b"after refusal", b"next"]
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+
+
+def test_pending_econnrefused_does_not_lose_a_recv(refusing_io):
+    io, sock, peer = refusing_io
+    queue(sock, [(peer, b"hello")])
+    assert io.recv() == 1
+    assert received(io, 1) == [(b"hello", sa(peer))]
+    assert io.recv() == 0
+    assert io.send([(sa(peer), b"reply")]) == 1
+    assert recv_datagrams(peer, 1) == [b"reply"]
+
+
+def test_pending_econnrefused_on_an_empty_socket_reads_as_nothing(refusing_io):
+    io, sock, peer = refusing_io
+    assert io.recv() == 0
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+
+
+# --- choosing an implementation ---------------------------------------------
+
+def test_open_io_modes(sockets):
+    if batchio.mmsg_available():
+        assert batchio.open_io(sockets(), mode="mmsg").name == "mmsg"
+        assert batchio.open_io(sockets()).name == "mmsg"
+    assert batchio.open_io(sockets(), mode="plain").name == "plain"
+    with pytest.raises(ValueError):
+        batchio.open_io(sockets(), mode="fast")
+
+
+def test_mmsg_mode_without_libc_support_is_a_startup_error(sockets, monkeypatch):
+    monkeypatch.setattr(batchio, "_load_libc", lambda: None)
+    assert not batchio.mmsg_available()
+    with pytest.raises(StartupError):
+        batchio.open_io(sockets(), mode="mmsg")
+    assert batchio.open_io(sockets(), mode="auto").name == "plain"
+
+
+def test_unexpected_recv_error_raises(make_io):
+    io, sock = make_io()
+    sock.close()                              # the io now holds a dead descriptor: EBADF
+    with pytest.raises(OSError) as info:
+        io.recv()
+    assert info.value.errno == errno.EBADF
