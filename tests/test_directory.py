@@ -198,3 +198,33 @@ def test_two_relays_share_flows_through_redis(tmp_path):
         assert 0 < ttl[0] <= 5
         a_client.close()
         b_client.close()
+
+
+# -- demo_state.py: the demo transceiver's shared session state ------------------------
+
+def test_demo_state_primary_and_backup_share_a_session(tmp_path):
+    from edge_relay.demo_state import DemoState, MediaCounters
+    with redis_server(tmp_path) as server:
+        primary = DemoState(server.address, ttl=60)
+        backup = DemoState(server.address, ttl=60)
+        primary.put_session("ufragA", "pw-A", owner="1")
+        counters = MediaCounters(primary, "ufragA", interval=0.2)
+        counters.add(0.0, rtp_in=1, bytes_in=100)          # first add flushes
+        counters.add(0.1, rtp_in=1, bytes_in=100)          # batched
+        assert counters.flush(0.3) == {"rtp_in": 2, "bytes_in": 200}
+        assert counters.flush(0.4) == {}
+        # the primary dies; the backup picks the session up
+        assert backup.password("ufragA") == "pw-A"
+        assert backup.password("nope") is None
+        assert backup.claim("ufragA", "2") == "1"
+        assert backup.add_media("ufragA", {"rtp_in": 5}) == {"rtp_in": 7}
+        assert backup.media("ufragA") == {"rtp_in": 7, "bytes_in": 200}
+        assert backup.media("nope") == {}
+        # a broken connection is reopened once
+        server.stop()
+        server.start()
+        assert backup.password("ufragA") is None              # fresh server, no persistence
+        primary.close()
+        backup.close()
+    with pytest.raises(resp.RespError):
+        DemoState(str(tmp_path / "gone.sock")).password("x")
