@@ -106,6 +106,8 @@ def encode(key, msg_type, payload, *, route=0, family=0, port=0, address=ZERO_AD
         raise ValueError(f"unknown header type {msg_type}")
     if len(address) == 4:
         address = bytes(address) + bytes(12)
+    elif len(address) != 16:
+        raise ValueError(f"address must be 4 or 16 octets, got {len(address)}")
     head = prefix(key.key_id, msg_type, flags, route, family, port, bytes(address))
     return seal(key.header_mac, head, timestamp_bytes(timestamp_ms), payload)
 

@@ -71,7 +71,7 @@ class KeyRing:
             self.by_id[key_id] = Key(key_id, master)
         if signing_key_id is None:
             signing_key_id = max(keys)
-        if self.by_id[signing_key_id] is None:
+        if not 0 <= signing_key_id <= MAX_KEY_ID or self.by_id[signing_key_id] is None:
             raise KeyFileError(f"signing key id {signing_key_id} is not among the loaded keys {sorted(keys)}")
         self.signing = self.by_id[signing_key_id]
         self.ids = tuple(sorted(keys))
@@ -114,7 +114,8 @@ def key_id_of(path):
     if not name.endswith(KEY_SUFFIX):
         return None
     stem = name[: -len(KEY_SUFFIX)]
-    if not stem.isdigit() or (len(stem) > 1 and stem[0] == "0"):
+    # ASCII digits only: str.isdigit() also accepts '²' and other scripts' digits
+    if not stem or stem.strip("0123456789") or (len(stem) > 1 and stem[0] == "0"):
         return None
     key_id = int(stem)
     return key_id if key_id <= MAX_KEY_ID else None
@@ -161,6 +162,8 @@ def write_key_file(directory, key_id=None, master=None, group=None):
     if not 0 <= key_id <= MAX_KEY_ID:
         raise KeyFileError(f"key id {key_id} outside 0..{MAX_KEY_ID}")
     master = os.urandom(KEY_LEN) if master is None else master
+    if len(master) != KEY_LEN:
+        raise ValueError(f"a master key is {KEY_LEN} octets, got {len(master)}")
     path = directory / f"{key_id}{KEY_SUFFIX}"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)

@@ -9,8 +9,9 @@ Contract
     cookie, length = datagram length - 20 and a multiple of 4, every attribute
     inside the message with its padding, FINGERPRINT (if present) last, 4
     octets and correct. Attributes after MESSAGE-INTEGRITY other than
-    MESSAGE-INTEGRITY-SHA256 and FINGERPRINT are ignored (RFC 8489 section
-    14.5). For a repeated attribute the first one counts. It never raises
+    MESSAGE-INTEGRITY-SHA256 and FINGERPRINT, and after
+    MESSAGE-INTEGRITY-SHA256 other than FINGERPRINT, are ignored (RFC 8489
+    sections 14.5 and 14.6). For a repeated attribute the first one counts. It never raises
     for any input bytes.
   * MESSAGE-INTEGRITY is checked with `check_integrity` by whoever holds the
     password (the transceiver); the relay holds none and never checks it.
@@ -91,7 +92,8 @@ def decode(buf):
         return Drop.STUN_MALFORMED
     view = buf if isinstance(buf, memoryview) else memoryview(buf)
     attrs = {}
-    integrity = -1
+    integrity = -1          # offset of MESSAGE-INTEGRITY, for check_integrity
+    sealed = False          # past MESSAGE-INTEGRITY or MESSAGE-INTEGRITY-SHA256
     off = HEADER_LEN
     while off < n:
         if n - off < 4:
@@ -108,13 +110,16 @@ def decode(buf):
             if (zlib.crc32(view[:off]) ^ FINGERPRINT_XOR) != _U32.unpack_from(buf, start)[0]:
                 return Drop.STUN_MALFORMED
             attrs.setdefault(atype, view[start:start + 4])
-        elif integrity >= 0 and atype != MESSAGE_INTEGRITY_SHA256:
-            pass    # ignored after MESSAGE-INTEGRITY (RFC 8489 section 14.5)
+        elif sealed and not (atype == MESSAGE_INTEGRITY_SHA256 and integrity >= 0):
+            pass    # ignored after the integrity attributes (RFC 8489 sections 14.5, 14.6)
         else:
             if atype == MESSAGE_INTEGRITY:
                 if alen != 20:
                     return Drop.STUN_MALFORMED
                 integrity = off
+                sealed = True
+            elif atype == MESSAGE_INTEGRITY_SHA256:
+                sealed = True
             elif atype == USERNAME and alen > MAX_USERNAME:
                 return Drop.STUN_MALFORMED
             if atype not in attrs:

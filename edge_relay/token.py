@@ -45,6 +45,8 @@ def mint(key, transceiver, expiry, nonce=None):
     if not 0 <= transceiver <= 0xFFFF:
         raise ValueError(f"transceiver id {transceiver} outside 0..65535")
     nonce = os.urandom(8) if nonce is None else nonce
+    if len(nonce) != 8:
+        raise ValueError(f"nonce must be 8 octets, got {len(nonce)}")
     body = _BODY.pack(TOKEN_VERSION, key.key_id, transceiver, int(expiry), nonce)
     mac = key.token_mac.copy()
     mac.update(body)
