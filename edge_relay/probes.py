@@ -63,7 +63,7 @@ import os
 import struct
 from typing import NamedTuple
 
-from .histogram import Histogram
+from .histogram import Histogram, header
 
 PAYLOAD_LEN = 24
 PAYLOAD_MAGIC = b"ERp1"
@@ -307,7 +307,6 @@ class Prober:
 
         `names` maps id -> label value (config `name`, default "tx<id>").
         """
-        from .histogram import header
         names = names or {}
         rows = [(names.get(t) or f"tx{t}", h) for t, h in sorted(self.health.items())]
         lines = header("edge_relay_transceiver_up", "1 if probes say the transceiver is up", "gauge")

@@ -23,9 +23,11 @@ Theory of operation
   Memory: nothing lives on flows.Flow. `QualityMonitor` keeps a dict, keyed by
   whatever the caller uses (e.g. the Flow object itself), only for the sampled
   flows: one in `sample_every` confirmed flows, at most `max_sampled` at a
-  time. A sampled flow costs two `StreamStats` (~170 bytes each) plus the
-  dict entry. An unsampled flow costs the router one failed dict lookup per
-  packet.
+  time. A sampled flow costs about 700 bytes (FlowQuality, two StreamStats
+  with their floats, the dict entry; measured with tracemalloc), so 1 in 16
+  averages ~45 bytes per flow and `max_sampled` = 1024 caps it at ~0.7 MB per
+  worker. An unsampled flow costs the router one failed dict lookup (~50 ns)
+  per packet; a sampled packet costs ~0.6 us in `observe`.
 
   Export: per-flow numbers never become labels. Every `report_interval`
   (and when a flow ends) each sampled flow folds what happened since its last
@@ -49,6 +51,7 @@ MAX_MISORDER = 100
 MIN_SEQUENTIAL = 2
 WINDOW = 64               # reorder/duplicate memory below the highest sequence number
 
+RTP_TS_MOD = 1 << 32      # RTP timestamps are 32 bits (RFC 3550 section 5.1)
 RTP_HEADER_LEN = 12
 _RTP = struct.Struct(">BBHII")          # V/P/X/CC, M/PT, seq, timestamp, SSRC
 
@@ -229,8 +232,6 @@ def observe(st, data, arrival, clock_rates=None, default_rate=DEFAULT_CLOCK_RATE
     st.transit = transit
     return True
 
-
-RTP_TS_MOD = 1 << 32
 
 
 class FlowQuality:
