@@ -1,0 +1,51 @@
+# edge-relay developer and CI entry points (GNU make). `make help` lists them.
+#
+# Every target that needs tools runs scripts/bootstrap first: it installs
+# whatever is missing (Debian packages when root, the test virtualenvs) and
+# says so, and is silent when everything is already there.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      := .venv
+VENV_PATH := .venv-path
+PYTHON    := $(VENV)/bin/python
+
+# Extra pytest arguments, e.g.  make test PYTEST_ARGS='-k stun -x'
+PYTEST_ARGS ?=
+
+# The second run, on the python3 first on PATH, only checks that the code
+# works on that interpreter too: no root or slow tests, quiet (only failures
+# summarized), no cache writes.
+PATH_PYTEST_ARGS := -q -rfE -p no:cacheprovider -m 'not root and not slow'
+
+# What `make clean` removes. Targets added below may append to it (CLEAN += ...).
+CLEAN := $(VENV) $(VENV_PATH) .pytest_cache build dist *.egg-info
+
+.PHONY: help bootstrap test check clean
+
+help: ## list the targets
+	@echo "Targets:"
+	@awk -F ':.*## ' '/^[A-Za-z0-9_.-]+:.*## / { printf "  %-10s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+
+bootstrap: ## install what the tests need (Debian packages as root, .venv)
+	scripts/bootstrap
+
+test: bootstrap ## run the whole test suite (then a short run on PATH's python3, if different)
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	@if [ -x $(VENV_PATH)/bin/python ]; then \
+		echo "$(VENV_PATH)/bin/python -m pytest $(PATH_PYTEST_ARGS) $(PYTEST_ARGS)  # python3 on PATH"; \
+		$(VENV_PATH)/bin/python -m pytest $(PATH_PYTEST_ARGS) $(PYTEST_ARGS); \
+	fi
+
+check: test ## same as test
+
+clean: ## remove the virtualenvs, caches and build output
+	rm -rf $(CLEAN)
+	find . -name __pycache__ -type d -not -path './.git/*' -prune -exec rm -rf {} +
+
+# --- Targets owned by other parts of the project ---------------------------
+# demo, deb, bench, e2e and the like go below this line. For each: add it to
+# .PHONY, give it a `## description` so that `make help` lists it, run
+# `scripts/bootstrap --apt PKG...` first if it needs Debian packages, and
+# append what it builds to CLEAN.
