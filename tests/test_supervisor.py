@@ -184,3 +184,56 @@ def test_management_http_is_strict(started):
     assert too_big.startswith(b"HTTP/1.0 400") or too_big == b"RESET"
     assert raw(b"garbage\r\n\r\n").startswith(b"HTTP/1.0 400")
     assert raw(b"GET /healthz HTTP/1.1\r\n\r\n").endswith(b"\r\n\r\nok\n")
+
+
+def test_a_crash_loop_is_reported_and_backed_off(started):
+    setup, relay, tx = started(workers=2)
+    import os
+    killed = set()
+    for _ in range(5):
+        pid = wait_for(lambda: (p := relay.worker_pids().get(0)) not in (None, *killed) and p, 20,
+                       what="worker 0 restarted")
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+    wait_for(lambda: value(metrics(setup), "edge_relay_workers_crash_looping") == 1, 10, what="crash loop")
+    m = metrics(setup)
+    assert value(m, "edge_relay_worker_restarts_total") == 4
+    assert value(m, "edge_relay_ready") == 0
+    assert http_get(setup.url + "/healthz")[0] == 503
+    assert "crash loop" in relay.log()
+    # backed off, not spinning: the next start is 1.6 s away; then it serves again
+    wait_for(lambda: value(metrics(setup), "edge_relay_workers_up") == 2, 10, what="worker 0 back")
+    assert value(metrics(setup), "edge_relay_worker_restarts_total") == 5
+
+
+def test_sighup_with_a_new_listener_hands_flows_to_new_workers(started):
+    setup, relay, tx = started(workers=1)
+    clients = clients_for(setup, 3)
+    traffic = Traffic(clients, tx)
+    try:
+        assert traffic.run(10, until=lambda: all(c.connected for c in clients))
+        old_pid = relay.worker_pids()[0]
+        from relayproc import free_port
+        extra = free_port()
+        with open(setup.path) as f:
+            text = f.read()
+        with open(setup.path, "w") as f:
+            f.write(text.replace("[internal]", f'[[listeners]]\naddress = "127.0.0.1"\nport = {extra}\n\n[internal]'))
+        relay.signal(signal.SIGHUP)
+        assert traffic.run(10, until=lambda: relay.worker_pids().get(0) not in (None, old_pid))
+        wait_for(lambda: value(metrics(setup), "edge_relay_workers_up") == 1, 10, what="new worker up")
+        from edge_relay import demo
+        from relayproc import CountingClient
+        ufrag, password = demo.mint_session(setup.keyring, 1, time.time())
+        newcomer = CountingClient(("127.0.0.1", extra), ufrag, password)
+        traffic.add(newcomer)
+        assert traffic.run(10, until=lambda: newcomer.connected)
+        traffic.run(0.5)
+        traffic.quiesce()
+        assert sum(c.sent for c in clients) == sum(c.received for c in clients)
+        assert newcomer.received > 0
+        m = metrics(setup)
+        assert value(m, "edge_relay_drops_total", reason="unknown_flow") == 0
+        assert value(m, "edge_relay_config_generation") == 2
+    finally:
+        traffic.close()
