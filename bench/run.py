@@ -96,9 +96,11 @@ def machine():
             "loadavg_at_start": os.getloadavg()}
 
 
-def build_cfwd():
-    BUILD.mkdir(exist_ok=True)
-    exe = BUILD / "cfwd"
+def build_cfwd(build_dir=BUILD):
+    """Compile bench/cfwd.c with gcc -O2; returns the executable's path."""
+    build_dir = Path(build_dir)
+    build_dir.mkdir(exist_ok=True)
+    exe = build_dir / "cfwd"
     subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(HERE / "cfwd.c")], check=True)
     return exe
 
@@ -196,7 +198,7 @@ class Bench:
             self.client_socks.append(s)
         self.client_addrs = [s.getsockname() for s in self.client_socks]
         self.targets = {}
-        self.procs = []
+        self.sink_flows_known = set()      # targets whose flows the sink knows (setup or learn)
         self.gen_ctl, child = self.ctx.Pipe()
         self.gen = self.ctx.Process(target=roles.loadgen_main, name="bench-loadgen",
                                     args=(child, self.client_socks, self.counters, self.gen_cpu), daemon=True)
@@ -284,6 +286,7 @@ class Bench:
                            "timeout": timeout})
         gen = self.gen_ctl.recv()
         sink = self.sink_ctl.recv()
+        self.sink_flows_known.add(name)
         return {"connected": gen["connected"], "clients": gen["clients"], "flows_seen_by_sink": sink["flows"],
                 "check_failures": gen["check_failures"], "sink_drops": sink["drops"]}
 
@@ -291,6 +294,7 @@ class Bench:
         t = self.targets[name]
         self.sink_ctl.send({"op": "learn", "name": name, "internal": t.internal, "clients": self.client_addrs})
         self.sink_ctl.recv()
+        self.sink_flows_known.add(name)
 
     def measure(self, name, direction, rate=None, duration=None):
         """One measurement window; returns pps, CPU use per process and (paced) latency samples."""

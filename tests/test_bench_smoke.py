@@ -1,0 +1,101 @@
+"""The bench's parts work at tiny scale: every forwarder moves datagrams both ways, the
+relay's flows are confirmed through real ICE checks, latency is sampled, and the sans-IO
+figures come out. Functional only: no timing thresholds (bench/run.py measures)."""
+
+import shutil
+
+import pytest
+
+from bench import micro, roles, run
+
+pytestmark = pytest.mark.slow
+
+TINY = dict(flows=4, duration=0.4, warm=0.1, pairs=1, lat_pairs=1, lat_duration=0.4,
+            rates=(2000,), worker_pairs=1, window=64, micro=["--quick"])
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is missing (make bench installs it: scripts/bootstrap --apt gcc libc6-dev)")
+    tmp = tmp_path_factory.mktemp("bench")
+    exe = run.build_cfwd(tmp / "build")
+    (tmp / "run").mkdir()
+    b = run.Bench(TINY, tmp / "run", exe, log=lambda msg: None)
+    try:
+        b.start_relay()
+        b.start_null()
+        b.start_naive()
+        b.start_cfwd()
+        yield b
+    finally:
+        b.close()
+
+
+def test_relay_flows_are_confirmed_by_ice_checks(bench):
+    setup = bench.setup("relay", timeout=5.0)
+    assert setup["connected"] == setup["clients"] == TINY["flows"]
+    assert setup["flows_seen_by_sink"] == TINY["flows"]
+    assert setup["check_failures"] == 0
+
+
+@pytest.mark.parametrize("name", ["relay", "null", "naive", "cfwd"])
+@pytest.mark.parametrize("direction", ["c2t", "t2c"])
+def test_every_forwarder_moves_datagrams_both_ways(bench, name, direction):
+    if name == "relay" and "relay" not in bench.sink_flows_known:
+        test_relay_flows_are_confirmed_by_ice_checks(bench)
+    elif name != "relay":
+        bench.learn(name)
+    m = bench.measure(name, direction)
+    # (pps may be 0 for the relay: 4 flows at full speed meet limits.flow_packets_rate)
+    assert m["received"] > 0 and m["pps"] >= 0
+    assert m["received"] <= m["sent"]
+    assert set(m["cpu"]) == {"forwarder", "loadgen", "sink"}
+
+
+@pytest.mark.parametrize("name", ["direct", "cfwd", "relay"])
+def test_latency_is_sampled_at_a_fixed_rate(bench, name):
+    if name == "relay" and "relay" not in bench.sink_flows_known:
+        test_relay_flows_are_confirmed_by_ice_checks(bench)
+    if name == "cfwd":
+        bench.learn("cfwd")
+    m = bench.measure(name, "c2t", rate=2000)
+    lat = m["latency_us"]
+    assert lat["n"] > 0 and 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"]
+
+
+def test_summary_and_targets_from_a_tiny_result():
+    fake = {"pps": 100.0, "cpu": {"forwarder": 0.5, "loadgen": 0.1, "sink": 0.1}, "cpu_per_packet_us": 5.0}
+    lat = {"latency_us": {"p50": 20.0, "p99": 40.0, "p999": 80.0}}
+    results = {
+        "quick": True, "machine": run.machine(),
+        "throughput_pairs": {"relay|cfwd:c2t": [(fake, dict(fake, pps=125.0))]},
+        "latency_rounds": {"20000": [{"direct": lat, "cfwd": {"latency_us": {"p50": 30.0, "p99": 60.0, "p999": 90.0}},
+                                      "relay": {"latency_us": {"p50": 31.0, "p99": 80.0, "p999": 99.0}}}]},
+    }
+    s = run.summarize(results)
+    assert s["relay_vs_cfwd_pps_c2t"]["median"] == pytest.approx(0.8)
+    assert s["latency_p50_added_vs_cfwd_20000"]["median"] == pytest.approx(1.1)
+    v = run.verdicts(results, s)
+    assert v["relay >= 0.7x cfwd pps (c2t)"]["met"] is True
+    assert v["memory per confirmed flow at 100k <= 300 B"]["met"] is None
+    assert "Targets" in run.table(results, s, v)
+
+
+def test_sans_io_figures_at_tiny_scale():
+    import time
+    wall_ms = int(time.time() * 1000)
+    med, raw, ratios, drops = micro.cost_by_flows((1, 100), 1, 256, wall_ms)
+    assert set(med) == {"c2t", "t2c"} and all(v > 0 for d in med.values() for v in d.values())
+    assert drops == {1: 0, 100: 0}
+    mem = micro.memory(2000, wall_ms)
+    assert mem["flows"] == 2000 and mem["bytes_per_flow"] > 0
+    nf = micro.new_flows(300, wall_ms)
+    assert nf["opened"] == 300 and not nf["drops"]
+    prof = micro.profile(640, n_clients=4)
+    assert prof["c2t"]["top"] and prof["t2c"]["top"] and not prof["c2t"]["drops"]
+
+
+def test_rtp_payload_is_voice_shaped():
+    p = roles.rtp_payload(7)
+    assert len(p) == 160 and p[0] == 0x80
