@@ -49,3 +49,16 @@ clean: ## remove the virtualenvs, caches and build output
 # .PHONY, give it a `## description` so that `make help` lists it, run
 # `scripts/bootstrap --apt PKG...` first if it needs Debian packages, and
 # append what it builds to CLEAN.
+
+# --- demo ---------------------------------------------------------------------
+# The relay, the demo transceiver and synthetic voice callers on loopback, on
+# Debian's python3 (what the package runs on); the runtime needs nothing else.
+DURATION ?=
+CLIENTS  ?= 4
+.PHONY: demo
+demo: ## relay + demo transceiver + voice callers on loopback, live status (DURATION=s, CLIENTS=n)
+	scripts/bootstrap
+	/usr/bin/python3 -m edge_relay demo --clients $(CLIENTS) $(if $(DURATION),--duration $(DURATION))
+
+# Targets of the packaging, bench and hardening work live in mk/*.mk.
+-include mk/*.mk
