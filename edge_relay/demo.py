@@ -163,8 +163,11 @@ class VoiceClient:
         self.password = password.encode("utf-8")
         family = socket.AF_INET6 if ":" in relay_addr[0] else socket.AF_INET
         if sock is None:
+            # connect() makes the kernel pick the source address it routes
+            # from, so getsockname() is the address XOR-MAPPED-ADDRESS must
+            # carry, and only the relay's answers reach this socket
             sock = socket.socket(family, socket.SOCK_DGRAM)
-            sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+            sock.connect(relay_addr)
         sock.setblocking(False)
         self.sock = sock
         self.local_ufrag = binascii.b2a_hex(os.urandom(4)).decode("ascii")
@@ -174,6 +177,7 @@ class VoiceClient:
         self.connected = False
         self.mapped = None
         self.check_failures = 0
+        self.send_errors = 0
         self.seq = 0
         self.sent = 0
         self.received = 0
@@ -218,8 +222,10 @@ class VoiceClient:
     def _send(self, data):
         try:
             self.sock.sendto(data, self.relay_addr)
-        except (BlockingIOError, ConnectionRefusedError):
-            pass
+        except OSError:
+            # a full buffer, an ICMP error from an earlier send, no route:
+            # the datagram is lost and shows up in the loss figure
+            self.send_errors += 1
 
     def receive(self, data, now):
         """Account for one datagram from the relay."""
@@ -255,12 +261,14 @@ class VoiceClient:
         self.mapped = mapped
         self.connected = True
 
-    def pump(self, now):
-        while True:
+    def pump(self, now, limit=4096):
+        for _ in range(limit):      # bounded: a stream of ICMP errors cannot hold the loop
             try:
                 data = self.sock.recv(2048)
-            except (BlockingIOError, ConnectionRefusedError):
+            except BlockingIOError:
                 return
+            except OSError:     # an ICMP error reported on this socket: nothing to read
+                continue
             self.receive(data, now)
 
     def tick(self, now):
