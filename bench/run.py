@@ -542,7 +542,8 @@ def table(results, s, v):
     mach = results["machine"]
     P(f"machine: {mach['nproc']} CPU ({mach['cpu_model']}), kernel {mach['kernel']}, "
       f"python {mach['pythons']}, mode {'quick' if results['quick'] else 'full'}")
-    loads = [m["loadavg_1m"] for rows in results.get("throughput_pairs", {}).values() for pair in rows for m in pair]
+    loads = [m["loadavg_1m"] for rows in results.get("throughput_pairs", {}).values() for pair in rows for m in pair
+             if "loadavg_1m" in m]
     if loads:
         P(f"load average (1 min) during the pairs: {min(loads):.1f}..{max(loads):.1f} on {mach['nproc']} CPUs "
           f"(the bench itself adds about 2; more means other work shared the CPUs)")
