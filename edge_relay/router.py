@@ -124,13 +124,14 @@ class Router:
             data = views[i]
             sa = addrs[i]
             in_bytes += len(data)
+            # RFC 7983 demux on the first octet; an empty datagram has none
+            kind = _CLASS[data[0]] if data else 0
             flow = flows.get(sa)
             if flow is None:
-                flow = self._open(listener, data, sa, now, wall_ms)
+                flow = self._open(listener, kind, data, sa, now, wall_ms)
                 if flow is None:
                     continue
             else:
-                kind = _CLASS[data[0]]
                 if not kind:
                     drops[Drop.NOT_WEBRTC] += 1
                     continue
@@ -157,10 +158,9 @@ class Router:
         stats[TO_TX_PACKETS] += sent
         stats[TO_TX_BYTES] += sent_bytes + sent * header.HEADER_LEN
 
-    def _open(self, listener, data, sa, now, wall_ms):
+    def _open(self, listener, kind, data, sa, now, wall_ms):
         """A new pending flow for a Binding Request carrying a valid token, or None (counted)."""
         drops = self.drops
-        kind = _CLASS[data[0]]
         if kind != _STUN:
             drops[Drop.UNKNOWN_FLOW if kind else Drop.NOT_WEBRTC] += 1
             return None

@@ -209,6 +209,7 @@ def forged_token(h, mutate):
 
 CLIENT_DROPS = {
     "NOT_WEBRTC": lambda h: b"\xff" + os.urandom(30),
+    "NOT_WEBRTC_EMPTY": lambda h: b"",
     "UNKNOWN_FLOW_DTLS": lambda h: b"\x16\xfe\xfd" + bytes(40),
     "UNKNOWN_FLOW_RTP": lambda h: b"\x80\x6f" + bytes(158),
     "STUN_MALFORMED": lambda h: b"\x00\x01\x00\x00\x21\x12\xa4\x43" + bytes(12),
@@ -233,7 +234,7 @@ def test_client_side_drop_is_counted_and_silent(make, case):
     client.sendto(CLIENT_DROPS[case](h), h.public)
     h.settle()
     assert_silent(h, client)
-    reason = {"UNKNOWN_FLOW_DTLS": "UNKNOWN_FLOW", "UNKNOWN_FLOW_RTP": "UNKNOWN_FLOW",
+    reason = {"UNKNOWN_FLOW_DTLS": "UNKNOWN_FLOW", "NOT_WEBRTC_EMPTY": "NOT_WEBRTC", "UNKNOWN_FLOW_RTP": "UNKNOWN_FLOW",
               "STUN_NO_USERNAME_NO_COLON": "STUN_NO_USERNAME"}.get(case, case)
     assert h.drops() == {reason: 1}
     assert len(h.router.flows) == 0
@@ -253,10 +254,11 @@ def test_known_flow_drops_non_webrtc_and_malformed_stun(make):
     client = h.client()
     open_flow(h, client)
     client.sendto(b"\x45" + bytes(20), h.public)                  # TURN channel range: not ours
+    client.sendto(b"", h.public)                                   # empty: no first octet to demux
     client.sendto(b"\x00\x01\x00\x04\x21\x12\xa4\x42" + bytes(12), h.public)   # binding request, bad length
     h.settle()
     assert_silent(h, client)
-    assert h.drops() == {"NOT_WEBRTC": 1, "STUN_MALFORMED": 1}
+    assert h.drops() == {"NOT_WEBRTC": 2, "STUN_MALFORMED": 1}
 
 
 def test_full_table_refuses_new_flows_and_keeps_old(make):
