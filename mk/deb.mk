@@ -5,10 +5,14 @@
 #   make deb VERSION=0.1.1   the same package as version 0.1.1 (a changelog
 #                            entry and __version__ are set in the build copy
 #                            only), e.g. for the upgrade test
-#   make lint-pkg            lintian, systemd-analyze verify/security, the
-#                            Ansible syntax check, tests/test_packaging.py
+#   make lint-pkg            lintian (no error, no warning), the unit's
+#                            exposure <= 1.5, ansible-playbook --syntax-check
+#                            and ansible-lint, tests/test_packaging.py
+#                            (systemd-analyze verify needs the installed
+#                            package: make e2e runs it in the container)
 #   make e2e                 tests/e2e/run: install, run, reload, restart,
 #                            upgrade, Ansible and purge in a booted container
+#                            (root; about 2 minutes once the rootfs is cached)
 #
 # The package is built from a copy of the working tree in build/deb/ (the
 # debian/ directory lives in packaging/debian), never in the tree itself.
@@ -16,7 +20,8 @@
 DEB_SRC_VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' edge_relay/__init__.py)
 VERSION  ?= $(DEB_SRC_VERSION)
 DEB      := build/edge-relay_$(VERSION)_all.deb
-DEB_TREE := build/deb/edge-relay-$(VERSION)
+# The upgrade target of make e2e: the last number of VERSION plus one.
+NEXT_VERSION = $(shell echo $(VERSION) | awk -F. '{ $$NF += 1; print }' OFS=.)
 DEB_BUILD_DEPS := debhelper dh-python python3-all lintian fakeroot
 E2E_DEPS := systemd-container debootstrap iproute2 ansible-core
 
@@ -28,15 +33,16 @@ deb: ## build the Debian package build/edge-relay_<version>_all.deb (VERSION=x.y
 	scripts/bootstrap --apt $(DEB_BUILD_DEPS)
 	packaging/build-deb $(VERSION)
 
-lint-pkg: deb ## lintian, systemd-analyze verify/security and Ansible checks of the package
+lint-pkg: deb ## lintian, unit sandbox score, Ansible syntax/lint and tests/test_packaging.py
 	scripts/bootstrap --apt $(DEB_BUILD_DEPS) ansible-core ansible-lint
 	lintian --fail-on error,warning --info --display-info $(DEB)
-	systemd-analyze security --offline=true --threshold=15 systemd/edge-relay.service | tail -n 1
-	ansible-playbook -i localhost, --syntax-check packaging/ansible/site.yml
+	set -o pipefail; systemd-analyze security --offline=true --threshold=15 systemd/edge-relay.service | tail -n 1
+	cd packaging/ansible && ansible-playbook -i inventory.example.ini --syntax-check site.yml
+	cd packaging/ansible && ansible-lint --offline site.yml roles/edge_relay
 	$(PYTHON) -m pytest -q tests/test_packaging.py
 
-e2e: ## install, run, reload, restart and upgrade the package in a booted bookworm container (root, ~5 min)
+e2e: ## install, reload, restart, upgrade, Ansible, purge in a booted bookworm container (root, ~2 min)
 	scripts/bootstrap --apt $(DEB_BUILD_DEPS) $(E2E_DEPS)
 	packaging/build-deb $(VERSION)
-	packaging/build-deb $(shell echo $(VERSION) | awk -F. '{ $$NF += 1; print }' OFS=.)
-	tests/e2e/run $(DEB) build/edge-relay_$(shell echo $(VERSION) | awk -F. '{ $$NF += 1; print }' OFS=.)_all.deb
+	packaging/build-deb $(NEXT_VERSION)
+	tests/e2e/run $(DEB) build/edge-relay_$(NEXT_VERSION)_all.deb
