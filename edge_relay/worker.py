@@ -35,8 +35,7 @@ PUBLISH_INTERVAL = 0.5          # seconds between counter publications
 
 
 def policy_of(cfg):
-    lim = cfg.limits
-    return Policy(lim.header_window, lim.token_max_lifetime, lim.clock_skew)
+    return Policy.from_limits(cfg.limits)
 
 
 def transceiver_addrs(cfg):
@@ -219,7 +218,8 @@ class Worker:
                     else:
                         self.pump_listener(tag)
                 now = self.clock()
-                if now >= (self.router.flows.next_deadline() or now + 1):
+                deadline = self.router.flows.next_deadline()
+                if deadline is not None and now >= deadline:
                     self.router.expire(now)
                 if now >= next_publish:
                     self._publish()

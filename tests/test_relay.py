@@ -383,3 +383,16 @@ def test_probe_ack_is_consumed_not_forwarded(make):
     h.settle()
     assert_silent(h, client)
     assert h.drops() == {}
+
+
+def test_config_rate_limits_reach_the_router(make):
+    """[limits] new_flows_per_source_* from the config file govern the running router."""
+    h = make(transceivers={1: "sink"},
+             limits={"new_flows_per_source_burst": 1, "new_flows_per_source_rate": 0.001})
+    first, second = h.client(), h.client()
+    open_flow(h, first)
+    ufrag, _ = h.session()
+    second.sendto(binding_request(ufrag), h.public)
+    h.settle()
+    assert_silent(h, second)
+    assert h.drops() == {"RATE_SOURCE_NEW_FLOWS": 1}
