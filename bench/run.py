@@ -576,6 +576,18 @@ def table(results, s, v):
     P("  (c2t = client -> relay -> transceiver, t2c = transceiver -> relay -> client; relay1/relay2 =")
     P("   `edge_relay run --workers 1|2`, whose pps and cpu are summed over the workers)")
     P("")
+    cost = {}
+    for (name, d), ms in by.items():
+        vals = [m["cpu_per_packet_us"] for m in ms if m.get("cpu_per_packet_us")]
+        if vals:
+            cost[name, d] = statistics.median(vals)
+    if all((n, d) in cost for n in ("relay", "null", "cfwd") for d in ("c2t", "t2c")):
+        P("Where a forwarded packet's CPU goes (forwarder us/pkt, medians above): kernel + syscalls ~ cfwd;")
+        P("  batchio's Python ~ null - cfwd; the router's Python (decisions, MAC) ~ relay - null")
+        for d in ("c2t", "t2c"):
+            P(f"  {d}: kernel+C {cost['cfwd', d]:.2f}  batchio {cost['null', d] - cost['cfwd', d]:.2f}"
+              f"  router {cost['relay', d] - cost['null', d]:.2f}  = relay {cost['relay', d]:.2f} us")
+    P("")
     P("Ratios (median [min..max] over interleaved pairs)")
     for key, x in s.items():
         if x:
@@ -601,6 +613,13 @@ def table(results, s, v):
         mem = m.get("memory", {})
         P(f"  memory at {mem.get('flows')} confirmed flows: {mem.get('bytes_per_flow'):.0f} B/flow tracemalloc "
           f"(after confirm {mem.get('bytes_per_flow_after_confirm', 0):.0f}; without rate-limit buckets {mem.get('bytes_per_flow_excluding_ratelimit', 0):.0f}), RSS delta {mem.get('rss_bytes_per_flow', 0):.0f} B/flow")
+        for d in ("c2t", "t2c"):
+            prof = m.get("profile", {}).get(d)
+            if prof:
+                P(f"  profile {d}: Worker.pump_* in-process, {prof['ns_per_packet_unprofiled']:.0f} ns/pkt unprofiled; "
+                  f"top by own time (ns/pkt under cProfile, which inflates small calls):")
+                P("    " + ", ".join(f"{r['function'].replace('<built-in method ', '').replace('<method ', '').rstrip('>')}"
+                                     f" {r['tottime_ns_per_packet']:.0f}" for r in prof["top"][:10]))
         nf = m.get("new_flows", {})
         P(f"  new flows: {nf.get('us_per_flow'):.2f} us router CPU each = {nf.get('flows_per_s_router'):.0f}/s; "
           f"with measured I/O cost {nf.get('io_us_per_packet', 0):.2f} us/pkt -> {nf.get('flows_per_s_with_io', 0):.0f}/s")
@@ -619,7 +638,17 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK", "") not in ("", "0"))
     ap.add_argument("--out", default=str(HERE / "results.json"))
     ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e,workers,micro")
+    ap.add_argument("--table-only", action="store_true", help="re-read --out, recompute ratios, print the table")
     args = ap.parse_args(argv)
+    if args.table_only:
+        results = json.loads(Path(args.out).read_text())
+        s, v = summarize(results), None
+        v = verdicts(results, s)
+        results["ratios"], results["targets"] = s, v
+        results["table"] = table(results, s, v)
+        print(results["table"])
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str) + "\n")
+        return 0
     skip = set(filter(None, args.skip.split(",")))
     p = params(args.quick)
     started = time.time()
