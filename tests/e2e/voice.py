@@ -12,11 +12,14 @@ Prints demo.client_report() as JSON; exit 0 when every client connected.
 """
 
 import json
+import selectors
 import socket
 import sys
 import time
 
 from edge_relay import demo, keys
+
+TAIL = 3.0   # seconds to wait for echoes still in flight after the last send
 
 
 def main(argv):
@@ -37,6 +40,17 @@ def main(argv):
         sock.bind((local, 0))
         clients.append(demo.VoiceClient(addr, ufrag, password, sock=sock))
     demo.run_clients(clients, duration)
+    # run_clients waits 0.3 s for the last echoes; on a loaded CI machine a
+    # round trip can take longer, and a late echo is not a lost packet.
+    # Collect for up to TAIL more seconds, until every echo is back.
+    sel = selectors.DefaultSelector()
+    for c in clients:
+        sel.register(c.sock, selectors.EVENT_READ, c)
+    deadline = time.monotonic() + TAIL
+    while time.monotonic() < deadline and any(c.received < c.sent for c in clients):
+        for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+            key.data.pump(time.monotonic())
+    sel.close()
     report = demo.client_report(clients)
     print(json.dumps(report), flush=True)
     return 0 if report["connected"] == n else 1
