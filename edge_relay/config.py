@@ -287,7 +287,7 @@ class Internal:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Keys:
     dir: pathlib.Path = _key(_path, pathlib.Path("/etc/edge-relay/keys"))
-    signing_key_id: int | None = _key(_integer(0, 255), None)   # None = highest found
+    signing_key_id: int | None = _key(_integer(0, 255), None)   # None = lowest (oldest) found
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

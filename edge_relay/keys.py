@@ -59,7 +59,9 @@ class KeyRing:
     """Accepted keys by id; `signing` is the one used to mint and seal.
 
     `keys` maps key id -> 32-byte master key. The signing id defaults to the
-    highest id present. `by_id` is a 256-slot list (None where absent) so the
+    lowest (oldest) id present, so that installing a new key never changes
+    what a host signs with: the switch is an explicit step, taken once every
+    host accepts the new key (docs/PROTOCOL.md section 5.2). `by_id` is a 256-slot list (None where absent) so the
     hot path looks a key id up with one index, no hashing.
     """
 
@@ -70,7 +72,7 @@ class KeyRing:
         for key_id, master in keys.items():
             self.by_id[key_id] = Key(key_id, master)
         if signing_key_id is None:
-            signing_key_id = max(keys)
+            signing_key_id = min(keys)
         if not 0 <= signing_key_id <= MAX_KEY_ID or self.by_id[signing_key_id] is None:
             raise KeyFileError(f"signing key id {signing_key_id} is not among the loaded keys {sorted(keys)}")
         self.signing = self.by_id[signing_key_id]

@@ -21,7 +21,7 @@ KEYS = json.loads((HERE / "keys.json").read_text())
 VECTORS = json.loads((HERE / "header.json").read_text())
 MASTERS = {v["key_id"]: bytes.fromhex(v["master"]) for v in KEYS["keys"]}
 HEADER_KEYS = {v["key_id"]: bytes.fromhex(v["header_key"]) for v in KEYS["keys"]}
-RING = keys.KeyRing(MASTERS)
+RING = keys.KeyRing(MASTERS, signing_key_id=2)
 SIDE = {"relay": header.RELAY_ACCEPTS, "transceiver": header.TRANSCEIVER_ACCEPTS}
 VALID = VECTORS["valid"]
 BASE = [v for v in VALID if not v["name"].startswith("probe_window")]

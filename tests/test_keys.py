@@ -98,9 +98,11 @@ def test_key_rejects_bad_id_or_length(key_id, master):
 # -- key ring --------------------------------------------------------------------------
 
 
-def test_ring_signing_defaults_to_highest():
-    ring = keys.KeyRing(MASTERS)
-    assert ring.signing.key_id == VECTORS["ring"]["signing_key_id"] == 2
+def test_ring_signing_defaults_to_lowest():
+    """Installing a new, higher key must not change what a host signs with."""
+    assert keys.KeyRing(MASTERS).signing.key_id == 1
+    ring = keys.KeyRing(MASTERS, signing_key_id=VECTORS["ring"]["signing_key_id"])
+    assert ring.signing.key_id == 2
     assert ring.ids == tuple(VECTORS["ring"]["key_ids"]) == (1, 2)
     assert len(ring.by_id) == 256
     assert [i for i, k in enumerate(ring.by_id) if k is not None] == [1, 2]
@@ -164,7 +166,7 @@ def keydir(tmp_path):
 def test_load_dir(keydir):
     ring = keys.load_dir(keydir)
     assert ring.ids == (1, 2)
-    assert ring.signing.key_id == 2
+    assert ring.signing.key_id == 1
     for vec in KEYS:
         assert ring.get(vec["key_id"]).token_key.hex() == vec["token_key"]
         assert ring.get(vec["key_id"]).header_key.hex() == vec["header_key"]
@@ -302,7 +304,7 @@ def test_write_key_file_picks_next_id(tmp_path):
     keys.write_key_file(tmp_path, 9)
     assert keys.write_key_file(tmp_path).name == "10.key"
     ring = keys.load_dir(tmp_path)
-    assert ring.ids == (1, 2, 9, 10) and ring.signing.key_id == 10
+    assert ring.ids == (1, 2, 9, 10) and ring.signing.key_id == 1
 
 
 def test_write_key_file_random_and_loadable(tmp_path):

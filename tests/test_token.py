@@ -21,7 +21,7 @@ HERE = Path(__file__).parent / "vectors"
 KEYS = json.loads((HERE / "keys.json").read_text())
 VECTORS = json.loads((HERE / "token.json").read_text())
 MASTERS = {v["key_id"]: bytes.fromhex(v["master"]) for v in KEYS["keys"]}
-RING = keys.KeyRing(MASTERS)
+RING = keys.KeyRing(MASTERS, signing_key_id=2)
 BASE = [v for v in VECTORS["valid"] if "why" not in v]       # the minted ones
 ICE_CHAR = re.compile(r"[A-Za-z0-9+/]{4,256}")                # RFC 8839 section 5.4
 TOKEN_DROPS = {Drop.TOKEN_MALFORMED, Drop.TOKEN_VERSION, Drop.TOKEN_KEY_ID, Drop.TOKEN_MAC,

@@ -20,7 +20,7 @@ KEYS = json.loads((HERE / "keys.json").read_text())
 HEADERS = json.loads((HERE / "header.json").read_text())
 STUN = json.loads((HERE / "stun_rfc5769.json").read_text())
 MASTERS = {v["key_id"]: bytes.fromhex(v["master"]) for v in KEYS["keys"]}
-RING = keys.KeyRing(MASTERS)                          # key 2 signs
+RING = keys.KeyRing(MASTERS, signing_key_id=2)       # key 2 signs
 RING1 = keys.KeyRing(MASTERS, signing_key_id=1)       # key 1 signs
 H = {v["name"]: v for v in HEADERS["valid"]}
 MSG = {v["name"]: v for v in STUN["messages"] + STUN["answers"]}

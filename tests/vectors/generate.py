@@ -14,7 +14,7 @@ Theory of operation
       python3 tests/vectors/generate.py --markdown  # print the records for PROTOCOL.md
 
   Fixed inputs: master key 1 = octets 0x00..0x1f, master key 2 = 0x20..0x3f
-  (the ring holds both; 2, the highest, signs by default). Every other value
+  (the ring holds both; 2 signs). Every other value
   (transceiver ids, expiries, nonces, timestamps, payloads) is written out
   below; nothing is random, so a run reproduces the files bit for bit.
 
@@ -39,7 +39,7 @@ from edge_relay import header, keys, stun, token, transceiver  # noqa: E402
 from edge_relay.drops import Drop  # noqa: E402
 
 MASTERS = {1: bytes(range(0x00, 0x20)), 2: bytes(range(0x20, 0x40))}
-RING = keys.KeyRing(MASTERS)
+RING = keys.KeyRing(MASTERS, signing_key_id=2)
 GENERATOR = "tests/vectors/generate.py"
 
 # -- token (PROTOCOL.md section 3) ------------------------------------------------------
