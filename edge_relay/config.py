@@ -341,6 +341,70 @@ class Management:
         return self.port != 0
 
 
+def _bool(value, base_dir):
+    if not isinstance(value, bool):
+        raise _got("must be true or false", value)
+    return value
+
+
+def _redis_address(value, base_dir):
+    """"" (off), an absolute Unix socket path, or "IP:port" / "[IPv6]:port"."""
+    expected = 'must be "" (off), "/path/to/redis.sock" or "IP:port" such as "127.0.0.1:6379"'
+    if not isinstance(value, str):
+        raise _got(expected, value)
+    if value == "" or (value.startswith("/") and "\0" not in value):
+        return value
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise _got(expected, value) from None
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def redis_target(address):
+    """A [directory] address as resp.Client wants it: a path, or (host, port)."""
+    if address.startswith("/"):
+        return address
+    host, _, port = address.rpartition(":")
+    return (host.strip("[]"), int(port))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Probes:
+    enabled: bool = _key(_bool, True)
+    interval: float = _key(_number(0.01, inclusive=True), 0.25)      # seconds per transceiver
+    timeout: float = _key(_number(0, inclusive=True), 0.0)           # 0 = adaptive (RFC 6298)
+    down_after: int = _key(_integer(1, 100), 3)                      # consecutive misses
+    up_after: int = _key(_integer(1, 100), 2)                        # consecutive answers
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Quality:
+    sample_every: int = _key(_integer(0, 1000000), 16)               # 0 = off
+    max_sampled: int = _key(_integer(0, 1000000), 1024)
+    report_interval: float = _key(_number(0.1, inclusive=True), 5.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Directory:
+    address: str = _key(_redis_address, "")                          # "" = off
+    ttl: int = _key(_integer(1, 86400), 30)
+    timeout: float = _key(_number(0.001, inclusive=True), 0.1)
+    max_held_per_flow: int = _key(_integer(1, 1024), 8)
+    max_held_total: int = _key(_integer(1, 1000000), 2048)
+    max_lookups: int = _key(_integer(1, 100000), 256)
+    negative_ttl: float = _key(_number(0, inclusive=True), 1.0)
+
+    @property
+    def enabled(self):
+        return self.address != ""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Log:
     level: str = _key(_choice("debug", "info", "notice", "warning", "err"), "info")
@@ -367,6 +431,9 @@ class Config:
     nftables: Nftables = _section(Nftables)
     management: Management = _section(Management)
     log: Log = _section(Log)
+    probes: Probes = _section(Probes)
+    quality: Quality = _section(Quality)
+    directory: Directory = _section(Directory)
     # Derived: id -> Transceiver, for the per-packet token lookup. A plain dict
     # (picklable); treat it as read-only like the rest of the tree.
     transceiver_by_id: dict = field(init=False, repr=False, compare=False)

@@ -11,6 +11,13 @@ can print a working ufrag/password pair without a signaling server. A real
 transceiver keeps random passwords in its session state; the relay never
 learns either.
 
+Stateful demo transceiver (`StatefulDemoTransceiver`, `serve_stateful`): the
+same, plus session state in Redis (demo_state.py) so that a primary and a
+backup can share a call: the primary stores each session's ICE password, the
+client address -> session mapping and media counters; the backup, receiving
+a datagram flagged FLAG_FAILOVER for a client it does not know, loads the
+session, claims it and continues the counters.
+
 Voice client: sends a real ICE connectivity check (USERNAME, PRIORITY,
 ICE-CONTROLLING, USE-CANDIDATE, MESSAGE-INTEGRITY, FINGERPRINT), checks the
 answer (transaction id, integrity, XOR-MAPPED-ADDRESS = its own address),
@@ -29,6 +36,7 @@ import struct
 import time
 
 from . import batchio, header, stun, token, transceiver
+from .demo_state import MediaCounters
 from .drops import Drop
 
 DEMO_PWD_LABEL = b"edge-relay demo ice-pwd"
@@ -152,6 +160,78 @@ class DemoTransceiver:
                     return
         finally:
             sel.close()
+
+
+class StatefulDemoTransceiver(DemoTransceiver):
+    """A DemoTransceiver whose sessions live in Redis (demo_state.DemoState), for failover demos."""
+
+    def __init__(self, keyring, transceiver_id, sock, state, **kw):
+        super().__init__(keyring, transceiver_id, sock, **kw)
+        self.state = state
+        self.sessions = {}          # client (host, port) -> ufrag
+        self.counters = {}          # ufrag -> demo_state.MediaCounters
+        self.taken_over = 0
+        self.clock = time.monotonic
+
+    def _session(self, client, failover):
+        ufrag = self.sessions.get(client)
+        if ufrag is None and failover:
+            ufrag = self.state.session_of(client)
+            if ufrag is not None:
+                self.state.claim(ufrag, str(self.transceiver_id))
+                self.sessions[client] = ufrag
+                self.taken_over += 1
+        return ufrag
+
+    def handle(self, data, now_ms):
+        inb = self.endpoint.receive(data, now_ms)
+        reply = super().handle(data, now_ms)
+        if inb.__class__ is Drop or inb.header.type == header.PROBE or reply is None:
+            return reply
+        payload = inb.payload
+        if len(payload) and stun.classify(payload[0]) == stun.RTP:
+            ufrag = self._session(inb.client, inb.failover)
+            if ufrag is not None:
+                counters = self.counters.get(ufrag)
+                if counters is None:
+                    counters = self.counters[ufrag] = MediaCounters(self.state, ufrag)
+                counters.add(self.clock(), rtp_in=1, rtp_out=1)
+        return reply
+
+    def _answer_check(self, inb, now_ms):
+        reply = super()._answer_check(inb, now_ms)
+        if reply is not None and inb.client not in self.sessions:
+            msg = stun.decode(inb.payload)
+            ufrag = stun.split_username(msg.get(stun.USERNAME))[0].decode("ascii")
+            if inb.failover or self.state.password(ufrag) is not None:
+                self.state.claim(ufrag, str(self.transceiver_id))
+            else:
+                tok = token.verify(ufrag.encode("ascii"), self.keyring, now_ms / 1000.0, 10 * 365 * 86400, 0)
+                key = self.keyring.get(tok.key_id) if tok.__class__ is not Drop else self.keyring.signing
+                self.state.put_session(ufrag, demo_password(key, ufrag), owner=str(self.transceiver_id))
+            self.state.put_client(inb.client, ufrag)
+            self.sessions[inb.client] = ufrag
+        return reply
+
+
+def serve_stateful(key_dir, transceiver_id, port, redis_address, parent_pid=None, host="127.0.0.1"):
+    """Run a StatefulDemoTransceiver on host:port until the parent process is gone (tests, demos)."""
+    from . import keys
+    from .demo_state import DemoState
+    keyring = keys.load_dir(key_dir)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    state = DemoState(redis_address)
+    tx = StatefulDemoTransceiver(keyring, transceiver_id, sock, state, io_mode="plain")
+    parent = parent_pid if parent_pid is not None else os.getppid()
+    print(f"stateful demo transceiver {transceiver_id} on {host}:{port}", flush=True)
+    try:
+        tx.serve(should_stop=lambda: os.getppid() != parent and os.getppid() == 1)
+    finally:
+        for c in tx.counters.values():
+            c.flush(time.monotonic())
+        state.close()
 
 
 class VoiceClient:

@@ -14,6 +14,9 @@ Theory of operation
       <prefix>media:<ufrag>   hash: media counters (field -> integer), e.g.
                               "rtp_in", "rtp_out", "bytes_in", "bytes_out"
       <prefix>owner:<ufrag>   string: id of the transceiver serving it now
+      <prefix>client:<host>:<port>  string: the ufrag of the session that client
+                              address belongs to (DTLS/SRTP carry no ufrag, so a
+                              backup needs it to find the session of a flow)
 
   It speaks RESP through resp.BlockingClient (blocking, with a timeout):
   fine for a demo, which should batch counter updates (`MediaCounters`)
@@ -61,6 +64,15 @@ class DemoState:
         if owner is not None:
             cmds.append(("SET", self._key("owner", ufrag), owner, "EX", self.ttl))
         self._pipeline(cmds)
+
+    def put_client(self, client, ufrag):
+        """Remember which session the client address (host, port) belongs to."""
+        self._pipeline([("SET", self._key("client", f"{client[0]}:{client[1]}"), ufrag, "EX", self.ttl)])
+
+    def session_of(self, client):
+        """The ufrag (str) of the session of client (host, port), or None."""
+        value, = self._pipeline([("GET", self._key("client", f"{client[0]}:{client[1]}"))])
+        return None if value is None else value.decode("utf-8")
 
     def password(self, ufrag):
         """The ICE password of `ufrag` (str), or None if no transceiver stored it (or it expired)."""

@@ -50,6 +50,9 @@ class Drop(enum.IntEnum):
     RATE_FLOW_PACKETS = 30
     # sending
     SEND_FAILED = 31          # the kernel refused a datagram (ENOBUFS, EAGAIN, ...)
+    # PoP-wide flow directory (directory.py; only when [directory] is configured)
+    DIRECTORY_FULL = 32       # unknown flow's packet not held: hold or lookup caps reached
+    DIRECTORY_MISS = 33       # held packet dropped: directory did not know the flow, failed or timed out
 
     @property
     def label(self):

@@ -16,8 +16,21 @@ Theory of operation
 
   `render` turns a `Totals` into Prometheus text exposition format 0.0.4;
   `parse` reads that format back (for `edge-relay stats`).
+
+  Probe, voice-quality and directory numbers have a shape that depends on the
+  config (one histogram per transceiver), so they travel separately: each
+  worker writes a small JSON document (`extra_of`) into its slot of
+  `ExtraShared` at every publication, framed by a sequence word that is odd
+  while a write is in progress (a seqlock: the reader retries, then keeps the
+  last good copy). The supervisor sums counters and histogram words across
+  workers (histogram.add_words); `edge_relay_transceiver_up` is 1 only if
+  every serving worker sees the transceiver up, srtt is the mean of the
+  workers' estimates. Names: docs/OPERATIONS-failover.md. These extra
+  counters restart from zero with a restarted worker (only the main counters
+  are carried over by `retire`).
 """
 
+import json
 import mmap
 import struct
 import sys
@@ -72,6 +85,166 @@ class SharedCounters:
         self._map.close()
 
 
+EXTRA_BYTES = 128 * 1024      # per worker slot: sequence word, length word, JSON
+_EXTRA_HEAD = struct.Struct("=QQ")
+
+
+class ExtraShared:
+    """`n` slots of EXTRA_BYTES in shared memory for each worker's `extra_of` document."""
+
+    def __init__(self, n):
+        self.n = n
+        self._map = mmap.mmap(-1, max(1, n) * EXTRA_BYTES, flags=mmap.MAP_SHARED,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._last = [None] * max(1, n)
+
+    def write(self, i, doc):
+        """Worker side: store `doc` (a JSON-able dict) in slot `i`; False if it does not fit."""
+        data = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+        if len(data) > EXTRA_BYTES - _EXTRA_HEAD.size:
+            return False
+        base = i * EXTRA_BYTES
+        seq, _ = _EXTRA_HEAD.unpack_from(self._map, base)
+        seq += 1 if seq % 2 == 0 else 2           # odd: writing
+        _EXTRA_HEAD.pack_into(self._map, base, seq, 0)
+        self._map[base + _EXTRA_HEAD.size:base + _EXTRA_HEAD.size + len(data)] = data
+        _EXTRA_HEAD.pack_into(self._map, base, seq + 1, len(data))
+        return True
+
+    def read(self, i):
+        """Supervisor side: slot `i`'s last complete document, or None."""
+        base = i * EXTRA_BYTES
+        for _ in range(3):
+            seq, length = _EXTRA_HEAD.unpack_from(self._map, base)
+            if seq % 2 or not length:
+                continue
+            data = bytes(self._map[base + _EXTRA_HEAD.size:base + _EXTRA_HEAD.size + length])
+            if _EXTRA_HEAD.unpack_from(self._map, base)[0] != seq:
+                continue
+            try:
+                self._last[i] = json.loads(data)
+            except ValueError:
+                continue
+            break
+        return self._last[i]
+
+    def clear(self, i):
+        base = i * EXTRA_BYTES
+        _EXTRA_HEAD.pack_into(self._map, base, 0, 0)
+        self._last[i] = None
+
+    def close(self):
+        self._map.close()
+
+
+_PROBE_COUNTERS = (("edge_relay_transceiver_probes_sent_total", "sent", "probes sent"),
+                   ("edge_relay_transceiver_probes_lost_total", "lost", "probes not answered in time"),
+                   ("edge_relay_transceiver_probes_bad_total", "bad_acks",
+                    "probe answers matching no outstanding probe"),
+                   ("edge_relay_transceiver_transitions_total", "transitions", "up/down changes"))
+_QUALITY_HISTOGRAMS = (("edge_relay_flow_loss_ratio", "loss", "fraction of RTP packets lost per report interval"),
+                       ("edge_relay_flow_reorder_ratio", "reorder",
+                        "fraction of RTP packets reordered per report interval"),
+                       ("edge_relay_flow_jitter_seconds", "jitter", "RFC 3550 interarrival jitter at report time"),
+                       ("edge_relay_flow_time_to_media_seconds", "ttfm", "first STUN packet to first RTP packet"))
+_QUALITY_COUNTERS = ("expected", "lost", "reordered", "duplicates", "packets")
+
+
+def extra_of(worker):
+    """The probe/quality/directory document one worker publishes (see ExtraShared)."""
+    router = worker.router
+    doc = {}
+    if router.prober is not None:
+        names = {t.id: t.name for t in worker.cfg.transceivers}
+        doc["tx"] = {names.get(tid, f"tx{tid}"): {
+            "up": int(h.up), "srtt": h.srtt, "rtt": h.histogram.to_words(),
+            **{attr: getattr(h, attr) for _, attr, _ in _PROBE_COUNTERS}}
+            for tid, h in router.prober.health.items()}
+    q = router.quality
+    if q is not None:
+        doc["q"] = {"sampled": len(q.flows), "dirs": {
+            name: {**{attr: getattr(d, attr).to_words() for _, attr, _ in _QUALITY_HISTOGRAMS},
+                   **{c: getattr(d, c) for c in _QUALITY_COUNTERS}}
+            for name, d in q.dirs.items()}}
+    if router.directory is not None:
+        stats = dict(router.directory.stats)
+        if worker.redis is not None:
+            stats.update({f"redis_{k}": v for k, v in worker.redis.stats.items()})
+            stats["redis_connected"] = int(worker.redis.state == "connected") \
+                if isinstance(worker.redis.state, str) else int(worker.redis.sock is not None)
+        doc["dir"] = stats
+    return doc
+
+
+def render_extra(docs):
+    """Prometheus lines for the documents of the serving workers (summed; see ExtraShared)."""
+    from .histogram import Histogram, header
+    from .probes import RTT_BUCKETS
+    from .quality import JITTER_BUCKETS, LOSS_BUCKETS, TTFM_BUCKETS
+    docs = [d for d in docs if d]
+    lines = []
+    tx = {}
+    for d in docs:
+        for name, h in d.get("tx", {}).items():
+            agg = tx.setdefault(name, {"up": 1, "srtt": [], "rtt": Histogram(RTT_BUCKETS),
+                                       **{attr: 0 for _, attr, _ in _PROBE_COUNTERS}})
+            agg["up"] = min(agg["up"], h["up"])
+            if h["srtt"] is not None:
+                agg["srtt"].append(h["srtt"])
+            agg["rtt"].add_words(h["rtt"])
+            for _, attr, _ in _PROBE_COUNTERS:
+                agg[attr] += h[attr]
+    if tx:
+        rows = sorted(tx.items())
+        lines += header("edge_relay_transceiver_up", "1 if every worker's probes say the transceiver is up",
+                        "gauge")
+        lines += [f'edge_relay_transceiver_up{{transceiver="{_escape(n)}"}} {a["up"]}' for n, a in rows]
+        for metric, attr, text in _PROBE_COUNTERS:
+            lines += header(metric, text, "counter")
+            lines += [f'{metric}{{transceiver="{_escape(n)}"}} {a[attr]}' for n, a in rows]
+        lines += header("edge_relay_transceiver_srtt_seconds", "smoothed probe RTT (RFC 6298)", "gauge")
+        lines += [f'edge_relay_transceiver_srtt_seconds{{transceiver="{_escape(n)}"}} '
+                  f'{sum(a["srtt"]) / len(a["srtt"])!r}' for n, a in rows if a["srtt"]]
+        lines += header("edge_relay_transceiver_rtt_seconds", "probe round-trip time")
+        for n, a in rows:
+            lines += a["rtt"].render("edge_relay_transceiver_rtt_seconds", f'transceiver="{_escape(n)}"')
+    qdocs = [d["q"] for d in docs if "q" in d]
+    if qdocs:
+        bounds = {"loss": LOSS_BUCKETS, "reorder": LOSS_BUCKETS, "jitter": JITTER_BUCKETS, "ttfm": TTFM_BUCKETS}
+        dirs = {}
+        for q in qdocs:
+            for name, dd in q["dirs"].items():
+                agg = dirs.setdefault(name, {**{a: Histogram(b) for a, b in bounds.items()},
+                                             **{c: 0 for c in _QUALITY_COUNTERS}})
+                for attr in bounds:
+                    agg[attr].add_words(dd[attr])
+                for c in _QUALITY_COUNTERS:
+                    agg[c] += dd[c]
+        for metric, attr, text in _QUALITY_HISTOGRAMS:
+            lines += header(metric, text + " (sampled flows)")
+            for name in sorted(dirs):
+                lines += dirs[name][attr].render(metric, f'direction="{name}"')
+        for c in _QUALITY_COUNTERS:
+            metric = f"edge_relay_rtp_{c}_total"
+            lines += header(metric, f"RTP {c} in sampled flows", "counter")
+            lines += [f'{metric}{{direction="{n}"}} {dirs[n][c]}' for n in sorted(dirs)]
+        lines += header("edge_relay_flows_sampled", "flows whose RTP headers are sampled now", "gauge")
+        lines.append(f"edge_relay_flows_sampled {sum(q['sampled'] for q in qdocs)}")
+    ddocs = [d["dir"] for d in docs if "dir" in d]
+    if ddocs:
+        total = {}
+        for dd in ddocs:
+            for k, v in dd.items():
+                total[k] = total.get(k, 0) + v
+        lines += header("edge_relay_directory_events_total",
+                        "flow directory: publications, lookups, held packets and outcomes", "counter")
+        lines += [f'edge_relay_directory_events_total{{event="{_escape(k)}"}} {v}'
+                  for k, v in sorted(total.items()) if k != "redis_connected"]
+        lines += header("edge_relay_directory_connected", "workers connected to the directory's Redis", "gauge")
+        lines.append(f"edge_relay_directory_connected {total.get('redis_connected', 0)}")
+    return lines
+
+
 def publish(slot, router, generation, reloads=0, reload_failures=0, started_ns=0):
     """Copy one worker's counters into its slot (called by the worker)."""
     flows = router.flows
@@ -103,6 +276,7 @@ class Totals:
         self.generation = 0
         self.workers_generation = 0
         self.ready = False
+        self.extra = []         # extra_of documents of the serving workers
 
 
 def totals(shared, up=()):
@@ -128,7 +302,7 @@ def totals(shared, up=()):
 _STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 DIRECTIONS = (("client_in", "client_in"), ("to_transceiver", "to_transceiver"),
               ("transceiver_in", "transceiver_in"), ("to_client", "to_client"))
-FLOW_EVENTS = ("opened", "confirmed", "moved", "expired")
+FLOW_EVENTS = ("opened", "confirmed", "moved", "expired", "failed_over", "from_directory")
 
 
 def _escape(value):
@@ -175,6 +349,9 @@ def render(t):
            [((), int(bool(t.ready)))])
     family("edge_relay_build_info", "gauge", "Version of edge-relay and Python.",
            [((("version", __version__), ("python", sys.version.split()[0])), 1)])
+    family("edge_relay_probes_sent_total", "counter", "Health probes sent to transceivers (all workers).",
+           [((), t.stats[_STAT["probes_sent"]])])
+    out.extend(render_extra(t.extra))
     return "\n".join(out) + "\n"
 
 

@@ -24,13 +24,31 @@ Rules (DESIGN.md "What the relay promises")
   transceiver (or one it is taking over by ICE restart). Only then does the
   relay send anything to a client: it never answers unauthenticated input.
 
+Failover (probes.py decides health; docs/OPERATIONS-failover.md)
+  `redirect` maps a transceiver id that probes found down to the backup its
+  traffic goes to now (empty when all is well: one falsy check per packet).
+  A flow of a down transceiver moves to the backup at its next client
+  datagram (FlowTable.move for a confirmed flow; a pending flow keeps its
+  pending deadline) and its cached prefix then carries header.FLAG_FAILOVER;
+  new tokens naming the down transceiver open flows on the backup. Moved
+  flows stay with the backup when the primary returns (only new flows go
+  back), and a consent check naming the primary on a flow its backup chain
+  owns is forwarded to the owner, not treated as an ICE restart.
+
+Quality and directory (optional, both sans-IO objects handed in)
+  `quality` (quality.QualityMonitor) samples RTP headers of confirmed flows:
+  one dict lookup per RTP datagram, an `observe` call for sampled flows only.
+  `directory` (directory.Directory) holds DTLS/RTP of unknown addresses while
+  the worker asks Redis (`dir_lookups` / `dir_commands` are the worker's to
+  send) and `dir_resolved` forwards them once the answer comes.
+
 State changes happen only after authentication: a token's MAC before a flow
 opens, a header's MAC before a flow is confirmed or moved.
 """
 
-from . import header, ratelimit, sockaddr, stun, token
+from . import directory as directory_mod, header, ratelimit, sockaddr, stun, token
 from .drops import N_DROPS, Drop
-from .flows import CONFIRMED, PENDING
+from .flows import CONFIRMED, PENDING, REMOVED
 
 _CLASS = stun._CLASS
 _STUN, _DTLS, _RTP = stun.STUN, stun.DTLS, stun.RTP
@@ -40,10 +58,14 @@ _BINDING_REQUEST = b"\x00\x01"
 CLIENT_IN_PACKETS, CLIENT_IN_BYTES, TO_TX_PACKETS, TO_TX_BYTES = 0, 1, 2, 3
 TX_IN_PACKETS, TX_IN_BYTES, TO_CLIENT_PACKETS, TO_CLIENT_BYTES = 4, 5, 6, 7
 FLOWS_OPENED, FLOWS_CONFIRMED, FLOWS_MOVED, FLOWS_EXPIRED = 8, 9, 10, 11
-N_STATS = 12
+FLOWS_FAILED_OVER, FLOWS_FROM_DIRECTORY, PROBES_SENT = 12, 13, 14
+N_STATS = 15
 STAT_NAMES = ("client_in_packets", "client_in_bytes", "to_transceiver_packets", "to_transceiver_bytes",
               "transceiver_in_packets", "transceiver_in_bytes", "to_client_packets", "to_client_bytes",
-              "flows_opened", "flows_confirmed", "flows_moved", "flows_expired")
+              "flows_opened", "flows_confirmed", "flows_moved", "flows_expired",
+              "flows_failed_over", "flows_from_directory", "probes_sent")
+
+_FAILOVER_STALE = b""   # flow.route of a failed-over flow whose prefix must be rebuilt (falsy, like None)
 
 
 class Policy:
@@ -81,7 +103,8 @@ class Router:
       policy        Policy
     """
 
-    def __init__(self, flows, keyring, transceivers, listener_families, policy):
+    def __init__(self, flows, keyring, transceivers, listener_families, policy, *, backups=None,
+                 prober=None, quality=None, directory=None):
         self.flows = flows
         self.listener_families = tuple(listener_families)
         self.drops = [0] * N_DROPS
@@ -89,9 +112,16 @@ class Router:
         self.to_transceivers = []
         self.to_clients = [[] for _ in self.listener_families]
         self.draining = False
-        self.configure(keyring, transceivers, policy)
+        self.prober = prober            # probes.Prober or None
+        self.quality = quality          # quality.QualityMonitor or None
+        self.directory = directory      # directory.Directory or None
+        self.redirect = {}              # down transceiver id -> backup id in use now
+        self.dir_lookups = []           # directory.Lookup objects for the worker to send
+        self.dir_commands = []          # RESP commands (publish) for the worker to send
+        self.events = []                # probes.Event transitions, for the worker's log
+        self.configure(keyring, transceivers, policy, backups)
 
-    def configure(self, keyring, transceivers, policy):
+    def configure(self, keyring, transceivers, policy, backups=None):
         """Swap keys, routes and limits (reload). Flows stay; their cached headers are rebuilt lazily."""
         self.keyring = keyring
         old = getattr(self, "policy", None)
@@ -104,8 +134,23 @@ class Router:
         for tx_id, sa in self.transceivers.items():
             by_addr.setdefault(sa, set()).add(tx_id)
         self.transceiver_ids_by_addr = {sa: frozenset(ids) for sa, ids in by_addr.items()}
+        self.backups = {t: b for t, b in (backups or {}).items() if t in self.transceivers}
+        # tid -> every transceiver its backup chain may hand its flows to (loops cut)
+        self.covered_by = {}
+        for tid in self.transceivers:
+            chain, nxt = set(), self.backups.get(tid)
+            while nxt is not None and nxt not in chain and nxt != tid:
+                chain.add(nxt)
+                nxt = self.backups.get(nxt)
+            self.covered_by[tid] = frozenset(chain)
+        if self.prober is not None:
+            self.prober.set_transceivers(sorted(self.transceivers), getattr(self, "_now", 0.0))
+        self._reroute()
+        flag = header.FLAG_FAILOVER
         for flow in self.flows:
-            flow.route = None
+            route = flow.route
+            # keep "this flow was failed over" across the rebuild of its prefix
+            flow.route = _FAILOVER_STALE if route and route[5] & flag else None
 
     # -- client -> transceiver ------------------------------------------------
 
@@ -120,6 +165,9 @@ class Router:
         seal = header.seal
         transceivers = self.transceivers
         flow_allow = self.limits.per_flow.allow
+        redirect = self.redirect
+        quality = self.quality
+        qget = quality.flows.get if quality is not None else None
         for i in range(n):
             data = views[i]
             sa = addrs[i]
@@ -142,9 +190,15 @@ class Router:
                     flow.last_seen = now
                 if kind == _STUN and data[:2] == _BINDING_REQUEST and not self._same_owner(flow, data, now, wall_ms):
                     continue
+                if kind == _RTP and qget is not None:
+                    q = qget(flow)
+                    if q is not None:
+                        quality.observe(q.client, data, now)
+            if redirect and flow.transceiver in redirect:
+                self._fail_over(flow, now)
             head = flow.route
             tx_sa = transceivers.get(flow.transceiver)
-            if head is None or tx_sa is None:
+            if not head or tx_sa is None:
                 head = self._prefix(flow)
                 if tx_sa is None:       # its transceiver left the config at a reload
                     drops[Drop.UNKNOWN_TRANSCEIVER] += 1
@@ -162,6 +216,9 @@ class Router:
         """A new pending flow for a Binding Request carrying a valid token, or None (counted)."""
         drops = self.drops
         if kind != _STUN:
+            if kind and self.directory is not None:
+                self._hold(listener, sa, data, now)
+                return None
             drops[Drop.UNKNOWN_FLOW if kind else Drop.NOT_WEBRTC] += 1
             return None
         limits = self.limits
@@ -181,11 +238,15 @@ class Router:
         if not limits.total.take(now):
             drops[Drop.RATE_GLOBAL_NEW_FLOWS] += 1
             return None
-        flow = self.flows.open(listener, sa, tx_id, now)
+        backup = self.redirect.get(tx_id)
+        flow = self.flows.open(listener, sa, tx_id if backup is None else backup, now)
         if flow.__class__ is Drop:
             drops[flow] += 1
             return None
         self.stats[FLOWS_OPENED] += 1
+        if backup is not None and flow.route is None and flow.transceiver == backup:
+            self.stats[FLOWS_FAILED_OVER] += 1
+            flow.route = self._prefix(flow, cache=False, flags=header.FLAG_FAILOVER)
         return flow
 
     def _verified_transceiver(self, data, wall_ms):
@@ -221,6 +282,9 @@ class Router:
         peeked = token.peek_transceiver(parts[0]) if parts else None
         if peeked is None or peeked == flow.transceiver:
             return True
+        covered = self.covered_by.get(peeked)
+        if covered and flow.transceiver in covered:
+            return True     # a consent check naming the primary of a failed-over flow
         tx_id = self._verified_transceiver(data, wall_ms)
         if tx_id.__class__ is Drop:
             self.drops[tx_id] += 1
@@ -235,19 +299,37 @@ class Router:
         self.stats[TO_TX_BYTES] += len(data) + header.HEADER_LEN
         return False
 
-    def _prefix(self, flow, cache=True):
+    def _prefix(self, flow, cache=True, flags=None):
         """Header octets 0..25 for `flow`'s datagrams, cached on the flow.
 
         Only the prefix is cached (about 60 bytes a flow); the transceiver's
         address is looked up by id per packet, which keeps a flow within its
-        memory budget and lets a reload re-point a transceiver at once.
+        memory budget and lets a reload re-point a transceiver at once. The
+        prefix is per (flow, owner): a failed-over flow's carries
+        FLAG_FAILOVER (kept across rebuilds through _FAILOVER_STALE).
         """
+        if flags is None:
+            flags = header.FLAG_FAILOVER if flow.route == _FAILOVER_STALE else 0
         family, port, address = sockaddr.client_fields(flow.key)
-        head = header.prefix(self.keyring.signing.key_id, header.TO_TRANSCEIVER, 0, flow.listener,
+        head = header.prefix(self.keyring.signing.key_id, header.TO_TRANSCEIVER, flags, flow.listener,
                              family, int.from_bytes(port, "big"), address)
         if cache:
             flow.route = head
         return head
+
+    def _fail_over(self, flow, now):
+        """Hand a flow of a down transceiver to its backup, for good (see the module docstring)."""
+        backup = self.redirect[flow.transceiver]
+        if flow.state == PENDING:
+            # not confirmed by anyone yet: keep its pending deadline, change the owner only
+            flow.transceiver = backup
+            flow.restart_to = None
+        else:
+            self.flows.move(flow, backup, now)
+        flow.route = self._prefix(flow, cache=False, flags=header.FLAG_FAILOVER)
+        self.stats[FLOWS_FAILED_OVER] += 1
+        if self.directory is not None and flow.state == CONFIRMED:
+            self.dir_commands.append(self.directory.publish(flow.listener, flow.key, backup))
 
     # -- transceiver -> client ------------------------------------------------
 
@@ -263,6 +345,8 @@ class Router:
         decode = header.decode
         from_fields = sockaddr.from_fields
         to_clients = self.to_clients
+        quality = self.quality
+        qget = quality.flows.get if quality is not None else None
         sent = sent_bytes = in_bytes = 0
         for i in range(n):
             data = views[i]
@@ -276,7 +360,12 @@ class Router:
                 drops[hdr] += 1
                 continue
             if hdr.type != header.TO_CLIENT:
-                continue            # PROBE_ACK: consumed by health checks
+                # PROBE_ACK: consumed by health checks, never forwarded
+                if self.prober is not None:
+                    for tid in owners:
+                        if self.prober.ack(tid, hdr.payload, now):
+                            break
+                continue
             listener = hdr.route
             if listener >= n_listeners:
                 drops[Drop.NO_FLOW] += 1
@@ -293,10 +382,21 @@ class Router:
                 self.flows.move(flow, flow.restart_to, now)
                 flow.route = None
                 self.stats[FLOWS_MOVED] += 1
+                if self.directory is not None:
+                    self.dir_commands.append(self.directory.publish(listener, flow.key, flow.transceiver))
             elif flow.state == PENDING:
+                first_stun = flow.last_seen
                 self.flows.confirm(flow, now)
                 self.stats[FLOWS_CONFIRMED] += 1
+                if quality is not None:
+                    quality.start(flow, first_stun, now)
+                if self.directory is not None:
+                    self.dir_commands.append(self.directory.publish(listener, flow.key, flow.transceiver))
             payload = hdr.payload
+            if qget is not None and payload and 128 <= payload[0] <= 191:
+                q = qget(flow)
+                if q is not None:
+                    quality.observe(q.transceiver, payload, now)
             to_clients[listener].append((sa, payload))
             sent += 1
             sent_bytes += len(payload)
@@ -306,7 +406,128 @@ class Router:
         stats[TO_CLIENT_PACKETS] += sent
         stats[TO_CLIENT_BYTES] += sent_bytes
 
+    # -- directory ------------------------------------------------------------
+
+    def _hold(self, listener, sa, data, now):
+        """DTLS/RTP from an unknown address: hold it while the directory is asked (or count why not)."""
+        outcome, lookup = self.directory.hold(listener, sa, data, now)
+        if outcome == directory_mod.LOOKUP:
+            self.dir_lookups.append(lookup)
+        elif outcome != directory_mod.HELD:
+            self.drops[Drop.UNKNOWN_FLOW if outcome == directory_mod.DROP_NEGATIVE
+                       else Drop.DIRECTORY_FULL] += 1
+
+    def dir_resolved(self, lookup, reply, now, wall_ms):
+        """The directory answered `lookup` (a value or a resp error): forward or count its packets."""
+        res = self.directory.resolved(lookup, reply, now)
+        if res is not None:
+            self._resolution(res, now, wall_ms)
+
+    def _resolution(self, res, now, wall_ms):
+        drops = self.drops
+        n = len(res.packets)
+        tid = res.transceiver
+        if tid is not None and tid not in self.transceivers:
+            tid = None
+        flow = None
+        if tid is not None:
+            flows = self.flows.by_listener[res.listener]
+            flow = flows.get(res.sa)
+            if flow is None:
+                if self.draining:
+                    drops[Drop.DRAINING] += n
+                    return
+                flow = self.flows.open(res.listener, res.sa, self.redirect.get(tid, tid), now)
+                if flow.__class__ is Drop:
+                    drops[flow] += n
+                    return
+                # the directory is trusted like our own table: the flow was confirmed elsewhere
+                self.flows.confirm(flow, now)
+                self.stats[FLOWS_OPENED] += 1
+                self.stats[FLOWS_FROM_DIRECTORY] += 1
+                if flow.transceiver != tid:
+                    flow.route = self._prefix(flow, cache=False, flags=header.FLAG_FAILOVER)
+        if flow is None:
+            drops[Drop.DIRECTORY_MISS] += n
+            return
+        tx_sa = self.transceivers.get(flow.transceiver)
+        if tx_sa is None:
+            drops[Drop.UNKNOWN_TRANSCEIVER] += n
+            return
+        head = flow.route or self._prefix(flow)
+        mac = self.keyring.signing.header_mac
+        ts6 = header.timestamp_bytes(wall_ms)
+        out = self.to_transceivers
+        size = 0
+        for data in res.packets:
+            out.append((tx_sa, header.seal(mac, head, ts6, data), data))
+            size += len(data)
+        self.stats[TO_TX_PACKETS] += n
+        self.stats[TO_TX_BYTES] += size + n * header.HEADER_LEN
+
     # -- timers ---------------------------------------------------------------
+
+    def next_deadline(self):
+        """The earliest time `timer` has work (probes, directory timeouts), or None."""
+        best = None
+        if self.prober is not None:
+            best = self.prober.next_deadline()
+        if self.directory is not None:
+            d = self.directory.next_deadline()
+            if d is not None and (best is None or d < best):
+                best = d
+        return best
+
+    def timer(self, now, wall_ms):
+        """Probes due, probe timeouts, directory timeouts: queue what must be sent."""
+        self._now = now
+        prober = self.prober
+        if prober is not None:
+            due = prober.due(now)
+            if due:
+                key = self.keyring.signing
+                ts = header.timestamp_bytes(wall_ms)
+                for tid, payload in due:
+                    tx_sa = self.transceivers.get(tid)
+                    if tx_sa is None:
+                        continue
+                    head = header.prefix(key.key_id, header.PROBE, 0, 0, header.FAMILY_NONE, 0,
+                                         header.ZERO_ADDRESS)
+                    self.to_transceivers.append((tx_sa, header.seal(key.header_mac, head, ts, payload),
+                                                 payload))
+                    self.stats[PROBES_SENT] += 1
+            events = prober.take_events()
+            if events:
+                self.events.extend(events)
+                self._reroute()
+        if self.directory is not None:
+            for res in self.directory.expire(now):
+                self._resolution(res, now, wall_ms)
+
+    def _reroute(self):
+        """Recompute `redirect` from the prober's view (after a transition or a reload)."""
+        prober = self.prober
+        redirect = {}
+        if prober is not None:
+            for tid in self.transceivers:
+                eff, failover = prober.route_for(tid, self.backups)
+                if failover and eff in self.transceivers:
+                    redirect[tid] = eff
+        self.redirect = redirect
+
+    def report(self, now):
+        """Fold quality stats of sampled flows (about once a second); forget flows that ended."""
+        quality = self.quality
+        if quality is None:
+            return
+        ended = [f for f in quality.flows if f.state == REMOVED]
+        for f in ended:
+            quality.end(f, now)
+        quality.report(now)
+
+    def directory_snapshot(self):
+        """(listener, sa, tid) of every confirmed flow, for directory.refresh."""
+        return [(f.listener, f.key, f.transceiver) for f in self.flows if f.state == CONFIRMED]
 
     def expire(self, now):
         """Drop flows past their deadline (cheap when nothing is due)."""

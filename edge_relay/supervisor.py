@@ -184,6 +184,7 @@ class Supervisor:
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [None]
         self._adopt(env)
         self.shared = metrics.SharedCounters(self.n)
+        self.extra = metrics.ExtraShared(self.n)
         self.slots = [Slot(i, self.cpus[i % len(self.cpus)]) for i in range(self.n)]
         for i, data in self._stored_flows.items():
             if i < self.n:
@@ -328,9 +329,11 @@ class Supervisor:
                 log.warning("restore", "worker %d: flow snapshot refused: %s", i, exc)
         slot.restore = None
         view = self.shared.slot(i)
+        extra = self.extra
         state = {"generation": self.generation, "started": metrics.monotonic_ns()}
 
         def publish(router, worker):
+            extra.write(i, metrics.extra_of(worker))
             metrics.publish(view, router, state["generation"], worker.reloads, worker.reload_failures,
                             state["started"])
 
@@ -419,6 +422,7 @@ class Supervisor:
                 slot.ctl.close()
                 slot.ctl = None
             self.shared.retire(slot.index)
+            self.extra.clear(slot.index)
             slot.pid = None
             code = os.waitstatus_to_exitcode(status)
             how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
@@ -522,6 +526,8 @@ class Supervisor:
         self.shared.close()
         self.shared = metrics.SharedCounters(n)
         self.shared.base[0] = old.stats + old.drops
+        self.extra.close()
+        self.extra = metrics.ExtraShared(n)
         self.n = n
         self.slots = [Slot(i, self.cpus[i % len(self.cpus)]) for i in range(n)]
         for i, data in handed.items():
@@ -562,7 +568,9 @@ class Supervisor:
     # -- status, metrics, health ----------------------------------------------------
 
     def totals(self):
-        t = metrics.totals(self.shared, self.up())
+        up = self.up()
+        t = metrics.totals(self.shared, up)
+        t.extra = [self.extra.read(i) for i in sorted(up)]
         t.worker_restarts = self.restarts
         t.crash_looping = sum(1 for s in self.slots if s.crash_loop)
         t.reloads = self.reloads
@@ -712,6 +720,7 @@ class Supervisor:
             for s in self._wake:
                 s.close()
         self.shared.close()
+        self.extra.close()
 
 
 def _send(sock, msg):

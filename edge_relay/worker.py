@@ -8,7 +8,16 @@ Theory of operation
   Nothing here decides anything about a packet: that is router.py.
 
   Timers are computed, never polled: the select timeout is the nearest of the
-  flow table's next expiry, the stats publication tick and the drain deadline.
+  flow table's next expiry, the stats publication tick, the drain deadline,
+  the router's own timer (probes due or timed out, directory lookups timed
+  out) and the Redis client's timer when the flow directory is configured.
+
+  Probes (probes.Prober, inside the Router) leave from the internal socket
+  like any forwarded datagram, so the answers come back to this worker.
+  Health transitions are logged here, once each. The flow directory's Redis
+  connection (resp.Client) is one more non-blocking socket in the selector:
+  lookups are pipelined, never awaited; their callbacks hand the answer to
+  the router, and whatever it queued is sent at once.
 
   Signals arrive through `signal.set_wakeup_fd`, so a signal wakes the select
   and is handled in the loop, never inside a handler:
@@ -24,10 +33,13 @@ import signal
 import socket
 import time
 
-from . import batchio, config as config_mod, keys, sockaddr
+from . import batchio, config as config_mod, keys, resp, sockaddr
+from .directory import Directory
 from .drops import Drop
 from .errors import EdgeRelayError
 from .flows import FlowTable
+from .probes import Prober
+from .quality import QualityMonitor
 from .router import Policy, Router
 
 BATCHES_PER_WAKEUP = 8          # bounded work per readiness event keeps sockets fair
@@ -40,6 +52,39 @@ def policy_of(cfg):
 
 def transceiver_addrs(cfg):
     return {t.id: sockaddr.from_tuple((t.address, t.port)) for t in cfg.transceivers}
+
+
+def backups_of(cfg):
+    return {t.id: t.backup for t in cfg.transceivers if t.backup is not None}
+
+
+def prober_of(cfg, now):
+    p = cfg.probes
+    if not p.enabled:
+        return None
+    return Prober([t.id for t in cfg.transceivers], interval=p.interval, timeout=p.timeout or None,
+                  down_after=p.down_after, up_after=p.up_after, now=now)
+
+
+def quality_of(cfg):
+    q = cfg.quality
+    if not q.sample_every:
+        return None
+    return QualityMonitor(sample_every=q.sample_every, max_sampled=q.max_sampled,
+                          report_interval=q.report_interval)
+
+
+def directory_of(cfg):
+    d = cfg.directory
+    if not d.enabled:
+        return None
+    return Directory(ttl=d.ttl, timeout=d.timeout, max_held_per_flow=d.max_held_per_flow,
+                     max_held_total=d.max_held_total, max_lookups=d.max_lookups,
+                     negative_ttl=d.negative_ttl)
+
+
+def _ignore(reply):
+    pass
 
 
 def flow_table(cfg):
@@ -70,8 +115,19 @@ class Worker:
         mode = cfg.relay.io
         self.listener_io = [batchio.open_io(s, batch, mode=mode) for s in listeners]
         self.internal_io = batchio.open_io(internal, batch, mode=mode)
+        directory = directory_of(cfg)
         self.router = Router(flows or flow_table(cfg), keyring, transceiver_addrs(cfg),
-                             [s.family for s in listeners], policy_of(cfg))
+                             [s.family for s in listeners], policy_of(cfg), backups=backups_of(cfg),
+                             prober=prober_of(cfg, clock()), quality=quality_of(cfg),
+                             directory=directory)
+        self.redis = None
+        if directory is not None:
+            d = cfg.directory
+            self.redis = resp.Client(config_mod.redis_target(d.address), timeout=d.timeout,
+                                     max_pending=max(1024, d.max_lookups * 2), now=clock())
+        self._sel = None
+        self._redis_fd = None
+        self._redis_events = 0
         self.stopping = False
         self.drain_deadline = None
         self.reloads = 0
@@ -95,6 +151,8 @@ class Worker:
             if router.to_transceivers:
                 self.internal_io.send(router.to_transceivers)
                 router.to_transceivers.clear()
+            if router.dir_lookups:
+                self._ask_directory()
             if n < io.batch_size:
                 return
 
@@ -110,8 +168,105 @@ class Worker:
                 if out:
                     self.listener_io[index].send(out)
                     out.clear()
+            if router.dir_commands:
+                self._tell_directory()
             if n < io.batch_size:
                 return
+
+    def flush_to_transceivers(self):
+        router = self.router
+        if router.to_transceivers:
+            self.internal_io.send(router.to_transceivers)
+            router.to_transceivers.clear()
+
+    # -- timers: probes, directory, quality -----------------------------------
+
+    def run_timers(self, now):
+        """The router's timer work (probes, directory timeouts) and its log lines."""
+        router = self.router
+        router.timer(now, int(self.wall() * 1000))
+        self.flush_to_transceivers()
+        if router.events:
+            names = {t.id: t.name for t in self.cfg.transceivers}
+            for ev in router.events:
+                srtt = "-" if ev.srtt is None else f"{ev.srtt * 1000:.2f} ms"
+                backup = router.redirect.get(ev.transceiver)
+                note = f"; its flows go to {names.get(backup, backup)}" if backup is not None else ""
+                (self.log.warning if ev.state == "down" else self.log.notice)(
+                    "transceiver", "transceiver %s is %s (%s, srtt %s)%s",
+                    names.get(ev.transceiver, ev.transceiver), ev.state, ev.reason, srtt, note)
+            router.events.clear()
+
+    # -- the flow directory's Redis connection --------------------------------
+
+    def _ask_directory(self):
+        router = self.router
+        lookups, router.dir_lookups = router.dir_lookups, []
+        now = self.clock()
+        for lookup in lookups:
+            if not self.redis.call(lookup.command, lambda reply, lk=lookup: self._answer(lk, reply), now):
+                router.dir_resolved(lookup, resp.Disconnected("directory unavailable"), now,
+                                    int(self.wall() * 1000))
+        self.flush_to_transceivers()
+        self._redis_register()
+
+    def _answer(self, lookup, reply):
+        self.router.dir_resolved(lookup, reply, self.clock(), int(self.wall() * 1000))
+
+    def _tell_directory(self):
+        router = self.router
+        commands, router.dir_commands = router.dir_commands, []
+        now = self.clock()
+        for cmd in commands:
+            self.redis.call(cmd, _ignore, now)
+        self._redis_register()
+
+    def _redis_register(self):
+        """Keep the selector's registration of the Redis socket in step with the client.
+
+        Tracked by socket object, not fd number: a reconnect may reuse the number.
+        """
+        sel = self._sel
+        if sel is None or self.redis is None:
+            return
+        sock, events = self.redis.sock, self.redis.events()
+        if sock is not self._redis_fd:
+            if self._redis_fd is not None:
+                try:
+                    sel.unregister(self._redis_fd)
+                except (KeyError, ValueError, OSError):
+                    pass
+            self._redis_fd = None
+            if sock is not None and events:
+                sel.register(sock, events, "redis")
+                self._redis_fd, self._redis_events = sock, events
+        elif sock is not None and events != self._redis_events:
+            sel.modify(sock, events, "redis")
+            self._redis_events = events
+
+    def _redis_ready(self, mask):
+        now = self.clock()
+        if mask & selectors.EVENT_WRITE:
+            self.redis.on_writable(now)
+        if mask & selectors.EVENT_READ:
+            self.redis.on_readable(now)
+        self.flush_to_transceivers()
+        self._redis_register()
+
+    def _periodic(self, now):
+        """Every publication tick: fold quality stats, re-publish confirmed flows."""
+        router = self.router
+        router.report(now)
+        if router.directory is not None:
+            for cmd in router.directory.refresh(router.directory_snapshot, now):
+                router.dir_commands.append(cmd)
+            if router.dir_commands:
+                self._tell_directory()
+
+    def extra_metrics(self):
+        """Probe, quality and directory numbers for the supervisor (metrics.encode_extra)."""
+        from . import metrics
+        return metrics.extra_of(self)
 
     # -- control --------------------------------------------------------------
 
@@ -128,7 +283,7 @@ class Worker:
                          str(exc).replace("\n", "; "))
             return False
         self.cfg = cfg
-        self.router.configure(keyring, transceiver_addrs(cfg), policy_of(cfg))
+        self.router.configure(keyring, transceiver_addrs(cfg), policy_of(cfg), backups_of(cfg))
         self.log.set_level(cfg.log.level)
         self.reloads += 1
         self.log.notice("reload", "reloaded: %d transceivers, signing key %d",
@@ -164,6 +319,13 @@ class Worker:
             deadlines.append(flow_deadline)
         if self.drain_deadline is not None:
             deadlines.append(self.drain_deadline)
+        router_deadline = self.router.next_deadline()
+        if router_deadline is not None:
+            deadlines.append(router_deadline)
+        if self.redis is not None and self.redis.sock is not None:
+            redis_deadline = self.redis.next_deadline()
+            if redis_deadline is not None:
+                deadlines.append(redis_deadline)
         return max(0.0, min(deadlines) - now)
 
     def _publish(self):
@@ -196,6 +358,8 @@ class Worker:
         for index, sock in enumerate(self.listeners):
             sel.register(sock, selectors.EVENT_READ, index)
         sel.register(self.internal, selectors.EVENT_READ, "internal")
+        self._sel = sel
+        self._redis_register()
         for fileobj, callback in (extra or {}).items():
             sel.register(fileobj, selectors.EVENT_READ, callback)
         self.log.info("start", "worker %d serving %d listeners with %s I/O",
@@ -205,10 +369,12 @@ class Worker:
         try:
             while not self.stopping:
                 now = self.clock()
-                for key, _ in sel.select(self._timeout(now, next_publish)):
+                for key, mask in sel.select(self._timeout(now, next_publish)):
                     tag = key.data
                     if tag == "internal":
                         self.pump_internal()
+                    elif tag == "redis":
+                        self._redis_ready(mask)
                     elif tag == "signal":
                         for signum in wake_r.recv(64):
                             self.handle_signal(signum)
@@ -221,13 +387,27 @@ class Worker:
                 deadline = self.router.flows.next_deadline()
                 if deadline is not None and now >= deadline:
                     self.router.expire(now)
+                deadline = self.router.next_deadline()
+                if deadline is not None and now >= deadline:
+                    self.run_timers(now)
+                if self.redis is not None and self.redis.sock is not None:
+                    deadline = self.redis.next_deadline()
+                    if deadline is not None and now >= deadline:
+                        self.redis.handle_timer(now)
+                        self.flush_to_transceivers()
+                        self._redis_register()
                 if now >= next_publish:
+                    self._periodic(now)
                     self._publish()
                     next_publish = now + PUBLISH_INTERVAL
                 if self.drain_deadline is not None and (now >= self.drain_deadline or not len(self.router.flows)):
                     self.stopping = True
         finally:
             self._publish()
+            self._sel = None
+            if self.redis is not None:
+                self.redis.close()
+                self._redis_fd = None
             sel.close()
             if handle_signals:
                 signal.set_wakeup_fd(old_wakeup if old_wakeup is not None else -1)

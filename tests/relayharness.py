@@ -44,7 +44,8 @@ class Harness:
     """
 
     def __init__(self, tmp_path, transceivers=None, listeners=("127.0.0.1",), io_mode="auto",
-                 limits=None, internal_host="127.0.0.1", key_ids=(1,), clock=None, wall=None):
+                 limits=None, internal_host="127.0.0.1", key_ids=(1,), clock=None, wall=None,
+                 backups=None, sections=None):
         self.tmp = tmp_path
         self.key_dir = tmp_path / "keys"
         self.key_dir.mkdir(mode=0o700)
@@ -60,11 +61,15 @@ class Harness:
             "listeners": [{"address": h, "port": s.getsockname()[1]} for h, s in zip(listeners, self.listen_socks)],
             "internal": {"address": internal_host, "port": 0},
             "keys": {"dir": str(self.key_dir)},
-            "transceivers": [{"id": tx_id, "address": internal_host, "port": s.getsockname()[1]}
+            "transceivers": [{"id": tx_id, "address": internal_host, "port": s.getsockname()[1],
+                              **({"backup": (backups or {})[tx_id]} if tx_id in (backups or {}) else {})}
                              for tx_id, s in self.tx_socks.items()],
             "limits": dict(limits or {}),
             "management": {"port": 0},
+            # probes are off unless asked for: most tests count every datagram exactly
+            "probes": {"enabled": False},
         }
+        data.update(sections or {})
         self.config_data = data
         self.cfg = config.parse(data, tmp_path)
         self.log = Log(level="debug", stream=open(os.devnull, "w"))

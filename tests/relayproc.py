@@ -43,7 +43,11 @@ port = {transceiver_port}
 [management]
 address = "127.0.0.1"
 port = {management_port}
-"""
+{extra}"""
+
+# Probes are off unless a test asks for them: most tests count every datagram
+# the transceiver receives and sends, and probes would be extra ones.
+NO_PROBES = "\n[probes]\nenabled = false\n"
 
 
 def free_port(kind=socket.SOCK_DGRAM):
@@ -76,8 +80,9 @@ def free_udp_run(n):
 class Setup:
     """Keys, config file and ports for one relay under `folder`."""
 
-    def __init__(self, folder, workers=2, drain=0.5):
+    def __init__(self, folder, workers=2, drain=0.5, extra=NO_PROBES):
         self.folder = str(folder)
+        self.extra = extra
         self.key_dir = os.path.join(self.folder, "keys")
         os.makedirs(self.key_dir, mode=0o700, exist_ok=True)
         keys.write_key_file(self.key_dir, 1)
@@ -96,7 +101,7 @@ class Setup:
         signing = f"signing_key_id = {signing_key_id}\n" if signing_key_id is not None else ""
         with open(self.path, "w") as f:
             f.write(CONFIG.format(workers=self.workers, drain=self.drain, key_dir=self.key_dir,
-                                  signing=signing, **self.ports))
+                                  signing=signing, extra=self.extra, **self.ports))
 
     @property
     def public(self):
@@ -357,9 +362,20 @@ def parse_prometheus(text):
         assert rest.startswith(" "), f"line {n}: no space before the value"
         value = rest[1:]
         assert _VALUE.fullmatch(value), f"line {n}: bad value {value!r}"
-        assert current is not None and name == next(reversed(families)), f"line {n}: {name} outside its family"
+        family_name = next(reversed(families)) if families else None
+        suffix = None
+        if current is not None and current["type"] == "histogram" and name != family_name:
+            for suffix in ("_bucket", "_sum", "_count"):
+                if name == f"{family_name}{suffix}":
+                    break
+            else:
+                suffix = None
+            assert suffix is not None, f"line {n}: {name} outside its histogram family"
+            assert (suffix == "_bucket") == any(k == "le" for k, _ in labels), f"line {n}: le label"
+            name = family_name
+        assert current is not None and name == family_name, f"line {n}: {name} outside its family"
         assert current["type"] is not None, f"line {n}: sample before TYPE"
-        key = tuple(labels)
+        key = tuple(labels) if suffix is None else ((("suffix", suffix),) + tuple(labels))
         assert key not in current["samples"], f"line {n}: duplicate sample"
         current["samples"][key] = float(value)
     return families

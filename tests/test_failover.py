@@ -1,0 +1,216 @@
+"""Transceiver failover: probes mark a dead transceiver down, its flows go to the backup.
+
+First a deterministic run with the relay harness and a fake clock (the
+router's decisions), then the real thing end to end: `edge-relay run`, a
+primary and a backup demo transceiver (processes) sharing session state
+through a throwaway redis-server, a voice call, SIGKILL of the primary mid
+call; the media gap is printed (target < 1 s at a 250 ms probe interval).
+"""
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edge_relay import demo, demo_state, header, router as router_mod
+from relayharness import Harness
+from relayproc import ROOT, Relay, Setup, free_port, http_get, parse_prometheus, wait_for
+from redisserver import redis_server
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def make(tmp_path, clock):
+    return Harness(tmp_path, transceivers={1: "demo", 2: "demo"}, backups={1: 2}, clock=clock,
+                   sections={"probes": {"enabled": True, "interval": 0.25}})
+
+
+def tick(h, clock, seconds, step=0.05):
+    """Advance the fake clock, running probes and answering them."""
+    end = clock.t + seconds
+    while clock.t < end:
+        clock.t += step
+        h.worker.run_timers(clock.t)
+        h.settle()
+
+
+def media_round(h, vc, clock):
+    before = vc.received
+    vc.send_media(clock.t)
+    h.settle()
+    vc.pump(clock.t)
+    return vc.received - before
+
+
+def test_probes_fail_over_and_only_new_flows_return(tmp_path):
+    clock = Clock()
+    h = make(tmp_path, clock)
+    try:
+        tick(h, clock, 1.0)
+        prober = h.router.prober
+        assert prober.is_up(1) and prober.is_up(2)
+        assert prober.health[1].srtt is not None
+        vc = h.voice_client(tx_id=1)
+        assert h.connect(vc, clock.t)
+        assert media_round(h, vc, clock) == 1
+        flow = next(iter(h.router.flows))
+        assert flow.transceiver == 1
+
+        primary = h.demos.pop(1)              # the primary stops answering anything
+        tick(h, clock, 1.5)
+        assert not prober.is_up(1)
+        assert h.router.redirect == {1: 2}
+        h.drops()
+        # the flow's next datagram goes to the backup, flagged, and the echo comes back
+        assert media_round(h, vc, clock) == 1
+        assert flow.transceiver == 2
+        assert flow.route[5] & header.FLAG_FAILOVER
+        assert any(h.demos[2].clients.values())            # the backup saw FLAG_FAILOVER
+        assert h.router.stats[router_mod.FLOWS_FAILED_OVER] == 1
+        # a consent check still naming the primary goes to the owner, not as an ICE restart
+        vc.send_check(clock.t)
+        h.settle()
+        vc.pump(clock.t)
+        assert vc.check_failures == 0 and flow.transceiver == 2 and flow.restart_to is None
+        # a new session for the primary opens on the backup while it is down
+        vc2 = h.voice_client(tx_id=1)
+        assert h.connect(vc2, clock.t)
+        assert [f.transceiver for f in h.router.flows if f is not flow] == [2]
+
+        h.demos[1] = primary                  # back up
+        tick(h, clock, 1.5)
+        assert prober.is_up(1) and h.router.redirect == {}
+        assert media_round(h, vc, clock) == 1
+        assert flow.transceiver == 2          # moved flows stay with the backup
+        vc3 = h.voice_client(tx_id=1)
+        assert h.connect(vc3, clock.t)
+        newest = [f for f in h.router.flows if f.transceiver == 1]
+        assert len(newest) == 1               # only the new flow went to the primary
+        lines = h.router.prober.render({1: "primary", 2: "backup"})
+        assert 'edge_relay_transceiver_transitions_total{transceiver="primary"} 2' in lines
+    finally:
+        h.close()
+
+
+def test_failover_flag_survives_a_reload_rebuild(tmp_path):
+    clock = Clock()
+    h = make(tmp_path, clock)
+    try:
+        tick(h, clock, 0.5)
+        vc = h.voice_client(tx_id=1)
+        assert h.connect(vc, clock.t)
+        h.demos.pop(1)
+        tick(h, clock, 1.5)
+        assert media_round(h, vc, clock) == 1
+        flow = next(iter(h.router.flows))
+        h.router.configure(h.router.keyring, h.router.transceivers, h.router.policy, {1: 2})
+        assert media_round(h, vc, clock) == 1
+        assert flow.transceiver == 2 and flow.route[5] & header.FLAG_FAILOVER
+    finally:
+        h.close()
+
+
+# -- end to end -------------------------------------------------------------------
+
+TX_SCRIPT = """
+import sys
+from edge_relay import demo
+demo.serve_stateful(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+"""
+
+FAILOVER_CONFIG = """
+[[transceivers]]
+id = 2
+address = "127.0.0.1"
+port = {backup_port}
+
+[probes]
+interval = 0.25
+"""
+
+
+def start_transceiver(key_dir, tx_id, port, redis_address, log_path):
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-c", TX_SCRIPT, key_dir, str(tx_id), str(port),
+                             redis_address],
+                            env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, stdout=log, stderr=log)
+
+
+def test_kill_the_primary_mid_call_the_call_continues_through_the_backup(tmp_path):
+    with redis_server(tmp_path) as redis:
+        backup_port = free_port()
+        setup = Setup(tmp_path, workers=2, extra=FAILOVER_CONFIG.format(backup_port=backup_port))
+        primary_port = setup.ports["transceiver_port"]
+        setup.tx_sock.close()             # the primary is a process of its own
+        with open(setup.path) as f:
+            text = f.read()
+        # the primary names its backup
+        text = text.replace(f"port = {primary_port}\n", f"port = {primary_port}\nbackup = 2\n", 1)
+        with open(setup.path, "w") as f:
+            f.write(text)
+        procs = [start_transceiver(setup.key_dir, 1, primary_port, redis.address, tmp_path / "primary.log"),
+                 start_transceiver(setup.key_dir, 2, backup_port, redis.address, tmp_path / "backup.log")]
+        relay = Relay(setup)
+        try:
+            wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or relay.proc.poll() is not None, 20,
+                     what="the relay to serve")
+            assert relay.proc.poll() is None, relay.log()
+            ufrag, password = demo.mint_session(setup.keyring, 1, time.time())
+            vc = demo.VoiceClient(setup.public, ufrag, password)
+            arrivals = []
+            orig = vc.receive
+
+            def receive(data, now):
+                before = vc.received
+                orig(data, now)
+                if vc.received > before:
+                    arrivals.append(now)
+            vc.receive = receive
+            killed = {}
+
+            def on_second(elapsed):
+                if elapsed >= 2.0 and not killed:
+                    procs[0].send_signal(signal.SIGKILL)
+                    killed["at"] = time.monotonic()
+            demo.run_clients([vc], 6.0, on_second)
+            assert vc.connected
+            assert killed, "the primary was not killed"
+            before = [t for t in arrivals if t <= killed["at"]]
+            after = [t for t in arrivals if t > killed["at"]]
+            assert before and after, "the call did not resume through the backup"
+            gap = after[0] - before[-1]
+            print(f"\nfailover gap: {gap * 1000:.0f} ms of media lost between the last echo from the "
+                  f"primary and the first from the backup (probe interval 0.25 s); "
+                  f"{len(after)} echoes after the failover")
+            status, body = http_get(setup.url + "/metrics")
+            fams = parse_prometheus(body)
+            ups = fams["edge_relay_transceiver_up"]["samples"]
+            assert ups[(("transceiver", "tx1"),)] == 0 and ups[(("transceiver", "tx2"),)] == 1
+            events = fams["edge_relay_flow_events_total"]["samples"]
+            assert events[(("event", "failed_over"),)] >= 1
+            assert "transceiver tx1 is down" in relay.log()
+            # the backup loaded the session from Redis and continued its media counters
+            state = demo_state.DemoState(redis.address)
+            try:
+                counters = state.media(ufrag)
+                owner = state.claim(ufrag, "2")
+            finally:
+                state.close()
+            assert owner == "2"
+            assert counters.get("rtp_in", 0) >= len(arrivals) - 15
+        finally:
+            relay.kill()
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait(timeout=10)
