@@ -661,3 +661,43 @@ def test_property_random_mutations_give_config_or_config_error():
             assert all(1 <= t.port <= 65535 for t in cfg.transceivers)
     # Both outcomes must actually be exercised for the test to mean anything.
     assert outcomes["config"] > 100 and outcomes["error"] > 1000, outcomes
+
+
+# -- [probes], [quality], [directory] (issue 8) ---------------------------------------
+
+def test_probe_quality_directory_defaults():
+    cfg = config.parse(minimal(), BASE_DIR)
+    assert (cfg.probes.enabled, cfg.probes.interval, cfg.probes.timeout,
+            cfg.probes.down_after, cfg.probes.up_after) == (True, 0.25, 0.0, 3, 2)
+    assert (cfg.quality.sample_every, cfg.quality.max_sampled, cfg.quality.report_interval) == (16, 1024, 5.0)
+    assert cfg.directory.address == "" and not cfg.directory.enabled
+    assert (cfg.directory.ttl, cfg.directory.timeout, cfg.directory.max_held_per_flow) == (30, 0.1, 8)
+
+
+@pytest.mark.parametrize("path, value, fragment", [
+    ("probes.enabled", 1, "must be true or false"),
+    ("probes.interval", 0.001, "must be a number >= 0.01"),
+    ("probes.down_after", 0, "must be an integer in 1..100"),
+    ("probes.up_after", 101, "must be an integer in 1..100"),
+    ("quality.sample_every", -1, "must be an integer in 0..1000000"),
+    ("quality.report_interval", 0.0, "must be a number >= 0.1"),
+    ("directory.address", "localhost:6379", 'must be "" (off)'),
+    ("directory.address", "127.0.0.1:0", 'must be "" (off)'),
+    ("directory.address", "127.0.0.1", 'must be "" (off)'),
+    ("directory.ttl", 0, "must be an integer in 1..86400"),
+    ("directory.timeout", 0, "must be a number >= 0.001"),
+])
+def test_probe_quality_directory_rules(path, value, fragment):
+    found = problems_of(with_value(minimal(), path, value))
+    assert len(found) == 1 and found[0][0] == path and fragment in found[0][1], found
+
+
+@pytest.mark.parametrize("value, normal, target", [
+    ("127.0.0.1:6379", "127.0.0.1:6379", ("127.0.0.1", 6379)),
+    ("[::1]:6380", "[::1]:6380", ("::1", 6380)),
+    ("/run/redis/redis.sock", "/run/redis/redis.sock", "/run/redis/redis.sock"),
+])
+def test_directory_address_forms(value, normal, target):
+    cfg = config.parse(with_value(minimal(), "directory.address", value), BASE_DIR)
+    assert cfg.directory.address == normal and cfg.directory.enabled
+    assert config.redis_target(cfg.directory.address) == target
