@@ -5,6 +5,8 @@
 #   make bench BENCH_QUICK=1   about a minute, same figures with fewer samples
 
 BENCH_QUICK ?=
+# Extra arguments, e.g.  make bench BENCH_ARGS='--out /tmp/r.json --skip workers'
+BENCH_ARGS ?=
 # The project's .venv when bootstrap made it, else Debian's python3.
 BENCH_PYTHON = $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,/usr/bin/python3)
 
@@ -13,4 +15,4 @@ CLEAN += bench/.build
 
 bench: ## benchmark the relay vs null/naive/C forwarders (BENCH_QUICK=1: ~1 min); writes bench/results.json
 	scripts/bootstrap --apt gcc libc6-dev
-	BENCH_QUICK=$(BENCH_QUICK) $(BENCH_PYTHON) -m bench.run
+	BENCH_QUICK=$(BENCH_QUICK) $(BENCH_PYTHON) -m bench.run $(BENCH_ARGS)
