@@ -7,12 +7,15 @@
 BENCH_QUICK ?=
 # Extra arguments, e.g.  make bench BENCH_ARGS='--out /tmp/r.json --skip workers'
 BENCH_ARGS ?=
-# The project's .venv when bootstrap made it, else Debian's python3.
-BENCH_PYTHON = $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,/usr/bin/python3)
+# The bench needs only the standard library: the project's .venv when
+# bootstrap made one (checked when the recipe runs, after bootstrap), else
+# Debian's python3.
 
 .PHONY: bench
 CLEAN += bench/.build
 
 bench: ## benchmark the relay vs null/naive/C forwarders (BENCH_QUICK=1: ~1 min); writes bench/results.json
 	scripts/bootstrap --apt gcc libc6-dev
-	BENCH_QUICK=$(BENCH_QUICK) $(BENCH_PYTHON) -m bench.run $(BENCH_ARGS)
+	@py=$(VENV)/bin/python; [ -x "$$py" ] || py=/usr/bin/python3; \
+	echo "BENCH_QUICK=$(BENCH_QUICK) $$py -m bench.run $(BENCH_ARGS)"; \
+	BENCH_QUICK=$(BENCH_QUICK) "$$py" -m bench.run $(BENCH_ARGS)
