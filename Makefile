@@ -31,8 +31,14 @@ help: ## list the targets
 bootstrap: ## install what the tests need (Debian packages as root, .venv)
 	scripts/bootstrap
 
-test: bootstrap ## run the whole test suite (then a short run on PATH's python3, if different)
+# E2E=0 leaves out the booted-container install test (make e2e, about 2 min, root only).
+E2E ?= 1
+
+test: bootstrap ## the whole suite: pytest, the install test in a booted container (root), PATH's python3
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	@if [ "$(E2E)" != 1 ]; then echo "make test: E2E=0, not running make e2e"; \
+	elif [ "$$(id -u)" != 0 ]; then echo "make test: not root, skipping make e2e (the booted-container install test)"; \
+	else $(MAKE) --no-print-directory e2e; fi
 	@if [ -x $(VENV_PATH)/bin/python ]; then \
 		echo "$(VENV_PATH)/bin/python -m pytest $(PATH_PYTEST_ARGS) $(PYTEST_ARGS)  # python3 on PATH"; \
 		$(VENV_PATH)/bin/python -m pytest $(PATH_PYTEST_ARGS) $(PYTEST_ARGS); \
