@@ -91,7 +91,15 @@ def machine():
         gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     except (OSError, IndexError):
         gcc = None
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(ROOT), capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "edge_relay"], cwd=str(ROOT),
+                               capture_output=True, text=True).stdout.split("\n")
+        dirty = [line[3:] for line in dirty if line.strip()]
+    except OSError:
+        head, dirty = None, None
     return {"nproc": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)), "cpu_model": model,
+            "git_head": head, "edge_relay_uncommitted": dirty,
             "kernel": platform.release(), "machine": platform.machine(), "pythons": pythons, "gcc": gcc,
             "loadavg_at_start": os.getloadavg()}
 
