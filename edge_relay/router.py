@@ -393,9 +393,9 @@ class Router:
                 if self.directory is not None:
                     self.dir_commands.append(self.directory.publish(listener, flow.key, flow.transceiver))
             payload = hdr.payload
-            if qget is not None and payload and 128 <= payload[0] <= 191:
+            if qget is not None:
                 q = qget(flow)
-                if q is not None:
+                if q is not None:           # observe() skips what is not RTP
                     quality.observe(q.transceiver, payload, now)
             to_clients[listener].append((sa, payload))
             sent += 1

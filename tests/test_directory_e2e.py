@@ -16,14 +16,92 @@ Loopback only (no network namespaces): see the closing note of issue 8.
 """
 
 import os
+import random
 import selectors
 import socket
 import time
 
-from edge_relay import demo
+from edge_relay import demo, directory, header, resp, sockaddr
+from edge_relay.drops import Drop
+from edge_relay.flows import CONFIRMED, FlowTable
+from edge_relay.keys import KeyRing
+from edge_relay.router import FLOWS_FROM_DIRECTORY, Policy, Router, TO_TX_PACKETS
 from relayproc import (CountingClient, Relay, Setup, Traffic, Transceiver, http_get, parse_prometheus,
                        wait_for)
 from redisserver import redis_server
+
+
+# -- the router's side, sans-IO ---------------------------------------------------
+
+RING = KeyRing({1: bytes(range(32))})
+TX_SA = sockaddr.from_tuple(("127.0.0.9", 5000))
+RTP = b"\x80\x6f" + bytes(158)
+DTLS = b"\x16\xfe\xfd" + bytes(60)
+
+
+def router_with_directory(**kw):
+    return Router(FlowTable(n_listeners=1, max_flows=64), RING, {1: TX_SA}, [socket.AF_INET], Policy(),
+                  directory=directory.Directory(**kw))
+
+
+def test_unknown_media_is_held_then_forwarded_on_a_hit():
+    r = router_with_directory()
+    sa = sockaddr.from_tuple(("198.51.100.7", 4000))
+    r.from_clients(0, [memoryview(DTLS), memoryview(RTP)], [sa, sa], 2, 1.0, 1000)
+    assert not r.to_transceivers and sum(r.drops) == 0       # held, not lost
+    lookup, = r.dir_lookups
+    assert lookup.command == ("GET", directory.flow_key(0, sa))
+    r.dir_resolved(lookup, b"1", 1.01, 1010)
+    assert [bytes(d) for _, _, d in r.to_transceivers] == [DTLS, RTP]      # in arrival order
+    assert r.stats[TO_TX_PACKETS] == 2 and r.stats[FLOWS_FROM_DIRECTORY] == 1
+    flow = r.flows.get(0, sa)
+    assert flow.state == CONFIRMED and flow.transceiver == 1
+    hdr = header.decode(r.to_transceivers[0][1] + DTLS, RING, 1010, 2000, accept=header.TRANSCEIVER_ACCEPTS)
+    assert hdr.family == 4 and hdr.port == 4000
+
+
+def test_misses_timeouts_errors_and_caps_are_counted():
+    r = router_with_directory(max_held_per_flow=2, timeout=0.1)
+    a, b, c = (sockaddr.from_tuple((f"198.51.100.{i}", 4000)) for i in (1, 2, 3))
+    r.from_clients(0, [memoryview(RTP)] * 3, [a, a, a], 3, 1.0, 1000)
+    assert r.drops[Drop.DIRECTORY_FULL] == 1                  # third packet over the per-flow cap
+    r.dir_resolved(r.dir_lookups.pop(), None, 1.01, 1010)     # miss
+    assert r.drops[Drop.DIRECTORY_MISS] == 2
+    r.from_clients(0, [memoryview(RTP)], [a], 1, 1.02, 1020)  # negative cache: not asked again
+    assert r.drops[Drop.UNKNOWN_FLOW] == 1 and not r.dir_lookups
+    r.from_clients(0, [memoryview(RTP)], [b], 1, 1.0, 1000)
+    r.timer(1.2, 1200)                                        # timeout
+    assert r.drops[Drop.DIRECTORY_MISS] == 3
+    r.dir_lookups.clear()
+    r.from_clients(0, [memoryview(RTP)], [c], 1, 2.0, 2000)
+    r.dir_resolved(r.dir_lookups.pop(), resp.Disconnected("down"), 2.0, 2000)
+    assert r.drops[Drop.DIRECTORY_MISS] == 4
+    r.from_clients(0, [memoryview(RTP)], [c], 1, 2.1, 2100)   # an error is not cached: asked again
+    assert len(r.dir_lookups) == 1
+    assert not r.to_transceivers and not len(r.flows)
+
+
+def test_every_datagram_is_forwarded_or_counted_with_the_directory():
+    rng = random.Random(5)
+    r = router_with_directory(max_held_total=16, max_lookups=4)
+    addrs = [sockaddr.from_tuple((f"198.51.100.{i}", 4000)) for i in range(8)]
+    received = 0
+    for case in range(2000):
+        n = rng.randrange(1, 9)
+        views = [memoryview(rng.choice([RTP, DTLS, b"\x00", b""])) for _ in range(n)]
+        r.from_clients(0, views, [rng.choice(addrs) for _ in range(n)], n, case * 0.01, 1000 + case * 10)
+        received += n
+        for lookup in r.dir_lookups:
+            reply = rng.choice([b"1", None, b"junk", b"9", resp.Timeout("t")])
+            if rng.random() < 0.8:
+                r.dir_resolved(lookup, reply, case * 0.01, 1000 + case * 10)
+        r.dir_lookups.clear()
+        r.timer(case * 0.01, 1000 + case * 10)
+        r.clear_output()
+    r.timer(10**6, 10**9)
+    held = r.directory.held_total
+    assert held == 0
+    assert received == sum(r.drops) + r.stats[TO_TX_PACKETS]
 
 
 class Balancer:
