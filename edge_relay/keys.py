@@ -13,14 +13,25 @@ Contract
     others may read or write, that is not exactly 32 bytes of hex, or whose
     name is not a key id.
 
-Each Key keeps pre-keyed HMAC states: `hmac.copy()` of a keyed state skips
-the two key-block compressions that a fresh `hmac.new` pays on every packet.
+Each Key keeps pre-keyed HMAC states: `copy()` of a keyed state skips the
+two key-block compressions that a fresh `hmac.new` pays on every packet.
+`token_mac` and `header_mac` are `hmac.HMAC` objects; `header_cmac` is the
+same keyed state as OpenSSL's own HMAC object (`_hashlib.HMAC`) when Python
+has one, which the per-packet paths use: same `copy`, `update`, `digest`
+and digests, ~300 ns less per packet, since the `hmac.HMAC` wrapper adds a
+Python-level call to each of those methods. Without OpenSSL `header_cmac`
+is `header_mac`.
 """
 
 import binascii
 import hashlib
 import hmac
 import os
+
+try:
+    import _hashlib
+except ImportError:            # Python built without OpenSSL
+    _hashlib = None
 import stat
 from pathlib import Path
 
@@ -38,10 +49,24 @@ def derive(master, label):
     return hmac.new(master, label + b"\x01", hashlib.sha256).digest()
 
 
+def keyed_hmac(key):
+    """A pre-keyed HMAC-SHA256 state for `key`, as fast as Python offers: copy() it, never update it.
+
+    OpenSSL's C object when available (see the module docstring), else an
+    hmac.HMAC; both give the same digests for the same input.
+    """
+    if _hashlib is not None:
+        try:
+            return _hashlib.hmac_new(key, digestmod="sha256")
+        except (ValueError, AttributeError):      # SHA-256 refused (an odd OpenSSL policy)
+            pass
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
 class Key:
     """One key id: its subkeys and their pre-keyed HMAC-SHA256 states."""
 
-    __slots__ = ("key_id", "token_key", "header_key", "token_mac", "header_mac")
+    __slots__ = ("key_id", "token_key", "header_key", "token_mac", "header_mac", "header_cmac")
 
     def __init__(self, key_id, master):
         if not 0 <= key_id <= MAX_KEY_ID:
@@ -53,6 +78,7 @@ class Key:
         self.header_key = derive(master, LABEL_HEADER)
         self.token_mac = hmac.new(self.token_key, digestmod=hashlib.sha256)
         self.header_mac = hmac.new(self.header_key, digestmod=hashlib.sha256)
+        self.header_cmac = keyed_hmac(self.header_key)
 
 
 class KeyRing:

@@ -314,3 +314,100 @@ def test_prefixes_and_trailing_junk(vec):
         assert decode(vec, raw[:n]) is (Drop.HEADER_SHORT if n < 48 else Drop.HEADER_MAC), n
     for junk in (b"\x00", b"\x00" * 4, b"\xff" * 48, raw):
         assert decode(vec, raw + junk) is Drop.HEADER_MAC
+
+
+# -- decode_to_client: the relay's fast path, held equal to decode -----------------------
+
+
+def expected_to_client(data, ring, now_ms, window_ms):
+    """What decode_to_client must return, from decode itself."""
+    hdr = header.decode(data, ring, now_ms, window_ms, header.RELAY_ACCEPTS)
+    if hdr.__class__ is Drop:
+        return hdr
+    return hdr.route, hdr.family, hdr.port.to_bytes(2, "big"), hdr.address, bytes(hdr.payload)
+
+
+def to_client(data, ring, now_ms, window_ms):
+    got = header.decode_to_client(data, ring, now_ms, window_ms)
+    if got.__class__ is Drop:
+        return got
+    assert isinstance(got, tuple) and len(got) == 5
+    assert isinstance(got[4], memoryview)
+    return got[:4] + (bytes(got[4]),)
+
+
+def assert_to_client_agrees(data, ring=RING, now_ms=0, window_ms=2000):
+    want = expected_to_client(data, ring, now_ms, window_ms)
+    for form in (data, bytearray(data), memoryview(data)):
+        assert to_client(form, ring, now_ms, window_ms) == want, (data.hex(), now_ms, window_ms)
+    return want
+
+
+@pytest.mark.parametrize("vec", VALID + VECTORS["invalid"], ids=lambda v: v["name"])
+def test_decode_to_client_agrees_with_decode_on_the_vectors(vec):
+    raw = bytes.fromhex(vec["datagram"])
+    want = assert_to_client_agrees(raw, RING, vec["now_ms"], vec["window_ms"])
+    if vec["accept"] == "relay" and vec.get("expect", "OK") == "OK":
+        assert want.__class__ is not Drop
+        # family 0 is PROBE_ACK, 4/6 is TO_CLIENT: nothing else gets through
+        assert (want[1] == header.FAMILY_NONE) == (vec["type"] == header.PROBE_ACK)
+    for n in (0, 1, 47, 48, len(raw) - 1):
+        assert_to_client_agrees(raw[:n], RING, vec["now_ms"], vec["window_ms"])
+    assert_to_client_agrees(raw + b"\x00", RING, vec["now_ms"], vec["window_ms"])
+
+
+def test_decode_to_client_payload_is_a_view_of_the_datagram():
+    head = header.encode(RING.signing, header.TO_CLIENT, b"abc", route=2, family=4, port=5000,
+                         address=bytes(4), timestamp_ms=1000)
+    buf = bytearray(head + b"abc")
+    got = header.decode_to_client(memoryview(buf), RING, 1000, 0)
+    assert got[:4] == (2, 4, (5000).to_bytes(2, "big"), bytes(16))
+    assert got[4].obj is buf and bytes(got[4]) == b"abc"
+
+
+def test_decode_to_client_fuzz():
+    """Random edits of valid relay-side datagrams, and random bytes: same answer as decode."""
+    rng = random.Random(7)
+    seeds = [bytes.fromhex(v["datagram"]) for v in VALID if v["accept"] == "relay"]
+    for host, port in CLIENTS:
+        family, port, address = client_fields(host, port)
+        for key in (RING.get(1), RING.get(2)):
+            payload = rng.randbytes(rng.choice((0, 1, 12, 160)))
+            seeds.append(header.encode(key, header.TO_CLIENT, payload, route=rng.randrange(256), family=family,
+                                       port=port, address=address, timestamp_ms=1000, flags=rng.randrange(256))
+                         + payload)
+    seeds.append(header.encode(RING.signing, header.PROBE_ACK, b"ack", timestamp_ms=1000) + b"ack")
+    outcomes = set()
+    for _ in range(4000):
+        raw = bytearray(rng.choice(seeds))
+        for _ in range(rng.choice((0, 1, 1, 2, 3))):
+            i = rng.randrange(min(len(raw), 48) if rng.random() < 0.8 else len(raw))
+            raw[i] = rng.choice((0, 1, 2, 3, 4, 5, 6, 0xEE, 0x52, 0xFF, rng.randrange(256)))
+        if rng.random() < 0.1:
+            raw = raw[:rng.randrange(len(raw) + 1)]
+        if rng.random() < 0.05:
+            raw = bytearray(rng.randbytes(rng.randrange(80)))
+        now = rng.choice((1000, 1000 + rng.randrange(-3000, 3000), rng.randrange(2 ** 49)))
+        ts = int.from_bytes(raw[26:32], "big") if len(raw) >= 32 else 0
+        if rng.random() < 0.3:
+            now = ts + rng.choice((-2001, -2000, 0, 2000, 2001))
+        want = assert_to_client_agrees(bytes(raw), RING if rng.random() < 0.9 else keys.KeyRing({1: MASTERS[1]}),
+                                       now, rng.choice((0, 2000)))
+        outcomes.add(want if want.__class__ is Drop else ("ok", want[1]))
+    # the fuzz reached every rule and both accepted types
+    assert HEADER_DROPS <= outcomes
+    assert {("ok", 0), ("ok", 4), ("ok", 6)} <= outcomes
+
+
+def test_seal_same_with_either_mac_state():
+    """seal gives the same bytes with keys.Key.header_cmac, header_mac, or a fresh hmac.HMAC."""
+    for vec in BASE:
+        key = RING.get(vec["key_id"])
+        head26 = header.prefix(vec["key_id"], vec["type"], vec["flags"], vec["route"], vec["family"],
+                               vec["port"], bytes.fromhex(vec["address"]))
+        ts6 = header.timestamp_bytes(vec["timestamp_ms"])
+        py_state = hmac.new(HEADER_KEYS[vec["key_id"]], digestmod=hashlib.sha256)
+        payload = memoryview(bytearray.fromhex(vec["payload"]))
+        assert header.seal(py_state, head26, ts6, payload).hex() == vec["header"]
+        assert header.seal(key.header_mac, head26, ts6, payload).hex() == vec["header"]
+        assert header.seal(key.header_cmac, head26, ts6, payload).hex() == vec["header"]
