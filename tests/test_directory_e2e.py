@@ -12,22 +12,32 @@ moves the client from A to B.
     (RFC 7675, every 5 s here) reopens the flow through its routing token.
 Both gaps are printed; the asserts only say that the call resumes (and that
 with the directory B learned the flow from Redis, not from a consent check).
-Loopback only (no network namespaces): see the closing note of issue 8.
+The same again with two relay *hosts* in network namespaces: the PoP's
+anycast address is on both, and the client's namespace routes it to A, then
+(mid-call, `ip route replace`) to B; the transceiver and redis-server live
+in a fourth namespace.
 """
 
+import json
 import os
 import random
 import selectors
+import shutil
 import socket
+import subprocess
+import sys
 import time
 
-from edge_relay import demo, directory, header, resp, sockaddr
+import pytest
+
+import netns
+from edge_relay import demo, directory, header, keys as keys_mod, resp, sockaddr
 from edge_relay.drops import Drop
 from edge_relay.flows import CONFIRMED, FlowTable
 from edge_relay.keys import KeyRing
 from edge_relay.router import FLOWS_FROM_DIRECTORY, Policy, Router, TO_TX_PACKETS
-from relayproc import (CountingClient, Relay, Setup, Traffic, Transceiver, http_get, parse_prometheus,
-                       wait_for)
+from relayproc import (ROOT, CountingClient, Relay, Setup, Traffic, Transceiver, http_get,
+                       parse_prometheus, wait_for)
 from redisserver import redis_server
 
 
@@ -219,6 +229,7 @@ def call_moved_mid_way(tmp_path, extra, label):
         tx.sock.close()
 
 
+@pytest.mark.slow
 def test_a_moved_call_resumes_at_once_with_the_directory_and_at_consent_without(tmp_path):
     with redis_server(tmp_path) as redis:
         extra = f'\n[probes]\nenabled = false\n\n[directory]\naddress = "{redis.address}"\n'
@@ -231,3 +242,157 @@ def test_a_moved_call_resumes_at_once_with_the_directory_and_at_consent_without(
     assert events[(("event", "from_directory"),)] == 0
     print(f"\ndirectory gaps: {gap_with * 1000:.0f} ms with, {gap_without * 1000:.0f} ms without "
           f"(the next consent check)")
+
+
+# -- two relay hosts in network namespaces ---------------------------------------------
+
+VIP = "198.19.255.1"          # the PoP's anycast address: on lo of both relay hosts
+CLIENT_IP = "198.19.254.1"    # the caller's address: on lo of the client host
+
+NETNS_CLIENT = r"""
+import json, socket, sys, time
+from edge_relay import demo
+vip, port, ufrag, password, client_ip, seconds = sys.argv[1:7]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((client_ip, 0))
+s.connect((vip, int(port)))
+vc = demo.VoiceClient((vip, int(port)), ufrag, password, sock=s)
+arrivals = []
+orig = vc.receive
+def receive(data, now):
+    before = vc.received
+    orig(data, now)
+    if vc.received > before:
+        arrivals.append(now)
+vc.receive = receive
+said = {}
+def on_second(elapsed):
+    if vc.connected and arrivals and not said:
+        said["at"] = time.monotonic()
+        print("connected", flush=True)
+demo.run_clients([vc], float(seconds), on_second)
+gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+print(json.dumps({"connected": vc.connected, "received": vc.received, "sent": vc.sent,
+                  "max_gap": max(gaps) if gaps else None}), flush=True)
+"""
+
+NETNS_TRANSCEIVER = r"""
+import socket, sys
+from edge_relay import demo, keys
+keyring = keys.load_dir(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[2])))
+s.setblocking(False)
+print("ready", flush=True)
+demo.DemoTransceiver(keyring, 1, s, io_mode="plain").serve()
+"""
+
+NETNS_METRICS = r"""
+import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())
+"""
+
+RELAY_CONFIG = """\
+[relay]
+workers = 1
+drain_seconds = 0.2
+
+[[listeners]]
+address = "{vip}"
+port = 3478
+
+[internal]
+address = "{internal}"
+port = 4478
+
+[keys]
+dir = "{key_dir}"
+
+[[transceivers]]
+id = 1
+address = "{tx}"
+port = 5000
+
+[management]
+address = "127.0.0.1"
+port = 9477
+
+[probes]
+enabled = false
+{directory}"""
+
+
+NETNS_PING_REDIS = r"""
+import socket, sys
+with socket.create_connection((sys.argv[1], 6379), timeout=1) as s:
+    s.sendall(b"PING\r\n")
+    print(s.recv(16).decode().strip())
+"""
+
+
+def netns_moved_call(netns_factory, tmp_path, use_directory):
+    """One call moved from relay host A to B by a route change; (client result, B's from_directory)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed (scripts/bootstrap --apt redis-server)")
+    c, a, b, t = (netns_factory() for _ in range(4))
+    ca, cb = netns_factory.veth(c, a), netns_factory.veth(c, b)
+    at, bt = netns_factory.veth(a, t), netns_factory.veth(b, t)
+    c.ip("addr", "add", f"{CLIENT_IP}/32", "dev", "lo")
+    for relay_ns, link in ((a, ca), (b, cb)):
+        relay_ns.ip("addr", "add", f"{VIP}/32", "dev", "lo")
+        relay_ns.ip("route", "add", f"{CLIENT_IP}/32", "via", link.ipv4_a)
+    c.ip("route", "add", f"{VIP}/32", "via", ca.ipv4_b)          # the hash: relay A
+    key_dir = tmp_path / "keys"
+    key_dir.mkdir(mode=0o700)
+    keys_mod.write_key_file(key_dir, 1)
+    keyring = keys_mod.load_dir(key_dir)
+    tx = t.python(NETNS_TRANSCEIVER, str(key_dir), "5000")
+    assert tx.readline(10) == "ready"
+    directory = ""
+    if use_directory:
+        redis = t.popen("redis-server", "--save", "", "--appendonly", "no", "--port", "6379",
+                        "--bind", "0.0.0.0", "--protected-mode", "no", "--daemonize", "no",
+                        "--dir", str(tmp_path))
+        for link in (at, bt):
+            netns.wait_for(lambda link=link: redis.poll() is None and "PONG" in link.ns_a.python(
+                NETNS_PING_REDIS, link.ipv4_b, stderr=subprocess.DEVNULL).communicate(timeout=5)[0].decode(),
+                10, what="redis-server in the transceiver namespace")
+    relays = {}
+    for name, relay_ns, link in (("a", a, at), ("b", b, bt)):
+        folder = tmp_path / name
+        folder.mkdir()
+        if use_directory:
+            directory = f'\n[directory]\naddress = "{link.ipv4_b}:6379"\n'
+        (folder / "edge-relay.toml").write_text(RELAY_CONFIG.format(
+            vip=VIP, internal=link.ipv4_a, key_dir=key_dir, tx=link.ipv4_b, directory=directory))
+        relays[name] = relay_ns.popen(sys.executable, "-m", "edge_relay", "run", "--config",
+                                      str(folder / "edge-relay.toml"), stdout=subprocess.DEVNULL,
+                                      env=dict(os.environ, PYTHONPATH=ROOT))
+    for name, relay_ns in (("a", a), ("b", b)):
+        netns.wait_for(lambda ns=relay_ns: "edge_relay_ready 1" in ns.python(
+            NETNS_METRICS, "http://127.0.0.1:9477/metrics").communicate(timeout=10)[0].decode(),
+            15, what=f"relay {name} to be ready")
+    ufrag, password = demo.mint_session(keyring, 1, time.time())
+    client = c.python(NETNS_CLIENT, VIP, "3478", ufrag, password, CLIENT_IP, "9")
+    assert client.readline(10) == "connected"
+    time.sleep(1.5)
+    c.ip("route", "replace", f"{VIP}/32", "via", cb.ipv4_b)      # the hash moves the call to B
+    result = json.loads(client.readline(20))
+    out = b.python(NETNS_METRICS, "http://127.0.0.1:9477/metrics").communicate(timeout=10)[0].decode()
+    from_directory = [line for line in out.splitlines()
+                      if line.startswith('edge_relay_flow_events_total{event="from_directory"}')]
+    return result, float(from_directory[0].split()[-1])
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_two_relay_hosts_in_namespaces_with_and_without_the_directory(netns_factory, tmp_path):
+    (tmp_path / "with").mkdir()
+    (tmp_path / "without").mkdir()
+    with_dir, learned = netns_moved_call(netns_factory, tmp_path / "with", True)
+    assert with_dir["connected"] and learned == 1
+    without, learned_without = netns_moved_call(netns_factory, tmp_path / "without", False)
+    assert without["connected"] and learned_without == 0
+    print(f"\nnetns directory gaps (longest silence of the call moved from host A to host B): "
+          f"{with_dir['max_gap'] * 1000:.0f} ms with the directory, "
+          f"{without['max_gap'] * 1000:.0f} ms without (next consent check)")

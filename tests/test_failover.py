@@ -146,6 +146,7 @@ def start_transceiver(key_dir, tx_id, port, redis_address, log_path):
                             env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, stdout=log, stderr=log)
 
 
+@pytest.mark.slow
 def test_kill_the_primary_mid_call_the_call_continues_through_the_backup(tmp_path):
     with redis_server(tmp_path) as redis:
         backup_port = free_port()
