@@ -131,6 +131,84 @@ def test_flow_meter_memory_is_bounded_by_flows_that_are_heavy():
     assert len(m.heavy) == 0
 
 
+def test_source_buckets_expire_forgets_only_refilled_buckets_with_bounded_work_per_call():
+    s = SourceBuckets(rate=10.0, burst=4, max_sources=10**6)     # refills in 0.4 s
+    for i in range(1000):
+        assert s.take(i, 0.0)
+    for i in range(0, 1000, 2):             # the even sources are busier: empty at 0.0
+        for _ in range(3):
+            s.take(i, 0.0)
+    assert s.expire(0.0) == 0 and len(s) == 1000
+    # at 0.35 s the odd ones (3 tokens + 3.5) are full, the even ones (0 + 3.5) are not
+    forgotten, calls = 0, 0
+    while True:
+        calls += 1
+        forgotten += s.expire(0.35, budget=64)
+        if s._pass is None:
+            break
+    assert calls == (1000 + 63) // 64
+    assert forgotten == 500 and sorted(s.buckets) == list(range(0, 1000, 2))
+    # the survivors keep their state: an even source still has 3.5 tokens
+    assert [s.take(0, 0.35) for _ in range(4)] == [True, True, True, False]
+    # keys added during a pass wait for the next one; keys gone meanwhile are skipped
+    assert s.expire(0.6, budget=100) == 99           # 0 was taken from at 0.35: 3 of 4 tokens at 0.6
+    s.take("new", 0.6)
+    del s.buckets[498]
+    while s._pass is not None:
+        s.expire(0.6, budget=100)
+    assert set(s.buckets) == {0, "new"}
+    while True:                                       # next pass: both full at 2.0
+        s.expire(2.0)
+        if s._pass is None:
+            break
+    assert len(s) == 0 and s.expire(2.0) == 0 and s._pass is None
+
+
+def test_source_buckets_expire_matches_the_full_sweep():
+    import random
+    rng = random.Random(3)
+    a = SourceBuckets(rate=5.0, burst=3, max_sources=10**6)
+    b = SourceBuckets(rate=5.0, burst=3, max_sources=10**6)
+    now = 0.0
+    for step in range(50):
+        now += rng.random() * 0.3
+        for _ in range(rng.randrange(200)):
+            k = rng.randrange(500)
+            assert a.take(k, now) == b.take(k, now)
+        while True:
+            a.expire(now, budget=rng.randrange(1, 300))
+            if a._pass is None:
+                break
+        b._next_sweep = -float("inf")
+        b._sweep(now)                 # the full sweep the table does when full
+        assert a.buckets == b.buckets, step
+
+
+def test_flow_meter_batch_is_allow_with_the_window_checked_once():
+    import random
+    rng = random.Random(11)
+    for burst, cells in ((8, 4), (40, 16), (2000, 65536)):
+        ref = FlowMeter(rate=burst / 0.5, burst=burst, cells=cells)
+        new = FlowMeter(rate=burst / 0.5, burst=burst, cells=cells)
+        keys = [os.urandom(16) for _ in range(40)] + [b"x" * 16, ("a", 1)]
+        now = 0.0
+        for _ in range(400):
+            now += rng.choice((0.0, 0.001, 0.05, 0.3, 1.0)) * (1 if rng.random() < 0.95 else -1)
+            allow = new.batch(now)
+            batch = [rng.choice(keys[:3]) if rng.random() < 0.5 else rng.choice(keys)
+                     for _ in range(rng.randrange(1, 33))]
+            assert [ref.allow(k, now) for k in batch] == [allow(k) for k in batch]
+            assert (ref.current, ref.heavy, ref.row0, ref.row1) == (new.current, new.heavy, new.row0, new.row1)
+
+
+def test_flow_meter_batch_caps_a_flow_at_burst():
+    m = FlowMeter(rate=100.0, burst=10)               # window 0.1 s
+    allow = m.batch(0.0)
+    assert sum(allow(b"k") for _ in range(25)) == 10
+    assert sum(m.batch(0.05)(b"k") for _ in range(5)) == 0      # same window
+    assert sum(m.batch(0.1)(b"k") for _ in range(25)) == 10     # next window
+
+
 def test_policy_from_limits_carries_every_rate_key():
     from edge_relay import config
     cfg = config.parse({"listeners": [{"address": "127.0.0.1"}],
