@@ -124,7 +124,7 @@ class Worker:
         if directory is not None:
             d = cfg.directory
             self.redis = resp.Client(config_mod.redis_target(d.address), timeout=d.timeout,
-                                     max_pending=max(1024, d.max_lookups * 2), now=clock())
+                                     max_pending=65536, now=clock())
         self._sel = None
         self._redis_fd = None
         self._redis_events = 0
@@ -258,15 +258,13 @@ class Worker:
         router = self.router
         router.report(now)
         if router.directory is not None:
-            for cmd in router.directory.refresh(router.directory_snapshot, now):
+            # every confirmed flow once per ttl/3, spread over the publication ticks in between
+            ticks = max(1.0, router.directory.ttl / 3 / PUBLISH_INTERVAL)
+            budget = max(256, int(router.flows.confirmed / ticks) + 1)
+            for cmd in router.directory.refresh(router.directory_snapshot, now, budget):
                 router.dir_commands.append(cmd)
             if router.dir_commands:
                 self._tell_directory()
-
-    def extra_metrics(self):
-        """Probe, quality and directory numbers for the supervisor (metrics.encode_extra)."""
-        from . import metrics
-        return metrics.extra_of(self)
 
     # -- control --------------------------------------------------------------
 

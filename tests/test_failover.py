@@ -215,3 +215,36 @@ def test_kill_the_primary_mid_call_the_call_continues_through_the_backup(tmp_pat
                 if p.poll() is None:
                     p.kill()
                 p.wait(timeout=10)
+
+
+def test_router_accounts_for_every_datagram_while_failing_over():
+    """The fuzz invariant of test_router_fuzz with a transceiver down and its flows moving."""
+    import random
+
+    from test_router_fuzz import CASES, make_router, mutate, seeds
+    from edge_relay import probes, sockaddr
+    rng = random.Random(8)
+    r = make_router()
+    r.prober = probes.Prober([1, 2], now=0.0)
+    r.configure(r.keyring, r.transceivers, r.policy, {1: 2})
+    wall = time.time()
+    base = seeds(wall)
+    addrs = [sockaddr.from_tuple((f"198.51.100.{i}", 1000 + i)) for i in range(8)]
+    for case in range(CASES):
+        if case == CASES // 3:
+            r.prober.health[1].up = False          # as after three missed probes
+            r._reroute()
+        if case == 2 * CASES // 3:
+            r.prober.health[1].up = True
+            r._reroute()
+        n = rng.randrange(1, 9)
+        views = [memoryview(mutate(rng, rng.choice(base)) if rng.random() < 0.7 else rng.choice(base))
+                 for _ in range(n)]
+        drops_before, sent_before = sum(r.drops), r.stats[router_mod.TO_TX_PACKETS]
+        r.from_clients(rng.randrange(2), views, [rng.choice(addrs) for _ in range(n)], n, case * 0.01,
+                       int(wall * 1000))
+        assert (sum(r.drops) - drops_before) + (r.stats[router_mod.TO_TX_PACKETS] - sent_before) == n
+        for _, head, _ in r.to_transceivers:
+            assert head[5] in (0, header.FLAG_FAILOVER)
+        r.clear_output()
+    assert r.stats[router_mod.FLOWS_FAILED_OVER] > 0
