@@ -9,6 +9,7 @@ socket, every datagram sent before it has reached its socket too.
 """
 
 import contextlib
+import ctypes
 import errno
 import os
 import select
@@ -222,6 +223,66 @@ def test_forwarding_received_views_with_a_header(make_io, sockets):
     msgs = [(sa(target), b"HDR%d|" % i, io.views[i][7:]) for i in range(n)]
     assert io.send(msgs) == 3
     assert recv_datagrams(target, 3) == [b"HDR0|-0", b"HDR1|-1", b"HDR2|-2"]
+
+
+def test_ptrs_are_the_addresses_of_the_views(make_io, sockets, mode):
+    io, sock = make_io(batch_size=8, bufsize=256)
+    client = sockets()
+    sizes = [0, 1, 17, 256, 300, 40]                   # 300: truncated, not returned
+    queue(sock, [(client, bytes([i + 1]) * size) for i, size in enumerate(sizes)])
+    n = io.recv()
+    assert n == 5 and io.truncated == 1
+    for i in range(n):
+        if mode == "mmsg":
+            assert ctypes.string_at(io.ptrs[i], len(io.views[i])) == bytes(io.views[i])
+            if len(io.views[i]):
+                assert io.ptrs[i] == ctypes.addressof(ctypes.c_char.from_buffer(io.views[i]))
+        else:
+            assert io.ptrs[i] == 0
+
+
+def test_send_with_body_address_is_the_same_datagram(make_io, sockets):
+    """(sa, head, body, body_addr) and (sa, None, body, body_addr) against the 3- and 2-tuple forms."""
+    io, sock = make_io(batch_size=4, bufsize=256)
+    client, target = sockets(), sockets()
+    queue(sock, [(client, b"payload-%d" % i) for i in range(4)])
+    n = io.recv()
+    assert n == 4
+    dest = sa(target)
+    msgs = [(dest, b"H%d|" % i, io.views[i][7:], io.ptrs[i] and io.ptrs[i] + 7) for i in range(n)]
+    msgs += [(dest, None, io.views[i][8:], io.ptrs[i] and io.ptrs[i] + 8) for i in range(n)]
+    msgs += [(dest, None, io.views[0], 0), (dest, b"h|", io.views[1], 0), (dest, bytearray(b"b|"), io.views[2],
+                                                                              io.ptrs[2])]
+    want = [b"H%d|-%d" % (i, i) for i in range(n)] + [b"%d" % i for i in range(n)] + [
+        b"payload-0", b"h|payload-1", b"b|payload-2"]
+    assert io.send(msgs) == len(want)
+    assert recv_datagrams(target, len(want)) == want
+    assert_nothing_more(target)
+
+
+def test_recv_fuzz_sizes_sources_and_truncation(make_io, sockets):
+    """Random batches: every datagram not over bufsize comes back, in order, from its source."""
+    import random
+    rng = random.Random(5)
+    io, sock = make_io(batch_size=8, bufsize=64)
+    senders = [sockets() for _ in range(3)]
+    for _ in range(25):
+        sends = [(rng.choice(senders), rng.randbytes(rng.choice((0, 1, 5, 63, 64, 65, 200))))
+                 for _ in range(rng.randrange(1, 12))]
+        queue(sock, sends)
+        want = [(p, sa(s)) for s, p in sends if len(p) <= 64]
+        got = []
+        truncated = io.truncated
+        for _ in range(10):
+            n = io.recv()
+            if n == 0:
+                break
+            got += received(io, n)
+            if io.name == "mmsg":
+                assert all(ctypes.string_at(io.ptrs[i], len(io.views[i])) == bytes(io.views[i])
+                           for i in range(n))
+        assert got == want
+        assert io.truncated - truncated == len(sends) - len(want)
 
 
 def test_send_more_than_batch_size_in_one_call(make_io, sockets):
