@@ -374,11 +374,19 @@ def redis_target(address):
     return (host.strip("[]"), int(port))
 
 
+def _probe_timeout(value, base_dir):
+    # probes.Prober remembers a probe for at most 1 s (max_timeout)
+    number = _number(0, inclusive=True)(value, base_dir)
+    if number > 1.0:
+        raise _got("must be a number in 0..1 (0 = adaptive)", value)
+    return number
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Probes:
     enabled: bool = _key(_bool, True)
     interval: float = _key(_number(0.01, inclusive=True), 0.25)      # seconds per transceiver
-    timeout: float = _key(_number(0, inclusive=True), 0.0)           # 0 = adaptive (RFC 6298)
+    timeout: float = _key(_probe_timeout, 0.0)                       # 0 = adaptive (RFC 6298)
     down_after: int = _key(_integer(1, 100), 3)                      # consecutive misses
     up_after: int = _key(_integer(1, 100), 2)                        # consecutive answers
 

@@ -280,8 +280,16 @@ class Worker:
             self.log.err("reload", "reload refused, keeping the running config: %s",
                          str(exc).replace("\n", "; "))
             return False
-        self.cfg = cfg
-        self.router.configure(keyring, transceiver_addrs(cfg), policy_of(cfg), backups_of(cfg))
+        old, self.cfg = self.cfg, cfg
+        router = self.router
+        if cfg.probes != old.probes:
+            # new probe settings: start over (every transceiver up, as at start)
+            router.prober = prober_of(cfg, self.clock())
+        if cfg.quality != old.quality:
+            router.quality = quality_of(cfg)       # sampled flows start over too
+        if cfg.directory != old.directory:
+            self.log.warning("reload", "[directory] changes take effect at the next restart")
+        router.configure(keyring, transceiver_addrs(cfg), policy_of(cfg), backups_of(cfg))
         self.log.set_level(cfg.log.level)
         self.reloads += 1
         self.log.notice("reload", "reloaded: %d transceivers, signing key %d",

@@ -678,6 +678,8 @@ def test_probe_quality_directory_defaults():
     ("probes.enabled", 1, "must be true or false"),
     ("probes.interval", 0.001, "must be a number >= 0.01"),
     ("probes.down_after", 0, "must be an integer in 1..100"),
+    ("probes.timeout", 1.5, "must be a number in 0..1"),
+    ("probes.timeout", -1, "must be a number >= 0"),
     ("probes.up_after", 101, "must be an integer in 1..100"),
     ("quality.sample_every", -1, "must be an integer in 0..1000000"),
     ("quality.report_interval", 0.0, "must be a number >= 0.1"),

@@ -248,3 +248,29 @@ def test_router_accounts_for_every_datagram_while_failing_over():
             assert head[5] in (0, header.FLAG_FAILOVER)
         r.clear_output()
     assert r.stats[router_mod.FLOWS_FAILED_OVER] > 0
+
+
+def test_reload_applies_probe_settings_and_backups(tmp_path):
+    from edge_relay import config as config_mod     # the harness has no file: reload a parsed config
+    clock = Clock()
+    h = make(tmp_path, clock)
+    try:
+        tick(h, clock, 0.5)
+        data = dict(h.config_data, probes={"enabled": True, "interval": 0.5, "down_after": 2})
+        data["transceivers"] = [dict(t) for t in data["transceivers"]]
+        data["transceivers"][0].pop("backup")
+        cfg = config_mod.parse(data, tmp_path)
+        h.worker.config_path = "unused"
+        orig = config_mod.load
+        config_mod.load = lambda path: cfg
+        try:
+            assert h.worker.reload()
+        finally:
+            config_mod.load = orig
+        assert h.router.prober.interval == 0.5 and h.router.prober.down_after == 2
+        assert h.router.backups == {}
+        h.demos.pop(1)
+        tick(h, clock, 2.0)
+        assert not h.router.prober.is_up(1) and h.router.redirect == {}    # no backup: nowhere to go
+    finally:
+        h.close()
