@@ -85,7 +85,9 @@ def test_sigkill_one_worker_loses_no_flow_of_the_others(started):
         lost_others = sum(c.sent - c.received for c in others)
         print(f"\nothers: sent {sum(c.sent for c in others)} received {sum(c.received for c in others)}; "
               f"victims resumed: {[c.received - before[c] for c in victims]}")
-        assert lost_others == 0
+        drops = {labels: n for labels, n in metrics(setup)["edge_relay_drops_total"]["samples"].items() if n}
+        assert lost_others == 0, f"relay drops: {drops}; per client: {[(c.sent, c.received) for c in others]}"
+
         assert all(c.received - before[c] >= 40 for c in victims)   # >= 0.8 s of media after the restart
     finally:
         traffic.close()
