@@ -43,7 +43,7 @@ def cmd_check_config(args):
         return EXIT_ERROR
     if args.keys:
         try:
-            keys.load_dir(cfg.keys.dir, cfg.keys.signing_key_id)
+            config_mod.load_keys(cfg)
         except EdgeRelayError as exc:
             print(f"{args.file}: keys.dir: {exc}", file=sys.stderr)
             return EXIT_ERROR
@@ -69,8 +69,8 @@ def cmd_keygen(args):
 
 def _keyring_for(args):
     if args.config:
-        cfg = config_mod.load(args.config)
-        return keys.load_dir(cfg.keys.dir, cfg.keys.signing_key_id), cfg
+        cfg, keyring = config_mod.load_with_keys(args.config)
+        return keyring, cfg
     return keys.load_dir(args.keys), None
 
 

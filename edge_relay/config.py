@@ -35,6 +35,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
+from . import keys as keys_mod
 from .errors import ConfigError
 
 DEFAULT_PATH = "/etc/edge-relay/edge-relay.toml"
@@ -694,3 +695,17 @@ def load(path=DEFAULT_PATH):
         message = " ".join(str(err).split())  # one line, whatever tomllib says
         raise ConfigError([(where, f"TOML syntax error: {_escape(message)}")]) from None
     return parse(data, path.absolute().parent)
+
+
+def load_keys(cfg):
+    """The key ring `cfg` names (keys.dir, keys.signing_key_id); KeyFileError naming the file."""
+    return keys_mod.load_dir(cfg.keys.dir, cfg.keys.signing_key_id)
+
+
+def load_with_keys(path=DEFAULT_PATH):
+    """(Config, KeyRing) for the config file at `path`: what start-up and every reload validate.
+
+    Raises ConfigError or KeyFileError (both EdgeRelayError), one line per problem.
+    """
+    cfg = load(path)
+    return cfg, load_keys(cfg)

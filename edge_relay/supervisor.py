@@ -48,7 +48,7 @@ import sys
 import time
 import traceback
 
-from . import config as config_mod, httpd, keys, metrics, sdnotify, sockets
+from . import config as config_mod, httpd, metrics, sdnotify, sockets
 from .errors import EdgeRelayError, StartupError
 from .log import Log
 from .worker import Worker, flow_table
@@ -66,7 +66,7 @@ CTL_MAX = 256
 
 def run(config_path, cfg, workers=None):
     log = Log(level=cfg.log.level)
-    keyring = keys.load_dir(cfg.keys.dir, cfg.keys.signing_key_id)
+    keyring = config_mod.load_keys(cfg)
     sup = Supervisor(config_path, cfg, keyring, log, workers=workers)
     try:
         return sup.run()
@@ -475,8 +475,7 @@ class Supervisor:
     def reload(self):
         self.notifier.reloading()
         try:
-            cfg = config_mod.load(self.config_path)
-            keyring = keys.load_dir(cfg.keys.dir, cfg.keys.signing_key_id)
+            cfg, keyring = config_mod.load_with_keys(self.config_path)
         except EdgeRelayError as exc:
             self.reload_failures += 1
             self.log.err("reload", "reload refused, keeping the running config: %s",

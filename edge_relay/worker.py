@@ -33,7 +33,7 @@ import signal
 import socket
 import time
 
-from . import batchio, config as config_mod, keys, resp, sockaddr
+from . import batchio, config as config_mod, resp, sockaddr
 from .directory import Directory
 from .drops import Drop
 from .errors import EdgeRelayError
@@ -273,8 +273,7 @@ class Worker:
         if self.config_path is None:
             return False
         try:
-            cfg = config_mod.load(self.config_path)
-            keyring = keys.load_dir(cfg.keys.dir, cfg.keys.signing_key_id)
+            cfg, keyring = config_mod.load_with_keys(self.config_path)
         except EdgeRelayError as exc:
             self.reload_failures += 1
             self.log.err("reload", "reload refused, keeping the running config: %s",
