@@ -16,8 +16,9 @@ Theory of operation
   A refusal is a plain False; the router turns it into a Drop reason.
 
 Memory (bounded whatever an attacker sends)
-  * SourceBuckets holds at most `max_sources` buckets (two floats in a list
-    each, about 150 bytes with the dict entry and the key). When the table is
+  * SourceBuckets holds at most `max_sources` buckets (one float each, the
+    time the bucket is full again: about 76 bytes with the dict entry and
+    the key, where a [tokens, stamp] list took 150). When the table is
     full, buckets that have refilled completely are forgotten first (a full
     bucket is exactly what a newcomer gets, so forgetting it changes nothing);
     if none has, a newcomer is let through untracked and counted in
@@ -72,10 +73,18 @@ class SourceBuckets:
     """One token bucket per key (a source IP), in a table of at most `max_sources`.
 
     `take(key, now)` is True when `key` may open one more flow now.
+
+    A bucket is stored as one float, `full_at`: the time it holds `burst`
+    tokens again (the "theoretical arrival time" of GCRA, ITU-T I.371). At
+    `now` it holds burst - (full_at - now) * rate tokens, all of them when
+    full_at <= now. Spending a token moves full_at 1/rate later; one is
+    there to spend while full_at - now <= (burst - 1) / rate. That is the
+    token bucket of `Bucket`, kept in a third of the memory. A clock that
+    steps back adds no tokens (it can only make fewer appear).
     """
 
     __slots__ = ("rate", "burst", "max_sources", "buckets", "untracked", "_refill_time",
-                 "_next_sweep", "_pass", "_pos")
+                 "_next_sweep", "_pass", "_pos", "_interval", "_tolerance")
 
     def __init__(self, rate, burst, max_sources=65536):
         if not (rate > 0 and math.isfinite(rate)) or burst < 1 or max_sources < 1:
@@ -83,30 +92,32 @@ class SourceBuckets:
         self.rate = float(rate)
         self.burst = float(burst)
         self.max_sources = max_sources
-        self.buckets = {}           # key -> [tokens, stamp]
+        self.buckets = {}           # key -> full_at: when its bucket holds `burst` tokens again
         self.untracked = 0          # newcomers let through untracked: table full of busy sources
         self._refill_time = self.burst / self.rate   # seconds for an empty bucket to fill
         self._next_sweep = -math.inf
+        self._interval = 1.0 / self.rate             # what one token moves full_at
+        # full_at - now at which one token is left; the 1e-9 token of slack
+        # keeps float rounding in `full_at += interval` from refusing the
+        # burst-th token of a burst taken at one instant
+        self._tolerance = (self.burst - 1.0 + 1e-9) / self.rate
         self._pass = None           # expire(): the keys of the pass in progress, or None
         self._pos = 0               # expire(): how far into them
 
     def take(self, key, now):
-        b = self.buckets.get(key)
-        if b is None:
+        full_at = self.buckets.get(key)
+        if full_at is None:
             if len(self.buckets) >= self.max_sources and not self._sweep(now):
                 self.untracked += 1
                 return True
-            self.buckets[key] = [self.burst - 1.0, now]
+            self.buckets[key] = now + self._interval      # a full bucket, less one token
             return True
-        elapsed = now - b[1]
-        if elapsed > 0.0:
-            tokens = b[0] + elapsed * self.rate
-            b[0] = tokens if tokens < self.burst else self.burst
-            b[1] = now
-        if b[0] >= 1.0:
-            b[0] -= 1.0
-            return True
-        return False
+        if full_at < now:
+            full_at = now
+        if full_at - now > self._tolerance:
+            return False
+        self.buckets[key] = full_at + self._interval
+        return True
 
     def _sweep(self, now):
         """Forget every bucket that is full again at `now`; True if any room was made.
@@ -118,9 +129,7 @@ class SourceBuckets:
         """
         if now < self._next_sweep:
             return False
-        rate, burst = self.rate, self.burst
-        stale = [k for k, (tokens, stamp) in self.buckets.items()
-                 if tokens + (now - stamp) * rate >= burst]
+        stale = [k for k, full_at in self.buckets.items() if full_at <= now]
         for k in stale:
             del self.buckets[k]
         if not stale:
@@ -151,12 +160,11 @@ class SourceBuckets:
         end = min(start + max(1, budget), len(keys))
         buckets = self.buckets
         get = buckets.get
-        rate, burst = self.rate, self.burst
         forgotten = 0
         for i in range(start, end):
             k = keys[i]
-            b = get(k)
-            if b is not None and b[0] + (now - b[1]) * rate >= burst:
+            full_at = get(k)
+            if full_at is not None and full_at <= now:
                 del buckets[k]
                 forgotten += 1
         if end >= len(keys):

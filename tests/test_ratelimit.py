@@ -131,6 +131,56 @@ def test_flow_meter_memory_is_bounded_by_flows_that_are_heavy():
     assert len(m.heavy) == 0
 
 
+class ExactBucket:
+    """The token bucket SourceBuckets keeps per key, in exact arithmetic: the reference."""
+
+    def __init__(self, rate, burst, now):
+        from fractions import Fraction
+        self.rate, self.burst = Fraction(rate), Fraction(burst)
+        self.tokens, self.stamp = self.burst, Fraction(now)
+
+    def take(self, now):
+        from fractions import Fraction
+        now = Fraction(now)
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def full(self, now):
+        from fractions import Fraction
+        return self.tokens + (Fraction(now) - self.stamp) * self.rate >= self.burst
+
+
+@pytest.mark.parametrize("rate, burst", [(1.0, 1), (4.0, 3), (0.5, 2), (64.0, 40), (1024.0, 7)])
+def test_source_buckets_are_exact_token_buckets(rate, burst):
+    """One float per key (full_at) answers as a [tokens, stamp] bucket would, on every take."""
+    import random
+    rng = random.Random(int(rate * 10 + burst))
+    s = SourceBuckets(rate=rate, burst=burst, max_sources=10**6)
+    ref = {}
+    now = 0.0
+    for _ in range(3000):
+        now += rng.choice((0, 0, 1, 1, 2, 5, 64, 300)) / 256     # dyadic: exact in floats
+        k = rng.randrange(6)
+        if k not in ref:
+            ref[k] = ExactBucket(rate, burst, now)
+        assert s.take(k, now) == ref[k].take(now), (k, now)
+        if rng.random() < 0.05:
+            s.expire(now, budget=2)
+            assert all(ref[k].full(now) for k in ref if k not in s.buckets)
+
+
+def test_source_buckets_burst_at_one_instant_despite_float_rounding():
+    s = SourceBuckets(rate=20.0, burst=40)            # 1/20 is not exact in binary
+    assert [s.take("a", 5.0) for _ in range(41)] == [True] * 40 + [False]
+    assert [s.take("a", 6.0) for _ in range(21)] == [True] * 20 + [False]
+    assert [s.take("b", 0.1 * i) for i in range(1, 200)].count(False) == 0    # 10/s under 20/s
+
+
 def test_source_buckets_expire_forgets_only_refilled_buckets_with_bounded_work_per_call():
     s = SourceBuckets(rate=10.0, burst=4, max_sources=10**6)     # refills in 0.4 s
     for i in range(1000):
