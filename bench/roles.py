@@ -434,8 +434,8 @@ def null_main(pub, internal, tx_addr, back_addr, cpu):
                     n = pio.recv()
                     if not n:
                         break
-                    views = pio.views
-                    iio.send([(tx_sa, head, views[i]) for i in range(n)])
+                    views, ptrs = pio.views, pio.ptrs
+                    iio.send([(tx_sa, head, views[i], ptrs[i]) for i in range(n)])
                     if n < BATCH:
                         break
             else:
@@ -443,8 +443,8 @@ def null_main(pub, internal, tx_addr, back_addr, cpu):
                     n = iio.recv()
                     if not n:
                         break
-                    views = iio.views
-                    pio.send([(back_sa, views[i][hl:]) for i in range(n)])
+                    views, ptrs = iio.views, iio.ptrs
+                    pio.send([(back_sa, None, views[i][hl:], ptrs[i] + hl) for i in range(n)])
                     if n < BATCH:
                         break
 

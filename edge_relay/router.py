@@ -154,17 +154,19 @@ class Router:
 
     # -- client -> transceiver ------------------------------------------------
 
-    def from_clients(self, listener, views, addrs, n, now, wall_ms):
-        """Route `n` datagrams received on `listener` (views[i] from addrs[i])."""
+    def from_clients(self, listener, views, addrs, n, now, wall_ms, ptrs=None):
+        """Route `n` datagrams received on `listener` (views[i] from addrs[i], at address ptrs[i]: batchio)."""
         flows = self.flows.by_listener[listener]
         drops = self.drops
         out = self.to_transceivers
-        mac = self.keyring.signing.header_mac
+        mac = self.keyring.signing.header_cmac
         ts6 = header.timestamp_bytes(wall_ms)
         sent = sent_bytes = in_bytes = 0
+        if ptrs is None:
+            ptrs = [0] * n
         seal = header.seal
         transceivers = self.transceivers
-        flow_allow = self.limits.per_flow.allow
+        flow_allow = self.limits.per_flow.batch(now)
         redirect = self.redirect
         quality = self.quality
         qget = quality.flows.get if quality is not None else None
@@ -183,7 +185,7 @@ class Router:
                 if not kind:
                     drops[Drop.NOT_WEBRTC] += 1
                     continue
-                if not flow_allow(flow.key, now):
+                if not flow_allow(flow.key):
                     drops[Drop.RATE_FLOW_PACKETS] += 1
                     continue
                 if flow.state == CONFIRMED:
@@ -203,7 +205,7 @@ class Router:
                 if tx_sa is None:       # its transceiver left the config at a reload
                     drops[Drop.UNKNOWN_TRANSCEIVER] += 1
                     continue
-            out.append((tx_sa, seal(mac, head, ts6, data), data))
+            out.append((tx_sa, seal(mac, head, ts6, data), data, ptrs[i]))
             sent += 1
             sent_bytes += len(data)
         stats = self.stats
@@ -293,7 +295,7 @@ class Router:
         flow.restart_to = tx_id
         out = self.to_transceivers
         tx_sa, head = self.transceivers[tx_id], self._prefix(flow, cache=False)
-        out.append((tx_sa, header.seal(self.keyring.signing.header_mac, head,
+        out.append((tx_sa, header.seal(self.keyring.signing.header_cmac, head,
                                        header.timestamp_bytes(wall_ms), data), data))
         self.stats[TO_TX_PACKETS] += 1
         self.stats[TO_TX_BYTES] += len(data) + header.HEADER_LEN
@@ -333,7 +335,7 @@ class Router:
 
     # -- transceiver -> client ------------------------------------------------
 
-    def from_transceivers(self, views, addrs, n, now, wall_ms):
+    def from_transceivers(self, views, addrs, n, now, wall_ms, ptrs=None):
         """Check `n` datagrams received on the internal socket and queue their payloads for clients."""
         drops = self.drops
         ids_by_addr = self.transceiver_ids_by_addr
@@ -342,7 +344,9 @@ class Router:
         n_listeners = len(families)
         keyring = self.keyring
         window = self.policy.header_window_ms
-        decode = header.decode
+        decode = header.decode_to_client
+        if ptrs is None:
+            ptrs = [0] * n
         from_fields = sockaddr.from_fields
         to_clients = self.to_clients
         quality = self.quality
@@ -359,18 +363,18 @@ class Router:
             if hdr.__class__ is Drop:
                 drops[hdr] += 1
                 continue
-            if hdr.type != header.TO_CLIENT:
-                # PROBE_ACK: consumed by health checks, never forwarded
+            listener, family, port2, address, payload = hdr
+            if not family:
+                # PROBE_ACK (family 0): consumed by health checks, never forwarded
                 if self.prober is not None:
                     for tid in owners:
-                        if self.prober.ack(tid, hdr.payload, now):
+                        if self.prober.ack(tid, payload, now):
                             break
                 continue
-            listener = hdr.route
             if listener >= n_listeners:
                 drops[Drop.NO_FLOW] += 1
                 continue
-            sa = from_fields(hdr.family, hdr.port.to_bytes(2, "big"), hdr.address, families[listener])
+            sa = from_fields(family, port2, address, families[listener])
             flow = by_listener[listener].get(sa) if sa is not None else None
             if flow is None:
                 drops[Drop.NO_FLOW] += 1
@@ -392,12 +396,12 @@ class Router:
                     quality.start(flow, first_stun, now)
                 if self.directory is not None:
                     self.dir_commands.append(self.directory.publish(listener, flow.key, flow.transceiver))
-            payload = hdr.payload
             if qget is not None:
                 q = qget(flow)
                 if q is not None:           # observe() skips what is not RTP
                     quality.observe(q.transceiver, payload, now)
-            to_clients[listener].append((sa, payload))
+            p = ptrs[i]
+            to_clients[listener].append((sa, None, payload, p + header.HEADER_LEN if p else 0))
             sent += 1
             sent_bytes += len(payload)
         stats = self.stats
@@ -455,7 +459,7 @@ class Router:
             drops[Drop.UNKNOWN_TRANSCEIVER] += n
             return
         head = flow.route or self._prefix(flow)
-        mac = self.keyring.signing.header_mac
+        mac = self.keyring.signing.header_cmac
         ts6 = header.timestamp_bytes(wall_ms)
         out = self.to_transceivers
         size = 0
@@ -493,7 +497,7 @@ class Router:
                         continue
                     head = header.prefix(key.key_id, header.PROBE, 0, 0, header.FAMILY_NONE, 0,
                                          header.ZERO_ADDRESS)
-                    self.to_transceivers.append((tx_sa, header.seal(key.header_mac, head, ts, payload),
+                    self.to_transceivers.append((tx_sa, header.seal(key.header_cmac, head, ts, payload),
                                                  payload))
                     self.stats[PROBES_SENT] += 1
             events = prober.take_events()
@@ -532,6 +536,7 @@ class Router:
     def expire(self, now):
         """Drop flows past their deadline (cheap when nothing is due)."""
         expired = self.flows.expire(now)
+        self.limits.per_source.expire(now)
         self.stats[FLOWS_EXPIRED] += expired
         return expired
 

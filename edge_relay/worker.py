@@ -147,7 +147,7 @@ class Worker:
             n = io.recv()
             if n == 0:
                 return
-            router.from_clients(index, io.views, io.addrs, n, self.clock(), int(self.wall() * 1000))
+            router.from_clients(index, io.views, io.addrs, n, self.clock(), int(self.wall() * 1000), io.ptrs)
             if router.to_transceivers:
                 self.internal_io.send(router.to_transceivers)
                 router.to_transceivers.clear()
@@ -163,7 +163,7 @@ class Worker:
             n = io.recv()
             if n == 0:
                 return
-            router.from_transceivers(io.views, io.addrs, n, self.clock(), int(self.wall() * 1000))
+            router.from_transceivers(io.views, io.addrs, n, self.clock(), int(self.wall() * 1000), io.ptrs)
             for index, out in enumerate(router.to_clients):
                 if out:
                     self.listener_io[index].send(out)
