@@ -409,19 +409,25 @@ def _stop_on_term():
     return flag
 
 
-def null_main(pub, internal, tx_addr, back_addr, cpu):
+def null_main(pub, internal, tx_addr, back_addrs, cpu):
     """The ceiling of this design: batchio moving datagrams, no per-packet decision.
 
     Client -> transceiver: a constant 48-octet head plus the payload, to the
-    sink. Transceiver -> client: the datagram minus its 48-octet head, to one
-    fixed client address.
+    sink. Transceiver -> client: the datagram minus its 48-octet head, to the
+    clients in turn. The sink sends to its flows in turn, so this spreads the
+    datagrams over the client sockets as reading the header would (cfwd and
+    the relay do), without reading it. Sending everything to one client
+    instead (as this did first) costs the kernel more per datagram on the
+    receiving socket, and made the null forwarder look 0.7x cfwd.
     """
     pin(cpu)
     stop = _stop_on_term()
     pio = batchio.open_io(pub, BATCH, mode="mmsg")
     iio = batchio.open_io(internal, BATCH, mode="mmsg")
     tx_sa = sockaddr.from_tuple(tx_addr)
-    back_sa = sockaddr.from_tuple(back_addr)
+    dests = [sockaddr.from_tuple(a) for a in back_addrs]
+    ring = dests * (2 + BATCH // len(dests))     # ring[pos:pos + BATCH] never wraps
+    pos = 0
     head = bytes(header.HEADER_LEN)
     hl = header.HEADER_LEN
     sel = selectors.DefaultSelector()
@@ -444,7 +450,8 @@ def null_main(pub, internal, tx_addr, back_addr, cpu):
                     if not n:
                         break
                     views, ptrs = iio.views, iio.ptrs
-                    pio.send([(back_sa, None, views[i][hl:], ptrs[i] + hl) for i in range(n)])
+                    pio.send([(sa, None, views[i][hl:], ptrs[i] + hl) for i, sa in enumerate(ring[pos:pos + n])])
+                    pos = (pos + n) % len(dests)
                     if n < BATCH:
                         break
 

@@ -235,7 +235,7 @@ class Bench:
     def start_null(self):
         pub, internal = udp(), udp()
         proc = self.ctx.Process(target=roles.null_main, name="bench-null", daemon=True,
-                                args=(pub, internal, self.sink_addr, self.client_addrs[0], self.fwd_cpu))
+                                args=(pub, internal, self.sink_addr, self.client_addrs, self.fwd_cpu))
         proc.start()
         self.targets["null"] = Target("null", pub.getsockname(), internal.getsockname(), [proc], [proc.pid])
         pub.close()
