@@ -468,16 +468,6 @@ def _lat(m):
     return f"{l.get('p50', 0):6.1f}/{l.get('p99', 0):6.1f}/{l.get('p999', 0):7.1f}"
 
 
-def run_candidates(cpu, log):
-    cmd = [sys.executable, "-m", "bench.candidates", "--json", "--cpu", str(cpu)]
-    log("candidates: " + " ".join(cmd))
-    out = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
-    if out.returncode != 0:
-        log(out.stderr)
-        return {"error": out.stderr[-2000:]}
-    return json.loads(out.stdout)
-
-
 def run_micro(p, cpu, log):
     cmd = [sys.executable, "-m", "bench.micro", "--cpu", str(cpu), *p["micro"]]
     log("micro: " + " ".join(cmd))
@@ -645,12 +635,6 @@ def table(results, s, v):
         P(f"  new flows: {nf.get('us_per_flow'):.2f} us router CPU each = {nf.get('flows_per_s_router'):.0f}/s; "
           f"with measured I/O cost {nf.get('io_us_per_packet', 0):.2f} us/pkt -> {nf.get('flows_per_s_with_io', 0):.0f}/s")
         P("")
-    cand = results.get("candidates", {})
-    if cand and "error" not in cand:
-        P("Candidate hot-path changes (bench/candidates.py, timeit pinned; ns per packet, now -> candidate)")
-        for name, c in cand.items():
-            P(f"  {name:13s} {c['now']:6.0f} -> {c['candidate']:6.0f}  saves {c['saving_ns']:4.0f}  {c['where']}")
-        P("")
     P("Targets")
     for name, x in v.items():
         val = x["value"]
@@ -664,14 +648,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK", "") not in ("", "0"))
     ap.add_argument("--out", default=str(HERE / "results.json"))
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e,workers,micro,candidates")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e,workers,micro")
     ap.add_argument("--table-only", action="store_true", help="re-read --out, recompute ratios, print the table")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     if args.table_only:
         results = json.loads(Path(args.out).read_text())
-        if "candidates" not in results and "candidates" not in skip:
-            results["candidates"] = run_candidates(sorted(os.sched_getaffinity(0))[0], print)
         s, v = summarize(results), None
         v = verdicts(results, s)
         results["ratios"], results["targets"] = s, v
@@ -706,8 +688,6 @@ def main(argv=None):
         if nf and io_us is not None:
             nf["io_us_per_packet"] = io_us
             nf["flows_per_s_with_io"] = 1e6 / (nf["us_per_flow"] + io_us)
-    if "candidates" not in skip:
-        results["candidates"] = run_candidates(b.fwd_cpu, log)
     s = summarize(results)
     v = verdicts(results, s)
     results["ratios"] = s
