@@ -111,14 +111,16 @@ class Flow:
 #   header  magic "ERFT" | version u8 | reserved u8 (0) | reserved u16 (0)
 #           | count u32 | crc32 u32 of every record byte
 #   record  age f64 (now - last_seen, >= 0) | transceiver u32 | restart_to u32
-#           | listener u16 | state u8 | flags u8 (bit 0: restart_to present)
-#           | key length u8 (16 or 28) | key
-# `route` is not saved: it is a cache the router rebuilds.
+#           | listener u16 | state u8 | flags u8 (bit 0: restart_to present;
+#           bit 1: marked, see snapshot) | key length u8 (16 or 28) | key
+# `route` is not saved: it is a cache the router rebuilds. A relay older than
+# bit 1 refuses a snapshot that sets it (a downgrade loses those flows).
 SNAPSHOT_MAGIC = b"ERFT"
 SNAPSHOT_VERSION = 1
 _SNAP_HEAD = struct.Struct("<4sBBHII")
 _SNAP_REC = struct.Struct("<dIIHBBB")
 _F_RESTART = 1
+_F_MARKED = 2
 _U32 = 0xFFFFFFFF
 _AF_INET = socket.AF_INET.to_bytes(2, sys.byteorder)
 _AF_INET6 = socket.AF_INET6.to_bytes(2, sys.byteorder)
@@ -301,11 +303,13 @@ class FlowTable:
 
     # -- snapshot ------------------------------------------------------------
 
-    def snapshot(self, now):
+    def snapshot(self, now, marked=None):
         """The live, unexpired flows as versioned binary (see the format above).
 
         Ages (now - last_seen) are saved, not times, so the receiving process
-        may use any monotonic clock. `route` is not saved. Left out: flows
+        may use any monotonic clock. `route` is not saved; a flow for which
+        `marked(flow)` is true carries one bit that `restore` hands back (the
+        router uses it for "failed over", which lives in its route). Left out: flows
         whose ids do not fit 32 bits (the v1 token carries 16) and keys that
         are not a Linux sockaddr_in / sockaddr_in6.
         """
@@ -323,20 +327,23 @@ class FlowTable:
                     and _key_ok(flow.key)):
                 continue
             age = now - flow.last_seen
+            flags = 0 if rto is None else _F_RESTART
+            if marked is not None and marked(flow):
+                flags |= _F_MARKED
             parts.append(rec(age if age > 0.0 else 0.0, tid, 0 if rto is None else rto,
-                             flow.listener, flow.state, 0 if rto is None else _F_RESTART,
-                             len(flow.key)))
+                             flow.listener, flow.state, flags, len(flow.key)))
             parts.append(flow.key)
         body = b"".join(parts)
         head = _SNAP_HEAD.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, 0, len(parts) // 2,
                                binascii.crc32(body))
         return head + body
 
-    def restore(self, data, now):
+    def restore(self, data, now, on_marked=None):
         """Add the flows of a `snapshot` to this table; returns how many were added.
 
         Each flow keeps its age relative to `now` (the time between snapshot
-        and restore does not count). Skipped without error: flows already
+        and restore does not count). `on_marked(flow)` is called for each
+        added flow that was marked in the snapshot. Skipped without error: flows already
         expired, flows on a listener this table does not have, clients that
         already have a flow here, and flows that the caps refuse. Raises
         ValueError (and nothing else) for malformed data, leaving the table
@@ -345,7 +352,7 @@ class FlowTable:
         records = _parse_snapshot(data)
         added = 0
         per_source = self._per_source
-        for age, tid, rto, listener, state, key in records:
+        for age, tid, rto, listener, state, key, marked in records:
             if listener >= self.n_listeners:
                 continue
             last_seen = now - age
@@ -370,6 +377,8 @@ class FlowTable:
                 flow.restart_to = self._intern(rto)
             flows[key] = flow
             self._schedule(flow, deadline)
+            if marked and on_marked is not None:
+                on_marked(flow)
             added += 1
         return added
 
@@ -442,7 +451,7 @@ def _key_ok(key):
 
 
 def _parse_snapshot(data):
-    """[(age, tid, restart_to|None, listener, state, key)] or ValueError; never mutates."""
+    """[(age, tid, restart_to|None, listener, state, key, marked)] or ValueError; never mutates."""
     try:
         view = memoryview(data).cast("B")
     except TypeError:
@@ -484,12 +493,13 @@ def _parse_snapshot(data):
             raise ValueError("flow snapshot: bad age")
         if state not in (PENDING, CONFIRMED):
             raise ValueError(f"flow snapshot: bad state {state}")
-        if flags & ~_F_RESTART or (not flags and rto):
+        if flags & ~(_F_RESTART | _F_MARKED) or (not flags & _F_RESTART and rto):
             raise ValueError("flow snapshot: bad flags")
         if (listener, key) in seen:
             raise ValueError("flow snapshot: duplicate flow")
         seen.add((listener, key))
-        records.append((age, tid, rto if flags else None, listener, state, key))
+        records.append((age, tid, rto if flags & _F_RESTART else None, listener, state, key,
+                        bool(flags & _F_MARKED)))
     if off != end:
         raise ValueError("flow snapshot: trailing bytes")
     return records

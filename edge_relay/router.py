@@ -68,6 +68,17 @@ STAT_NAMES = ("client_in_packets", "client_in_bytes", "to_transceiver_packets", 
 _FAILOVER_STALE = b""   # flow.route of a failed-over flow whose prefix must be rebuilt (falsy, like None)
 
 
+def failed_over(flow):
+    """True if `flow`'s datagrams carry FLAG_FAILOVER (its prefix says so, or must say so when rebuilt)."""
+    route = flow.route
+    return route == _FAILOVER_STALE or bool(route and route[5] & header.FLAG_FAILOVER)
+
+
+def mark_failed_over(flow):
+    """Make `flow`'s next prefix carry FLAG_FAILOVER: for flows restored from a snapshot (FlowTable.restore)."""
+    flow.route = _FAILOVER_STALE
+
+
 class Policy:
     """The numbers the router needs from config.limits (plain attributes, read per batch).
 
@@ -146,11 +157,9 @@ class Router:
         if self.prober is not None:
             self.prober.set_transceivers(sorted(self.transceivers), getattr(self, "_now", 0.0))
         self._reroute()
-        flag = header.FLAG_FAILOVER
         for flow in self.flows:
-            route = flow.route
             # keep "this flow was failed over" across the rebuild of its prefix
-            flow.route = _FAILOVER_STALE if route and route[5] & flag else None
+            flow.route = _FAILOVER_STALE if failed_over(flow) else None
 
     # -- client -> transceiver ------------------------------------------------
 

@@ -51,6 +51,7 @@ import traceback
 from . import config as config_mod, httpd, metrics, sdnotify, sockets
 from .errors import EdgeRelayError, StartupError
 from .log import Log
+from .router import mark_failed_over
 from .worker import Worker, flow_table
 
 HEARTBEAT_STALE = 5.0       # seconds without a publication before a worker counts as down
@@ -323,7 +324,7 @@ class Supervisor:
         flows = flow_table(self.cfg)
         if slot.restore:
             try:
-                added = flows.restore(slot.restore, time.monotonic())
+                added = flows.restore(slot.restore, time.monotonic(), on_marked=mark_failed_over)
                 log.notice("restore", "worker %d: restored %d flows", i, added)
             except ValueError as exc:
                 log.warning("restore", "worker %d: flow snapshot refused: %s", i, exc)

@@ -40,7 +40,7 @@ from .errors import EdgeRelayError
 from .flows import FlowTable
 from .probes import Prober
 from .quality import QualityMonitor
-from .router import Policy, Router
+from .router import Policy, Router, failed_over
 
 BATCHES_PER_WAKEUP = 8          # bounded work per readiness event keeps sockets fair
 PUBLISH_INTERVAL = 0.5          # seconds between counter publications
@@ -307,7 +307,7 @@ class Worker:
 
     def snapshot(self):
         """The flow table as flows.FlowTable.snapshot bytes (handed to the next worker)."""
-        return self.router.flows.snapshot(self.clock())
+        return self.router.flows.snapshot(self.clock(), marked=failed_over)
 
     def handle_signal(self, signum):
         if signum == signal.SIGHUP:

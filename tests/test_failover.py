@@ -17,6 +17,7 @@ import time
 import pytest
 
 from edge_relay import demo, demo_state, header, router as router_mod
+from edge_relay.worker import Worker, flow_table
 from relayharness import Harness
 from relayproc import ROOT, Relay, Setup, free_port, http_get, parse_prometheus, wait_for
 from redisserver import redis_server
@@ -114,8 +115,37 @@ def test_failover_flag_survives_a_reload_rebuild(tmp_path):
         assert media_round(h, vc, clock) == 1
         flow = next(iter(h.router.flows))
         h.router.configure(h.router.keyring, h.router.transceivers, h.router.policy, {1: 2})
+        # a second reload before the flow's next datagram rebuilt its prefix keeps the flag too
+        h.router.configure(h.router.keyring, h.router.transceivers, h.router.policy, {1: 2})
         assert media_round(h, vc, clock) == 1
         assert flow.transceiver == 2 and flow.route[5] & header.FLAG_FAILOVER
+    finally:
+        h.close()
+
+
+def test_failover_flag_survives_a_restart_through_the_snapshot(tmp_path):
+    """A restart hands the flows over as a snapshot (supervisor): the moved flow keeps FLAG_FAILOVER."""
+    clock = Clock()
+    h = make(tmp_path, clock)
+    try:
+        tick(h, clock, 0.5)
+        vc = h.voice_client(tx_id=1)
+        other = h.voice_client(tx_id=2)                 # the backup's own client: never flagged
+        assert h.connect(vc, clock.t) and h.connect(other, clock.t)
+        h.demos.pop(1)
+        tick(h, clock, 1.5)
+        assert media_round(h, vc, clock) == 1
+        data = h.worker.snapshot()
+        # the next worker, as the supervisor starts it: a fresh table restored from the snapshot
+        flows = flow_table(h.cfg)
+        assert flows.restore(data, clock.t, on_marked=router_mod.mark_failed_over) == 2
+        h.worker = Worker(h.cfg, h.keyring, h.listen_socks, h.internal_sock, h.log, clock=clock, flows=flows)
+        h.router = h.worker.router
+        backup = h.demos[2]
+        backup.clients.clear()
+        assert media_round(h, vc, clock) == 1 and media_round(h, other, clock) == 1
+        assert backup.clients == {vc.sock.getsockname()[:2]: True, other.sock.getsockname()[:2]: False}
+        assert sorted(f.transceiver for f in h.router.flows) == [2, 2]
     finally:
         h.close()
 

@@ -556,6 +556,28 @@ def test_snapshot_round_trip():
     assert FlowTable().restore(FlowTable().snapshot(0.0), 0.0) == 0
 
 
+def test_snapshot_carries_the_mark_to_restore():
+    t, flows = _populated(1000.0)
+    marked_keys = {flows[1].key, flows[3].key}          # one pending with restart, one v6 confirmed
+    data = t.snapshot(1000.0, marked=lambda f: f.key in marked_keys)
+    assert data != t.snapshot(1000.0)                   # the mark is on the wire
+    seen = []
+    u = FlowTable(n_listeners=3, pending_ttl=5.0, idle_timeout=30.0)
+    assert u.restore(data, 50.0, on_marked=seen.append) == 5
+    assert sorted(f.key for f in seen) == sorted(marked_keys)
+    assert all(u.get(f.listener, f.key) is f for f in seen)
+    # restart_to still comes from its own bit, whatever the mark
+    assert u.get(flows[1].listener, flows[1].key).restart_to == 7
+    assert u.get(flows[0].listener, flows[0].key).restart_to is None
+    # without a callback the mark is read and ignored
+    assert FlowTable(n_listeners=3, pending_ttl=5.0, idle_timeout=30.0).restore(data, 50.0) == 5
+    # an unmarked snapshot calls nothing
+    seen.clear()
+    FlowTable(n_listeners=3, pending_ttl=5.0, idle_timeout=30.0).restore(t.snapshot(1000.0), 50.0,
+                                                                         on_marked=seen.append)
+    assert seen == []
+
+
 def test_restore_respects_caps_and_existing_flows():
     t, flows = _populated(1000.0)
     data = t.snapshot(1000.0)
@@ -665,7 +687,9 @@ def test_restore_specific_malformed_records():
                         ("inf age", (0, struct.pack("<d", math.inf))),
                         ("negative age", (0, struct.pack("<d", -1.0))),
                         ("state", (18, b"\x02")),
-                        ("flags", (19, b"\x02")),
+                        ("flags", (19, b"\x04")),
+                        ("marked, restart without its flag",
+                         (12, struct.pack("<I", 1) + bytes(rec[16:19]) + b"\x02")),
                         ("restart without flag", (12, b"\x01")),
                         ("key length", (20, b"\x11")),
                         ("family", (21, b"\x0a")),
