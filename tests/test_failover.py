@@ -103,16 +103,25 @@ def test_probes_fail_over_and_only_new_flows_return(tmp_path):
         h.close()
 
 
+def fail_over_call(h, clock, extra_tx=None):
+    """A call to transceiver 1, whose primary then stops answering: its flow moves to the backup.
+
+    Returns the voice clients: the failed-over one, and one of `extra_tx`'s own if asked for.
+    """
+    tick(h, clock, 0.5)
+    vcs = [h.voice_client(tx_id=1)] + ([h.voice_client(tx_id=extra_tx)] if extra_tx else [])
+    assert all([h.connect(vc, clock.t) for vc in vcs])
+    h.demos.pop(1)
+    tick(h, clock, 1.5)
+    assert media_round(h, vcs[0], clock) == 1
+    return vcs
+
+
 def test_failover_flag_survives_a_reload_rebuild(tmp_path):
     clock = Clock()
     h = make(tmp_path, clock)
     try:
-        tick(h, clock, 0.5)
-        vc = h.voice_client(tx_id=1)
-        assert h.connect(vc, clock.t)
-        h.demos.pop(1)
-        tick(h, clock, 1.5)
-        assert media_round(h, vc, clock) == 1
+        vc, = fail_over_call(h, clock)
         flow = next(iter(h.router.flows))
         h.router.configure(h.router.keyring, h.router.transceivers, h.router.policy, {1: 2})
         # a second reload before the flow's next datagram rebuilt its prefix keeps the flag too
@@ -128,13 +137,7 @@ def test_failover_flag_survives_a_restart_through_the_snapshot(tmp_path):
     clock = Clock()
     h = make(tmp_path, clock)
     try:
-        tick(h, clock, 0.5)
-        vc = h.voice_client(tx_id=1)
-        other = h.voice_client(tx_id=2)                 # the backup's own client: never flagged
-        assert h.connect(vc, clock.t) and h.connect(other, clock.t)
-        h.demos.pop(1)
-        tick(h, clock, 1.5)
-        assert media_round(h, vc, clock) == 1
+        vc, other = fail_over_call(h, clock, extra_tx=2)   # other: the backup's own client, never flagged
         data = h.worker.snapshot()
         # the next worker, as the supervisor starts it: a fresh table restored from the snapshot
         flows = flow_table(h.cfg)
