@@ -53,6 +53,8 @@ class Drop(enum.IntEnum):
     # PoP-wide flow directory (directory.py; only when [directory] is configured)
     DIRECTORY_FULL = 32       # unknown flow's packet not held: hold or lookup caps reached
     DIRECTORY_MISS = 33       # held packet dropped: directory did not know the flow, failed or timed out
+    # transceiver side (transceiver.check_request; the relay holds no ICE password)
+    STUN_INTEGRITY = 34       # Binding Request whose MESSAGE-INTEGRITY is missing or not the session password's
 
     @property
     def label(self):

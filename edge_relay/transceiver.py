@@ -109,7 +109,7 @@ def check_request(buf, local_ufrag, password):
     if parts is None or parts[0] != local_ufrag.encode("ascii"):
         return Drop.STUN_NO_USERNAME
     if not stun.check_integrity(buf, msg, password.encode("utf-8")):
-        return Drop.STUN_MALFORMED
+        return Drop.STUN_INTEGRITY
     return msg
 
 

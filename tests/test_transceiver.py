@@ -184,7 +184,7 @@ def test_check_request_wrong_ufrag(ufrag):
 
 @pytest.mark.parametrize("password", ["", "VOkJxbRl1RmTxUk/WvJxBT", PASSWORD + "x", PASSWORD[:-1]])
 def test_check_request_wrong_password(password):
-    assert transceiver.check_request(REQUEST, LOCAL_UFRAG, password) is Drop.STUN_MALFORMED
+    assert transceiver.check_request(REQUEST, LOCAL_UFRAG, password) is Drop.STUN_INTEGRITY
 
 
 def test_check_request_not_a_binding_request():
@@ -204,7 +204,7 @@ def test_check_request_bad_username(username):
 
 def test_check_request_without_integrity():
     req = stun.encode(stun.BINDING_REQUEST, bytes(12), [(stun.USERNAME, b"evtj:h6vY")])
-    assert transceiver.check_request(req, LOCAL_UFRAG, PASSWORD) is Drop.STUN_MALFORMED
+    assert transceiver.check_request(req, LOCAL_UFRAG, PASSWORD) is Drop.STUN_INTEGRITY
 
 
 def test_check_request_malformed():
@@ -284,6 +284,6 @@ def test_relay_transceiver_loop(client, route):
     assert stun.check_integrity(answer, reply, creds.password.encode())
     assert stun.decode_xor_address(reply.get(stun.XOR_MAPPED_ADDRESS), txid) == client
     # a wrong password or another session's ufrag gets nothing
-    assert transceiver.check_request(inbound.payload, creds.ufrag, "x" * 24) is Drop.STUN_MALFORMED
+    assert transceiver.check_request(inbound.payload, creds.ufrag, "x" * 24) is Drop.STUN_INTEGRITY
     assert transceiver.check_request(inbound.payload, ep.new_session(0).ufrag, creds.password) \
         is Drop.STUN_NO_USERNAME
