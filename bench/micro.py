@@ -22,6 +22,7 @@ Theory of operation
 
 import argparse
 import cProfile
+import functools
 import gc
 import inspect
 import json
@@ -106,7 +107,8 @@ class Batches:
         return [self.views[i] for i in idx], [self.sources[i].tobytes() for i in idx]
 
 
-def time_c2t(router, batches, packets, wall_ms):
+def time_router(route, router, batches, packets, wall_ms):
+    """Router ns per packet: `route(views, addrs, n, now, wall_ms)` timed over `packets`, batch by batch."""
     total = 0
     pos = 0
     clock = time.perf_counter_ns
@@ -114,24 +116,18 @@ def time_c2t(router, batches, packets, wall_ms):
         views, addrs = batches.batch(pos)
         pos += BATCH
         t = clock()
-        router.from_clients(0, views, addrs, BATCH, 1.0, wall_ms)
+        route(views, addrs, BATCH, 1.0, wall_ms)
         router.clear_output()
         total += clock() - t
     return total / (packets // BATCH * BATCH)
+
+
+def time_c2t(router, batches, packets, wall_ms):
+    return time_router(functools.partial(router.from_clients, 0), router, batches, packets, wall_ms)
 
 
 def time_t2c(router, batches, packets, wall_ms):
-    total = 0
-    pos = 0
-    clock = time.perf_counter_ns
-    for _ in range(packets // BATCH):
-        views, addrs = batches.batch(pos)
-        pos += BATCH
-        t = clock()
-        router.from_transceivers(views, addrs, BATCH, 1.0, wall_ms)
-        router.clear_output()
-        total += clock() - t
-    return total / (packets // BATCH * BATCH)
+    return time_router(router.from_transceivers, router, batches, packets, wall_ms)
 
 
 def cost_by_flows(counts, rounds, packets, wall_ms):

@@ -111,32 +111,21 @@ class LoadGen:
         ios = self.ios
         k_max = len(ios)
         counters = self.counters
-        window = cmd["window"] - PER_SOCK
         t0, end = cmd["t0"], cmd["t0"] + cmd["duration"]
         _sleep_until(t0)
-        base = counters[SINK_RX]
-        sent = written_off = stalls = 0
+        win = Window(counters, SINK_RX, cmd["window"] - PER_SOCK)
         k = 0
-        last_rx, last_change = base, time.monotonic()
         now = t0
         while now < end:
-            rx = counters[SINK_RX]
-            if sent - written_off - (rx - base) > window:
+            if win.full():
                 now = time.monotonic()
-                if rx != last_rx:
-                    last_rx, last_change = rx, now
-                elif now - last_change > STALL_S:
-                    written_off = sent - (rx - base)
-                    stalls += 1
-                    last_change = now
-                time.sleep(0.00005)
                 continue
-            sent += ios[k].send(msgs[k])
+            win.sent += ios[k].send(msgs[k])
             k += 1
             if k == k_max:
                 k = 0
                 now = time.monotonic()
-        return {"sent": sent, "written_off": written_off, "stalls": stalls}
+        return win.result()
 
     def send_paced(self, cmd):
         """Latency: `rate` datagrams per second, each stamped with its send time."""
@@ -338,37 +327,27 @@ class Sink:
         payloads = [rtp_payload(0x2000 + i) for i in range(min(len(flows), 64))]
         counters = self.counters
         io = self.io
-        window = cmd["window"] - BATCH
         t0, end = cmd["t0"], cmd["t0"] + cmd["duration"]
         sealed = self._sealed(flows, payloads)
         resealed = time.monotonic()
         ring = sealed * (1 + 2 * BATCH // len(sealed)) + sealed
         _sleep_until(t0)
-        base = counters[CLIENT_RX]
-        sent = written_off = stalls = pos = 0
+        win = Window(counters, CLIENT_RX, cmd["window"] - BATCH)
+        pos = 0
         n_flows = len(sealed)
-        last_rx, last_change = base, time.monotonic()
         now = t0
         while now < end:
-            rx = counters[CLIENT_RX]
-            if sent - written_off - (rx - base) > window:
+            if win.full():
                 now = time.monotonic()
-                if rx != last_rx:
-                    last_rx, last_change = rx, now
-                elif now - last_change > STALL_S:
-                    written_off = sent - (rx - base)
-                    stalls += 1
-                    last_change = now
-                time.sleep(0.00005)
                 continue
-            sent += io.send(ring[pos:pos + BATCH])
+            win.sent += io.send(ring[pos:pos + BATCH])
             pos = (pos + BATCH) % n_flows
             now = time.monotonic()
             if now - resealed > RESEAL_INTERVAL:
                 sealed = self._sealed(flows, payloads)
                 ring = sealed * (1 + 2 * BATCH // len(sealed)) + sealed
                 resealed = now
-        return {"sent": sent, "written_off": written_off, "stalls": stalls}
+        return win.result()
 
     def drain(self):
         while self.io.recv():
@@ -391,6 +370,39 @@ def sink_main(ctl, sock, counters, key_dir, tx_id, window_ms, cpu):
         sink.drain()
         result["cpu_s"] = _cpu_self() - cpu0
         ctl.send(result)
+
+
+class Window:
+    """Closed-loop pacing: at most `size` datagrams in flight against the receiver's counter.
+
+    The sender adds what it sent to `sent`; `full()` is true (after a short
+    sleep) while the window is full. When the counter has not moved for
+    STALL_S, the datagrams in flight are written off as lost, so one loss
+    burst cannot stop the sender for the rest of the window.
+    """
+
+    def __init__(self, counters, index, size):
+        self.counters, self.index, self.size = counters, index, size
+        self.base = self.last_rx = counters[index]
+        self.last_change = time.monotonic()
+        self.sent = self.written_off = self.stalls = 0
+
+    def full(self):
+        rx = self.counters[self.index]
+        if self.sent - self.written_off - (rx - self.base) <= self.size:
+            return False
+        now = time.monotonic()
+        if rx != self.last_rx:
+            self.last_rx, self.last_change = rx, now
+        elif now - self.last_change > STALL_S:
+            self.written_off = self.sent - (rx - self.base)
+            self.stalls += 1
+            self.last_change = now
+        time.sleep(0.00005)
+        return True
+
+    def result(self):
+        return {"sent": self.sent, "written_off": self.written_off, "stalls": self.stalls}
 
 
 def _sleep_until(t):

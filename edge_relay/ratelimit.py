@@ -277,12 +277,7 @@ class FlowMeter:
 
     def allow(self, key, now):
         """True if flow `key` may forward one more packet at `now` (and count it)."""
-        w = int(now // self.window)
-        if w > self.current:          # a clock that steps back stays in the current window
-            self.current = w
-            self.row0[:] = self._zero
-            self.row1[:] = self._zero
-            self.heavy.clear()
+        self.advance(now)
         h = hash(key)
         mask = self.mask
         row0, row1 = self.row0, self.row1
