@@ -1,10 +1,14 @@
 """The `edge-relay` command line.
 
 Exit codes (documented in --help and edge-relay(8)):
-  0  success
-  1  an operator error: invalid config, unusable key file, socket that cannot be bound;
-     the message names the key or file
-  2  usage error (unknown subcommand or option)
+  0   success
+  1   an operator error other than the config: a socket that cannot be bound, a
+      relay that cannot be reached; the message names what
+  2   usage error (unknown subcommand or option)
+  70  internal error (EX_SOFTWARE, sysexits.h): a bug; the traceback follows
+  78  configuration error (EX_CONFIG): invalid config or unusable key file, the
+      message names the key or file. edge-relay.service has
+      RestartPreventExitStatus=78: restarting into the same file cannot help.
 """
 
 import argparse
@@ -13,12 +17,15 @@ import os
 import socket
 import sys
 import time
+import traceback
 
 from . import __version__, config as config_mod, keys
-from .errors import EdgeRelayError
+from .errors import ConfigError, EdgeRelayError, KeyFileError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-DEFAULT_CONFIG = "/etc/edge-relay/edge-relay.toml"
+EXIT_SOFTWARE, EXIT_CONFIG = 70, 78      # sysexits.h EX_SOFTWARE, EX_CONFIG
+DEFAULT_CONFIG = config_mod.DEFAULT_PATH
+SERVICE_GROUP = "edge-relay"             # the group edge-relay.service runs as (debian/edge-relay.sysusers)
 DEFAULT_KEY_DIR = "/etc/edge-relay/keys"
 
 
@@ -34,35 +41,61 @@ def cmd_run(args):
 
 
 def cmd_check_config(args):
+    """The strongest check there is before start: config, then the key files it names.
+
+    Keys are loaded (as `run` and every reload load them) unless --no-keys,
+    or unless keys.dir does not exist and --keys was not given (a config
+    checked away from its host); the "ok" line says which.
+    """
     try:
         cfg = config_mod.load(args.file)
     except EdgeRelayError as exc:
         for line in str(exc).splitlines():
             # problems are "key: problem"; file-level ones already start with the path
             print(line if line.startswith(str(args.file)) else f"{args.file}: {line}", file=sys.stderr)
-        return EXIT_ERROR
-    if args.keys:
+        return EXIT_CONFIG
+    keys_checked = args.keys is True or (args.keys is None and cfg.keys.dir.exists())
+    if keys_checked:
         try:
             config_mod.load_keys(cfg)
         except EdgeRelayError as exc:
             print(f"{args.file}: keys.dir: {exc}", file=sys.stderr)
-            return EXIT_ERROR
+            return EXIT_CONFIG
+    for key, text in config_mod.warnings(cfg):
+        print(f"{args.file}: {key}: warning: {text}", file=sys.stderr)
     if not args.quiet:
-        print(f"{args.file}: ok ({len(cfg.listeners)} listeners, {len(cfg.transceivers)} transceivers)")
+        keys_note = "keys ok" if keys_checked else (
+            "keys not checked: --no-keys" if args.keys is False else f"keys not checked: no {cfg.keys.dir}")
+        print(f"{args.file}: ok ({len(cfg.listeners)} listeners, {len(cfg.transceivers)} transceivers, "
+              f"{keys_note})")
     return EXIT_OK
 
 
 def cmd_keygen(args):
     os.makedirs(args.dir, mode=0o750, exist_ok=True)
-    group = None
+    import grp
+    group, note = None, None
     if args.group:
-        import grp
         try:
             group = grp.getgrnam(args.group).gr_gid
         except KeyError:
             print(f"keygen: group {args.group!r} does not exist", file=sys.stderr)
             return EXIT_ERROR
-    path = keys.write_key_file(args.dir, args.id, group=group)
+    elif args.group is None:
+        # The service reads its keys as group edge-relay: a key only root can
+        # read would stop it from starting. Default to that group where it exists.
+        try:
+            group = grp.getgrnam(SERVICE_GROUP).gr_gid
+        except KeyError:
+            note = (f"keygen: no group {SERVICE_GROUP!r} on this host: the key is readable by its owner "
+                    "only; pass --group GROUP for the user that runs the relay")
+    try:
+        path = keys.write_key_file(args.dir, args.id, group=group)
+    except KeyFileError as exc:          # writing a key is not a config error: exit 1
+        print(f"edge-relay keygen: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if note:
+        print(note, file=sys.stderr)
     print(path)
     return EXIT_OK
 
@@ -85,8 +118,12 @@ def cmd_mint_ufrag(args):
     return EXIT_OK
 
 
+def _version_text():
+    return f"edge-relay {__version__} (python {sys.version.split()[0]})"
+
+
 def cmd_version(args):
-    print(f"edge-relay {__version__} (python {sys.version.split()[0]})")
+    print(_version_text())
     return EXIT_OK
 
 
@@ -203,7 +240,9 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="edge-relay",
         description="Edge UDP relay for real-time voice AI over WebRTC.",
-        epilog="Exit status: 0 success, 1 operator error (the message names the key or file), 2 usage error.")
+        epilog="Exit status: 0 success, 1 operator error (the message names what), 2 usage error, "
+               "70 internal error (a bug), 78 configuration error (the message names the key or file).")
+    p.add_argument("--version", action="version", version=_version_text())
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("run", help="run the relay (supervisor and workers)")
@@ -211,16 +250,22 @@ def build_parser():
     s.add_argument("--workers", type=int, default=None, help="override relay.workers")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("check-config", help="validate a config file; one line per problem, exit 1 if any")
-    s.add_argument("file")
-    s.add_argument("--keys", action="store_true", help="also load the key directory it names")
+    s = sub.add_parser("check-config", help="validate a config file and its keys; one line per problem, "
+                                            "exit 78 if any")
+    s.add_argument("file", nargs="?", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--keys", action="store_true", default=None,
+                   help="require the key directory it names to load (default: load it if it exists)")
+    g.add_argument("--no-keys", dest="keys", action="store_false", help="check the config file only")
     s.add_argument("--quiet", "-q", action="store_true")
     s.set_defaults(func=cmd_check_config)
 
     s = sub.add_parser("keygen", help="write a new 32-byte key file <id>.key with mode 0640")
     s.add_argument("--dir", default=DEFAULT_KEY_DIR, help=f"key directory (default {DEFAULT_KEY_DIR})")
     s.add_argument("--id", type=int, default=None, help="key id 0..255 (default: one above the highest)")
-    s.add_argument("--group", default=None, help="group that may read the key (e.g. edge-relay)")
+    s.add_argument("--group", default=None,
+                   help=f"group that may read the key (default {SERVICE_GROUP} if that group exists; "
+                        "'' for none)")
     s.set_defaults(func=cmd_keygen)
 
     def key_source(s):
@@ -289,6 +334,10 @@ def main(argv=None):
     except EdgeRelayError as exc:
         for line in str(exc).splitlines():
             print(f"edge-relay {args.command}: {line}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_CONFIG if isinstance(exc, (ConfigError, KeyFileError)) else EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_OK
+    except Exception:  # noqa: BLE001 - a bug: say so with the traceback, and exit distinctly
+        traceback.print_exc()
+        print(f"edge-relay {args.command}: internal error (a bug); exit {EXIT_SOFTWARE}", file=sys.stderr)
+        return EXIT_SOFTWARE

@@ -32,6 +32,7 @@ import math
 import os
 import pathlib
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 
@@ -39,6 +40,9 @@ from . import keys as keys_mod
 from .errors import ConfigError
 
 DEFAULT_PATH = "/etc/edge-relay/edge-relay.toml"
+# The shipped example, every key commented, is ~20 KiB; anything beyond 1 MiB
+# is not a config someone wrote, and reading it whole could exhaust memory.
+MAX_CONFIG_BYTES = 1 << 20
 
 # setsockopt(SO_RCVBUF/SO_SNDBUF) takes a C int; larger values would escape
 # as OverflowError at startup instead of a config error now.
@@ -48,6 +52,17 @@ _SHOW_MAX = 60  # longest string echoed back in a message
 # but it keeps derived values finite: the router turns header_window into
 # milliseconds, and 1e306 * 1000 is inf, an OverflowError at worker start.
 _NUMBER_MAX = 1e9
+# Floors below which a timer cannot work, with the reason the message gives.
+# A flow may be silent between two consent checks, which RFC 7675 section 5.1
+# spaces 4..6 s apart (5 s randomised by +-20 %): an idle timeout shorter than
+# one full interval drops flows that are alive.
+IDLE_TIMEOUT_FLOOR = (6.0, "RFC 7675 consent checks may come 6 s apart; a shorter idle "
+                           "timeout expires live flows between two of them")
+# A pending flow waits for the transceiver's answer to the first check; ICE
+# retransmits an unanswered check after RTO = 500 ms (RFC 8445 section 14.3),
+# so a pending flow must outlive at least one retransmission.
+PENDING_TTL_FLOOR = (1.0, "a pending flow must outlive an ICE check's 500 ms retransmission "
+                          "(RFC 8445 section 14.3) and the transceiver's answer")
 
 
 # --------------------------------------------------------------------------
@@ -139,8 +154,12 @@ def _port(lo, note=""):
     return _integer(lo, 65535, what="a port", note=note)
 
 
-def _number(lo, *, inclusive):
-    """A finite float; ints are accepted because `idle_timeout = 30` is natural."""
+def _number(lo, *, inclusive, floor=None):
+    """A finite float; ints are accepted because `idle_timeout = 30` is natural.
+
+    `floor` is (least sensible value, why): a value that is valid as a number
+    but below it cannot work, and the message says why.
+    """
     expected = f"must be a number {'>=' if inclusive else '>'} {lo}"
 
     def check(value, base_dir):
@@ -154,6 +173,8 @@ def _number(lo, *, inclusive):
             raise _got(expected, value)
         if number > _NUMBER_MAX:
             raise _got(f"must be a number <= {_NUMBER_MAX:g}", value)
+        if floor is not None and number < floor[0]:
+            raise _got(f"must be at least {floor[0]:g} ({floor[1]})", value)
         return number
     return check
 
@@ -310,8 +331,8 @@ class Transceiver:
 class Limits:
     max_flows: int = _key(_integer(1), 200000)
     max_pending_per_source: int = _key(_integer(1), 16)
-    pending_ttl: float = _key(_number(0, inclusive=False), 5.0)
-    idle_timeout: float = _key(_number(0, inclusive=False), 30.0)
+    pending_ttl: float = _key(_number(0, inclusive=False, floor=PENDING_TTL_FLOOR), 5.0)
+    idle_timeout: float = _key(_number(0, inclusive=False, floor=IDLE_TIMEOUT_FLOOR), 30.0)
     header_window: float = _key(_number(0, inclusive=False), 2.0)
     token_max_lifetime: float = _key(_number(0, inclusive=False), 86400.0)
     clock_skew: float = _key(_number(0, inclusive=True), 5.0)
@@ -616,7 +637,8 @@ def _check_internal(s, report):
                    f"{internal['port']} + {workers} workers{why} - 1 = {last} exceeds 65535; "
                    "lower internal.port or relay.workers")
     # A socket bound to an IPv4 address cannot send to IPv6 and vice versa;
-    # only the IPv6 wildcard "::" reaches both (through IPv4-mapped addresses).
+    # the IPv6 wildcard "::" is let through for IPv4 transceivers (but see
+    # sockets.py: the internal sockets are IPV6_V6ONLY).
     if not _has(internal, "address"):
         return
     bind = ipaddress.ip_address(internal["address"])
@@ -628,11 +650,62 @@ def _check_internal(s, report):
             report(f"transceivers[{i}].address",
                    f"IPv{dest.version} address {dest} cannot be reached from "
                    f"internal.address {bind} (IPv{bind.version})")
+        elif bind.is_loopback and not dest.is_loopback:
+            # Linux refuses a datagram from a loopback source to another host (EINVAL).
+            report(f"transceivers[{i}].address",
+                   f"{dest} is not on this host, and internal.address {bind} is loopback: "
+                   "every send would fail (EINVAL); set internal.address to this host's "
+                   f"address on the transceiver network, or {'::' if bind.version == 6 else '0.0.0.0'}")
+
+
+def _internal_ports(s):
+    """(address, first port, last port) of the internal sockets, or None (unknown or ephemeral)."""
+    relay, internal = s.get("relay"), s.get("internal")
+    if not (_has(relay, "workers") and _has(internal, "port", "address")) or not internal["port"]:
+        return None
+    first = internal["port"]
+    return internal["address"], first, min(65535, first + (relay["workers"] or _online_cpus()) - 1)
+
+
+def _overlaps(a, b):
+    """True when sockets bound to addresses `a` and `b` (strings) would share one port space."""
+    a, b = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    return a.version == b.version and (a == b or a.is_unspecified or b.is_unspecified)
+
+
+def _check_own_sockets(s, report):
+    """No listener on an internal port; no transceiver at one of the relay's own sockets."""
+    internal = _internal_ports(s)
+    own = []        # (address, first port, last port, what)
+    for i, row in enumerate(s.get("listeners", [])):
+        if _has(row, "address", "port"):
+            own.append((row["address"], row["port"], row["port"], f"listeners[{i}]"))
+            if internal and _overlaps(row["address"], internal[0]) and \
+                    internal[1] <= row["port"] <= internal[2]:
+                report(f"listeners[{i}].port",
+                       f"{row['port']} is the internal port of worker {row['port'] - internal[1]} "
+                       f"(internal.port {internal[1]}..{internal[2]} on {internal[0]}): "
+                       "the two sockets cannot both bind it")
+    if internal:
+        own.append((*internal, "the internal sockets"))
+    for i, row in enumerate(s.get("transceivers", [])):
+        if not _has(row, "address", "port"):
+            continue
+        dest = ipaddress.ip_address(row["address"])
+        for address, first, last, what in own:
+            bound = ipaddress.ip_address(address)
+            local = dest == bound or (bound.is_unspecified and dest.is_loopback
+                                      and dest.version == bound.version)
+            if local and first <= row["port"] <= last:
+                report(f"transceivers[{i}]",
+                       f"{_hostport(row['address'], row['port'])} is the relay's own socket "
+                       f"({what}): it would forward to itself")
+                break
 
 
 # Rules spanning several keys: each gets the per-key results (valid values
 # only) and reports through `report(key, problem)`.
-_CROSS_CHECKS = (_check_listeners, _check_transceivers, _check_internal)
+_CROSS_CHECKS = (_check_listeners, _check_transceivers, _check_internal, _check_own_sockets)
 
 
 # --------------------------------------------------------------------------
@@ -673,28 +746,104 @@ def parse(data, base_dir):
     return Config(**built)
 
 
-def load(path=DEFAULT_PATH):
-    """Read, decode and validate the config file at `path`.
+def _read_bounded(path, where):
+    """The bytes of the config file at `path`, or ConfigError keyed by `where`.
 
-    An unreadable file or a TOML syntax error is one problem keyed by the
-    file name; otherwise as `parse`, with relative paths resolved against the
-    file's own folder (made absolute, so a later chdir changes nothing).
+    Only a regular file of at most MAX_CONFIG_BYTES is read. It is opened
+    non-blocking and checked with fstat before any read, so a FIFO (which
+    would block until a writer came), /dev/zero (endless), a directory or a
+    socket is refused by name instead of hanging or exhausting memory.
     """
-    path = pathlib.Path(path)
-    where = _escape(str(path))  # the key of file-level problems, kept on one line
     try:
-        with open(path, "rb") as fp:
-            raw = fp.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as err:
         raise ConfigError([(where, f"cannot read: {err.strerror or err}")]) from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError([(where, f"cannot read: not a regular file ({_file_kind(st.st_mode)})")])
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([(where, f"cannot read: {st.st_size} bytes, larger than the "
+                                       f"{MAX_CONFIG_BYTES} bytes a config file may have")])
+        chunks, size = [], 0
+        while size <= MAX_CONFIG_BYTES:      # the file may grow after fstat
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError([(where, f"cannot read: larger than the {MAX_CONFIG_BYTES} bytes "
+                                       "a config file may have")])
+        return b"".join(chunks)
+    except OSError as err:
+        raise ConfigError([(where, f"cannot read: {err.strerror or err}")]) from None
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode):
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def _decode(raw, where):
+    """Decoded TOML of the bytes `raw`, or ConfigError keyed by `where` (one line).
+
+    Whatever the bytes, the outcome is a dict or ConfigError: tomllib
+    recurses once per nested array or inline table (5,000 brackets is a
+    RecursionError), and int() refuses more than 4,300 digits (ValueError).
+    """
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError([(where, f"not UTF-8 text (bad byte at offset {err.start})")]) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         message = " ".join(str(err).split())  # one line, whatever tomllib says
         raise ConfigError([(where, f"TOML syntax error: {_escape(message)}")]) from None
-    return parse(data, path.absolute().parent)
+    except RecursionError:
+        raise ConfigError([(where, "TOML nested too deeply (arrays or inline tables "
+                                   "inside each other hundreds of levels deep)")]) from None
+    except MemoryError:
+        raise ConfigError([(where, "TOML too large to decode in memory")]) from None
+    except ValueError as err:         # e.g. an integer literal of more than 4300 digits
+        message = " ".join(str(err).split())[:_SHOW_MAX * 2]
+        raise ConfigError([(where, f"TOML value refused: {_escape(message)}")]) from None
+
+
+def load(path=DEFAULT_PATH):
+    """Read, decode and validate the config file at `path`.
+
+    An unreadable file, one that is not a regular file of at most
+    MAX_CONFIG_BYTES, undecodable bytes or a TOML syntax error is one problem
+    keyed by the file name; otherwise as `parse`, with relative paths resolved
+    against the file's own folder (made absolute, so a later chdir changes
+    nothing). ConfigError is the only exception it raises for any content.
+    """
+    path = pathlib.Path(path)
+    where = _escape(str(path))  # the key of file-level problems, kept on one line
+    data = _decode(_read_bounded(path, where), where)
+    try:
+        return parse(data, path.absolute().parent)
+    except (RecursionError, MemoryError) as err:   # parse itself does not recurse; belt and braces
+        raise ConfigError([(where, f"cannot check: {type(err).__name__}")]) from None
+
+
+def warnings(cfg):
+    """(key, text) pairs for a valid `cfg` that works but is probably not what was meant."""
+    out = []
+    m = cfg.management
+    if m.enabled and ipaddress.ip_address(m.address).is_unspecified:
+        out.append(("management.address",
+                    f"{m.address} serves /metrics and /healthz on every address of this host; "
+                    "bind a management network address or 127.0.0.1 unless a firewall guards it"))
+    return out
 
 
 def load_keys(cfg):

@@ -34,3 +34,16 @@ class KeyFileError(EdgeRelayError):
 
 class StartupError(EdgeRelayError):
     """The relay cannot start: a socket cannot be bound, a worker cannot run."""
+
+
+def reason(exc):
+    """One line saying why `exc` happened, for a log line that must not span lines.
+
+    An EdgeRelayError says it itself (its problems joined with "; "); any
+    other exception is a bug in the relay, named as such with its type, so a
+    reload that met one is still refused with a reason rather than a traceback.
+    """
+    text = "; ".join(str(exc).split("\n"))
+    if isinstance(exc, EdgeRelayError):
+        return text
+    return f"internal error {type(exc).__name__}: {text[:200]} (a bug; please report it)"

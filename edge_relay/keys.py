@@ -10,8 +10,11 @@ Contract
   * Several key ids are accepted at once; exactly one signs. Rotation adds a
     new key everywhere first, then moves the signing id, then removes the old.
   * Loading refuses, with a KeyFileError naming the file, any key file that
-    others may read or write, that is not exactly 32 bytes of hex, or whose
-    name is not a key id.
+    others may read or write or that its group may write (0640 is the mode;
+    0660 would let every process of the service group replace a key), a
+    symlink, anything not exactly 32 bytes of hex, a name that is not a key
+    id, and a key directory that group or others may write (they could add
+    or swap keys).
 
 Each Key keeps pre-keyed HMAC states: `copy()` of a keyed state skips the
 two key-block compressions that a fresh `hmac.new` pays on every packet.
@@ -24,6 +27,7 @@ is `header_mac`.
 """
 
 import binascii
+import errno
 import hashlib
 import hmac
 import os
@@ -112,8 +116,11 @@ def read_key_file(path):
     """The 32-byte master key in `path`; KeyFileError naming the file otherwise."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:        # O_NOFOLLOW met a symlink: say that, not "Too many levels"
+            raise KeyFileError(f"{path}: is a symlink; symlinks are refused (copy the key file here, "
+                               "mode 0640)") from None
         raise KeyFileError(f"{path}: cannot open key file: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
@@ -122,6 +129,9 @@ def read_key_file(path):
         if st.st_mode & 0o007:
             raise KeyFileError(f"{path}: key file is accessible to others (mode {st.st_mode & 0o777:o}); "
                                f"run 'chmod o-rwx {path}'")
+        if st.st_mode & 0o020:
+            raise KeyFileError(f"{path}: key file is writable by its group (mode {st.st_mode & 0o777:o}); "
+                               f"run 'chmod g-w {path}'")
         raw = os.read(fd, 4096)
     finally:
         os.close(fd)
@@ -158,8 +168,13 @@ def load_dir(directory, signing_key_id=None):
     directory = Path(directory)
     try:
         names = sorted(os.listdir(directory))
+        mode = os.stat(directory).st_mode
     except OSError as exc:
         raise KeyFileError(f"{directory}: cannot list key directory: {exc.strerror}") from None
+    if mode & 0o022:
+        raise KeyFileError(f"{directory}: key directory is writable by "
+                           f"{'others' if mode & 0o002 else 'its group'} (mode {mode & 0o777:o}), who "
+                           f"could add or replace keys; run 'chmod go-w {directory}'")
     keys = {}
     for name in names:
         if not name.endswith(KEY_SUFFIX):
@@ -204,6 +219,9 @@ def write_key_file(directory, key_id=None, master=None, group=None):
         if group is not None:
             os.fchown(fd, -1, group)
         os.write(fd, binascii.hexlify(master) + b"\n")
-    finally:
+    except OSError as exc:
         os.close(fd)
+        os.unlink(path)                     # no half-made key left behind
+        raise KeyFileError(f"{path}: cannot write key file: {exc.strerror}") from None
+    os.close(fd)
     return path

@@ -18,6 +18,10 @@ Contract:
     "<kind>: N similar messages suppressed" before anything else. So a
     flood costs at most burst+1 lines per kind per interval. Kinds are
     independent of each other; the table of kinds is bounded (MAX_KINDS).
+  - `verdict()` is the exception to the rate limit: the outcome of one
+    operator action (a reload accepted or refused, with its reason) is
+    always written, since each such line answers one thing a person did
+    and a retry a second later must show its own reason, not "suppressed".
   - Logging never raises: a bad format is logged as such, and a stderr that
     is closed or broken (OSError, ValueError) loses the line, not the relay.
 
@@ -119,6 +123,12 @@ class Log:
 
     def debug(self, kind, fmt, *args):
         self._log(7, kind, fmt, args)
+
+    def verdict(self, level, fmt, *args):
+        """The outcome of one operator action: filtered by level, never rate-limited."""
+        priority = _level(level)
+        if priority <= self.level:
+            self._write(priority, _render(fmt, args))
 
     def flush(self):
         """Write the summary of every kind whose window has closed, and forget those kinds.

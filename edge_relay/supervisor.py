@@ -49,7 +49,7 @@ import time
 import traceback
 
 from . import config as config_mod, httpd, metrics, sdnotify, sockets
-from .errors import EdgeRelayError, StartupError
+from .errors import StartupError, reason
 from .log import Log
 from .router import mark_failed_over
 from .worker import Worker, flow_table
@@ -68,6 +68,8 @@ CTL_MAX = 256
 def run(config_path, cfg, workers=None):
     log = Log(level=cfg.log.level)
     keyring = config_mod.load_keys(cfg)
+    for key, text in config_mod.warnings(cfg):
+        log.warning("config.warning", "%s: %s", key, text)
     sup = Supervisor(config_path, cfg, keyring, log, workers=workers)
     try:
         return sup.run()
@@ -396,7 +398,7 @@ class Supervisor:
             elif msg in (b"reloaded", b"reload-failed"):
                 slot.reload_acked = True
                 if msg == b"reload-failed":
-                    self.log.err("reload", "worker %d kept its old config", slot.index)
+                    self.log.verdict("err", "worker %d kept its old config", slot.index)
             for fd in fds:
                 os.close(fd)
 
@@ -477,10 +479,9 @@ class Supervisor:
         self.notifier.reloading()
         try:
             cfg, keyring = config_mod.load_with_keys(self.config_path)
-        except EdgeRelayError as exc:
+        except Exception as exc:  # noqa: BLE001 - no config, however broken, may end the supervisor
             self.reload_failures += 1
-            self.log.err("reload", "reload refused, keeping the running config: %s",
-                         str(exc).replace("\n", "; "))
+            self.log.verdict("err", "reload refused, keeping the running config: %s", reason(exc))
             self.notifier.ready(self._status_text())
             return False
         n = self.workers_override or cfg.effective_workers()
@@ -490,7 +491,7 @@ class Supervisor:
                 socks, fresh = bind_sockets(cfg, n, pool)
             except (StartupError, ValueError) as exc:
                 self.reload_failures += 1
-                self.log.err("reload", "reload refused, keeping the running config: %s", exc)
+                self.log.verdict("err", "reload refused, keeping the running config: %s", reason(exc))
                 self.notifier.ready(self._status_text())
                 return False
             self.restructure = (cfg, keyring, n, socks, fresh, pool)
@@ -511,7 +512,7 @@ class Supervisor:
         self.log.set_level(cfg.log.level)
         self.generation += 1
         self.reloads += 1
-        self.log.notice("reload", "config generation %d: %d transceivers, signing key %d",
+        self.log.verdict("notice", "config generation %d: %d transceivers, signing key %d",
                         self.generation, len(cfg.transceivers), keyring.signing.key_id)
         return True
 

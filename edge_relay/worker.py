@@ -36,7 +36,7 @@ import time
 from . import batchio, config as config_mod, resp, sockaddr
 from .directory import Directory
 from .drops import Drop
-from .errors import EdgeRelayError
+from .errors import reason
 from .flows import FlowTable
 from .probes import Prober
 from .quality import QualityMonitor
@@ -274,10 +274,9 @@ class Worker:
             return False
         try:
             cfg, keyring = config_mod.load_with_keys(self.config_path)
-        except EdgeRelayError as exc:
+        except Exception as exc:  # noqa: BLE001 - no config, however broken, may end a worker
             self.reload_failures += 1
-            self.log.err("reload", "reload refused, keeping the running config: %s",
-                         str(exc).replace("\n", "; "))
+            self.log.verdict("err", "reload refused, keeping the running config: %s", reason(exc))
             return False
         old, self.cfg = self.cfg, cfg
         router = self.router
@@ -291,7 +290,7 @@ class Worker:
         router.configure(keyring, transceiver_addrs(cfg), policy_of(cfg), backups_of(cfg))
         self.log.set_level(cfg.log.level)
         self.reloads += 1
-        self.log.notice("reload", "reloaded: %d transceivers, signing key %d",
+        self.log.verdict("notice", "reloaded: %d transceivers, signing key %d",
                         len(cfg.transceivers), keyring.signing.key_id)
         return True
 

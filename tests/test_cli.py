@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def test_check_config_valid_and_invalid(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(open(path).read().replace("[relay]", "[relay]\nbatch_size = 0\nworkres = 2"))
     r = edge_relay("check-config", str(bad))
-    assert r.returncode == cli.EXIT_ERROR
+    assert r.returncode == cli.EXIT_CONFIG
     lines = r.stderr.splitlines()
     assert len(lines) == 2
     assert any("relay.batch_size" in line for line in lines)
@@ -67,7 +68,7 @@ def test_check_config_valid_and_invalid(tmp_path):
     syntax = tmp_path / "syntax.toml"
     syntax.write_text("[relay\n")
     r = edge_relay("check-config", str(syntax))
-    assert r.returncode == cli.EXIT_ERROR and len(r.stderr.splitlines()) == 1
+    assert r.returncode == cli.EXIT_CONFIG and len(r.stderr.splitlines()) == 1
     assert r.stderr.count(str(syntax)) == 1
 
 
@@ -76,7 +77,12 @@ def test_check_config_keys_refuses_world_readable_key(tmp_path):
     key = tmp_path / "d" / "keys" / "1.key"
     os.chmod(key, 0o644)
     r = edge_relay("check-config", "--keys", path)
-    assert r.returncode == cli.EXIT_ERROR and str(key) in r.stderr and len(r.stderr.splitlines()) == 1
+    assert r.returncode == cli.EXIT_CONFIG and str(key) in r.stderr and len(r.stderr.splitlines()) == 1
+    # the key directory exists, so a plain check-config (what Ansible's validate: runs) loads it too
+    r = edge_relay("check-config", path)
+    assert r.returncode == cli.EXIT_CONFIG and str(key) in r.stderr and len(r.stderr.splitlines()) == 1
+    r = edge_relay("check-config", "--no-keys", path)
+    assert r.returncode == 0 and "keys not checked: --no-keys" in r.stdout
 
 
 def test_mint_ufrag_json(tmp_path):
@@ -95,7 +101,7 @@ def test_run_with_missing_keys_is_one_line_error(tmp_path):
     for f in (tmp_path / "d" / "keys").iterdir():
         f.unlink()
     r = edge_relay("run", "--config", path, timeout=30)
-    assert r.returncode == cli.EXIT_ERROR
+    assert r.returncode == cli.EXIT_CONFIG
     assert "keygen" in r.stderr
 
 
@@ -131,3 +137,73 @@ def test_real_processes_carry_a_call(tmp_path):
                 p.kill()
                 p.wait()
     assert procs[0].returncode == 0, procs[0].stderr.read()
+
+
+# -- exit codes, --version, defaults (issue 13, item 7) --------------------------------
+
+def test_dash_dash_version():
+    r = edge_relay("--version", check=True)
+    assert r.stdout.strip() == edge_relay("version", check=True).stdout.strip()
+
+
+def test_config_errors_exit_78_and_the_unit_does_not_restart_into_them(tmp_path):
+    assert cli.EXIT_CONFIG == 78 and cli.EXIT_SOFTWARE == 70
+    path, _ = write_demo_setup(str(tmp_path / "d"))
+    with open(path, "a") as f:
+        f.write("\n[limits]\nidle_timeout = -1\n")
+    r = edge_relay("run", "--config", path, timeout=30)
+    assert r.returncode == 78 and len(r.stderr.splitlines()) == 1 and "limits.idle_timeout" in r.stderr
+    unit = open(os.path.join(ROOT, "systemd", "edge-relay.service")).read()
+    assert re.search(r"(?m)^RestartPreventExitStatus=78$", unit)
+
+
+def test_a_crash_exits_70_with_the_traceback(monkeypatch, capsys):
+    def boom(args):
+        raise ZeroDivisionError("boom")
+    monkeypatch.setattr(cli, "cmd_version", boom)
+    assert cli.main(["version"]) == cli.EXIT_SOFTWARE
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError: boom" in err and "internal error" in err
+
+
+def test_check_config_defaults_to_the_installed_path():
+    r = edge_relay("check-config")
+    assert cli.DEFAULT_CONFIG == "/etc/edge-relay/edge-relay.toml"
+    if not os.path.exists(cli.DEFAULT_CONFIG):
+        assert r.returncode == cli.EXIT_CONFIG
+        assert r.stderr.startswith(f"{cli.DEFAULT_CONFIG}: cannot read")
+    else:
+        assert cli.DEFAULT_CONFIG in r.stdout + r.stderr
+
+
+def test_check_config_warns_about_management_on_every_address(tmp_path):
+    path, _ = write_demo_setup(str(tmp_path / "d"))
+    text = open(path).read()
+    assert "[management]" in text
+    with open(path, "w") as f:
+        f.write(re.sub(r"(\[management\]\naddress = )\"[^\"]*\"", r'\1"0.0.0.0"', text))
+    r = edge_relay("check-config", path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [f"{path}: management.address: warning: 0.0.0.0 serves /metrics and "
+                                     "/healthz on every address of this host; bind a management network "
+                                     "address or 127.0.0.1 unless a firewall guards it"]
+
+
+def test_keygen_defaults_to_the_service_group(tmp_path, monkeypatch, capsys):
+    import grp
+    gid = 4242 if os.geteuid() == 0 else os.getgid()
+    monkeypatch.setattr(grp, "getgrnam", lambda name: grp.struct_group((name, "x", gid, []))
+                        if name == "edge-relay" else (_ for _ in ()).throw(KeyError(name)))
+    assert cli.main(["keygen", "--dir", str(tmp_path / "k")]) == 0
+    path = capsys.readouterr().out.strip()
+    assert os.stat(path).st_gid == gid and stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert cli.main(["keygen", "--dir", str(tmp_path / "k"), "--group", ""]) == 0   # '' = no group
+    assert os.stat(capsys.readouterr().out.strip()).st_gid == os.getegid()
+
+
+def test_keygen_without_the_service_group_says_so(tmp_path, monkeypatch, capsys):
+    import grp
+    monkeypatch.setattr(grp, "getgrnam", lambda name: (_ for _ in ()).throw(KeyError(name)))
+    assert cli.main(["keygen", "--dir", str(tmp_path / "k")]) == 0
+    err = capsys.readouterr().err
+    assert "no group 'edge-relay'" in err and "--group" in err and len(err.splitlines()) == 1

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import datetime
 import math
+import os
 import pathlib
 import pickle
 import random
@@ -25,6 +26,8 @@ def minimal():
     """The smallest valid config: one listener, one transceiver."""
     return {
         "listeners": [{"address": "0.0.0.0"}],
+        # the default internal.address, 127.0.0.1, cannot reach a remote transceiver
+        "internal": {"address": "0.0.0.0"},
         "transceivers": [{"id": 1, "address": "192.0.2.10", "port": 5000}],
     }
 
@@ -69,7 +72,8 @@ def test_defaults():
     assert cfg.relay == config.Relay(workers=0, batch_size=32, io="auto", drain_seconds=10.0,
                                      recv_buffer_bytes=4194304, send_buffer_bytes=4194304)
     assert cfg.listeners == (config.Listener(address="0.0.0.0", port=3478),)
-    assert cfg.internal == config.Internal(address="127.0.0.1", port=4478, allow=())
+    assert cfg.internal == config.Internal(address="0.0.0.0", port=4478, allow=())
+    assert config.Internal().address == "127.0.0.1"
     assert cfg.keys == config.Keys(dir=pathlib.Path("/etc/edge-relay/keys"), signing_key_id=None)
     assert cfg.transceivers == (config.Transceiver(id=1, address="192.0.2.10", port=5000,
                                                    backup=None, name="tx1"),)
@@ -161,7 +165,7 @@ def test_example_with_everything_uncommented_parses():
     text = re.sub(r"(?m)^#(\[\[listeners\]\]|\w+ = .*)$", r"\1", EXAMPLE.read_text())
     data = tomllib.loads(text)
     data["transceivers"].append({"id": 2, "address": "192.0.2.11", "port": 5000})
-    data["internal"]["address"] = "::"  # the uncommented IPv6 listener needs nothing more
+    # the uncommented IPv6 listener needs nothing more: the internal leg stays IPv4
     cfg = config.parse(data, EXAMPLE.parent)
     assert cfg.transceivers[0].backup == 2
     assert cfg.keys.signing_key_id == 1
@@ -436,7 +440,7 @@ def test_internal_family_must_reach_transceivers():
     found = problems_of(data)
     assert found == [("transceivers[0].address",
                       "IPv6 address 2001:db8::10 cannot be reached from "
-                      "internal.address 127.0.0.1 (IPv4)")]
+                      "internal.address 0.0.0.0 (IPv4)")]
     found = problems_of(with_value(minimal(), "internal.address", "::1"))
     assert_problem(found, "transceivers[0].address", "IPv4 address 192.0.2.10", "(IPv6)")
     config.parse(with_value(data, "internal.address", "::"), BASE_DIR)
@@ -458,6 +462,7 @@ def test_many_problems_reported_together():
     data = {
         "relay": {"workers": -1, "io": "fast", "wrokers": 2},
         "listeners": [{"address": "1.2.3"}],
+        "internal": {"address": "0.0.0.0"},
         "transceivers": [{"id": 7, "address": "192.0.2.10", "port": 5000, "backup": 7},
                          {"id": 7, "address": "192.0.2.11", "port": 0}],
         "limits": {"idle_timeout": -3},
@@ -477,6 +482,8 @@ def test_many_problems_reported_together():
 
 MINIMAL_TOML = """
 [[listeners]]
+address = "0.0.0.0"
+[internal]
 address = "0.0.0.0"
 [[transceivers]]
 id = 1
@@ -507,7 +514,7 @@ def test_toml_syntax_error_is_one_line_naming_the_file(tmp_path):
     assert len(info.value.problems) == 1
     text = str(info.value)
     assert "\n" not in text
-    assert text.startswith(f"{path}: TOML syntax error: ") and "line 9," in text
+    assert text.startswith(f"{path}: TOML syntax error: ") and "line 11," in text
 
 
 def test_duplicate_toml_key_is_a_syntax_error(tmp_path):
@@ -590,10 +597,9 @@ WEIRD_KEYS = ["wrokers", "", "a.b", "line\nbreak", "\u2028", "id", "port", "rela
 def _valid_rich():
     data = tomllib.loads(EXAMPLE.read_text())
     data["listeners"].append({"address": "::", "port": 3478})
-    data["internal"]["address"] = "::"
     data["internal"]["allow"] = ["10.0.0.0/8", "2001:db8::/32"]
     data["transceivers"][0]["backup"] = 2
-    data["transceivers"].append({"id": 2, "address": "2001:db8::2", "port": 5000, "name": "b"})
+    data["transceivers"].append({"id": 2, "address": "192.0.2.12", "port": 5000, "name": "b"})
     data["keys"] = {"dir": "keys", "signing_key_id": 3}
     return data
 
@@ -703,3 +709,93 @@ def test_directory_address_forms(value, normal, target):
     cfg = config.parse(with_value(minimal(), "directory.address", value), BASE_DIR)
     assert cfg.directory.address == normal and cfg.directory.enabled
     assert config.redis_target(cfg.directory.address) == target
+
+
+# -- configs that parse but cannot work (issue 13, item 5) ---------------------------
+
+def test_loopback_internal_address_cannot_reach_a_remote_transceiver():
+    data = with_value(minimal(), "internal.address", "127.0.0.1")
+    found = problems_of(data)
+    assert found == [("transceivers[0].address",
+                      "192.0.2.10 is not on this host, and internal.address 127.0.0.1 is loopback: every "
+                      "send would fail (EINVAL); set internal.address to this host's address on the "
+                      "transceiver network, or 0.0.0.0")]
+    assert_problem(problems_of(with_value(with_value(data, "internal.address", "::1"),
+                                          "transceivers[0].address", "2001:db8::1")),
+                   "transceivers[0].address", "is loopback", "or ::")
+    # a transceiver on this host is fine from loopback, as is any transceiver from a real address
+    config.parse(with_value(data, "transceivers[0].address", "127.0.0.2"), BASE_DIR)
+    config.parse(with_value(data, "internal.address", "192.0.2.1"), BASE_DIR)
+
+
+@pytest.mark.parametrize("listener,port,workers,bad", [
+    ("0.0.0.0", 4478, 1, True), ("127.0.0.1", 4479, 2, True), ("0.0.0.0", 4480, 2, False),
+    ("::", 4478, 1, False),                     # the other family: its own port space
+    ("192.0.2.1", 4478, 1, True),               # internal is a wildcard
+])
+def test_listener_on_an_internal_port(listener, port, workers, bad):
+    data = with_value(minimal(), "relay.workers", workers)
+    data["listeners"] = [{"address": listener, "port": port}]
+    found = config.problems(data, BASE_DIR)
+    if bad:
+        assert_problem(found, "listeners[0].port", f"{port} is the internal port of worker {port - 4478}",
+                       "cannot both bind")
+    else:
+        assert found == []
+    assert config.problems(with_value(data, "internal.port", 0), BASE_DIR) == []   # ephemeral
+
+
+@pytest.mark.parametrize("address,port,what", [
+    ("127.0.0.1", 3478, "listeners[0]"),        # the listener is 0.0.0.0: loopback is among its addresses
+    ("127.0.0.1", 4479, "the internal sockets"),
+    ("192.0.2.1", 4478, "the internal sockets"),
+])
+def test_transceiver_at_the_relays_own_socket(address, port, what):
+    data = with_value(with_value(minimal(), "transceivers[0].address", address),
+                      "transceivers[0].port", port)
+    data = with_value(with_value(data, "relay.workers", 2), "internal.address",
+                      "0.0.0.0" if address.startswith("127.") else "192.0.2.1")
+    assert_problem(problems_of(data), "transceivers[0]", f"{address}:{port} is the relay's own socket ({what})")
+    assert config.problems(with_value(data, "transceivers[0].port", 5000), BASE_DIR) == []
+
+
+@pytest.mark.parametrize("path,value,floor", [
+    ("limits.idle_timeout", 0.001, "must be at least 6 (RFC 7675"),
+    ("limits.idle_timeout", 5.9, "must be at least 6 (RFC 7675"),
+    ("limits.pending_ttl", 0.2, "must be at least 1 (a pending flow must outlive"),
+])
+def test_timers_too_short_to_work(path, value, floor):
+    assert_problem(problems_of(with_value(minimal(), path, value)), path, floor, f"got {value}")
+    boundary = 6 if path == "limits.idle_timeout" else 1
+    config.parse(with_value(minimal(), path, boundary), BASE_DIR)
+
+
+def test_management_on_every_address_is_a_warning():
+    assert config.warnings(config.parse(minimal(), BASE_DIR)) == []
+    for address in ("0.0.0.0", "::"):
+        cfg = config.parse(with_value(minimal(), "management.address", address), BASE_DIR)
+        [(key, text)] = config.warnings(cfg)
+        assert key == "management.address" and text.startswith(f"{address} serves /metrics")
+    cfg = config.parse(with_value(with_value(minimal(), "management.address", "::"), "management.port", 0),
+                       BASE_DIR)
+    assert config.warnings(cfg) == []       # disabled: nothing is served
+
+
+# -- files that are not config files (issue 13, item 1) -------------------------------
+
+def test_load_reads_only_bounded_regular_files(tmp_path):
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * config.MAX_CONFIG_BYTES + b"\n")
+    nested = tmp_path / "nested.toml"
+    nested.write_text("max_flows = " + "[" * 5000 + "]" * 5000)
+    for path, fragment in [(fifo, "not a regular file (a FIFO)"), (pathlib.Path("/dev/zero"), "(a character device)"),
+                           (big, "larger than the 1048576 bytes"), (nested, "TOML nested too deeply")]:
+        with pytest.raises(ConfigError) as info:
+            config.load(path)
+        assert info.value.problems == [(str(path), info.value.problems[0][1])], info.value.problems
+        assert fragment in str(info.value) and "\n" not in str(info.value)
+    ok = tmp_path / "ok.toml"
+    ok.write_text(MINIMAL_TOML + "#" * (config.MAX_CONFIG_BYTES - len(MINIMAL_TOML) - 1) + "\n")
+    assert config.load(ok).transceivers[0].id == 1     # exactly the limit is fine

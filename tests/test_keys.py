@@ -197,9 +197,35 @@ def test_load_dir_refuses_file_others_can_access(keydir, mode):
     assert "chmod" in str(err.value)
 
 
-@pytest.mark.parametrize("mode", [0o600, 0o640, 0o660, 0o400])
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o400, 0o440])
 def test_group_and_owner_modes_are_fine(tmp_path, mode):
     assert keys.read_key_file(put(tmp_path, "1.key", MASTERS[1].hex(), mode)) == MASTERS[1]
+
+
+@pytest.mark.parametrize("mode", [0o660, 0o620, 0o670])
+def test_load_dir_refuses_a_key_its_group_may_write(keydir, mode):
+    """0660: every process of the service group could replace the key (issue 13, item 5)."""
+    os.chmod(keydir / "2.key", mode)
+    with pytest.raises(KeyFileError) as err:
+        keys.load_dir(keydir)
+    assert one_line(err.value) and str(keydir / "2.key") in str(err.value)
+    assert "writable by its group" in str(err.value) and "chmod g-w" in str(err.value)
+
+
+@pytest.mark.parametrize("mode,who", [(0o777, "others"), (0o1777, "others"), (0o770, "its group"),
+                                      (0o757, "others")])
+def test_load_dir_refuses_a_directory_others_may_write(keydir, mode, who):
+    os.chmod(keydir, mode)
+    try:
+        with pytest.raises(KeyFileError) as err:
+            keys.load_dir(keydir)
+    finally:
+        os.chmod(keydir, 0o700)
+    assert one_line(err.value) and str(err.value).startswith(f"{keydir}: key directory is writable by {who}")
+    for fine in (0o750, 0o700, 0o755, 0o550):
+        os.chmod(keydir, fine)
+        assert keys.load_dir(keydir).ids
+    os.chmod(keydir, 0o700)
 
 
 @pytest.mark.parametrize("content", [
@@ -248,6 +274,7 @@ def test_load_dir_refuses_symlink(keydir, tmp_path_factory):
     with pytest.raises(KeyFileError) as err:
         keys.load_dir(keydir)
     assert one_line(err.value) and str(keydir / "3.key") in str(err.value)
+    assert "symlinks are refused" in str(err.value) and "Too many levels" not in str(err.value)
 
 
 def test_load_dir_refuses_directory_named_like_a_key(keydir):
@@ -336,6 +363,16 @@ def test_write_key_file_missing_directory(tmp_path):
 def test_write_key_file_group(tmp_path):
     path = keys.write_key_file(tmp_path, 1, group=os.getgid())
     assert os.stat(path).st_gid == os.getgid()
+
+
+def test_write_key_file_group_refused_leaves_no_file(tmp_path, monkeypatch):
+    def fchown(fd, uid, gid):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "fchown", fchown)
+    with pytest.raises(KeyFileError) as err:
+        keys.write_key_file(tmp_path, 1, group=12345)
+    assert one_line(err.value) and "Operation not permitted" in str(err.value)
+    assert not (tmp_path / "1.key").exists()
 
 
 @pytest.mark.parametrize("master", [b"short", bytes(31), bytes(33)], ids=["5", "31", "33"])

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import netns
-from edge_relay import config, nft
+from edge_relay import cli, config, nft
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NFTABLES = REPO / "nftables"
@@ -43,7 +43,7 @@ CONFIGS = {
                                           "source_bytes_per_second": 9000,
                                           "source_bytes_burst": 20000, "total_pps": 5},
                                 workers=1),
-    "ephemeral-internal": cfg_of([("192.0.2.1", 3478)], internal={"address": "127.0.0.1", "port": 0}),
+    "ephemeral-internal": cfg_of([("192.0.2.1", 3478)], internal={"address": "10.0.0.1", "port": 0}),
 }
 
 
@@ -141,7 +141,7 @@ def test_cli_render_nft(tmp_path):
     r = run_cli("--remove", "--transceiver-side")
     assert "delete table inet edge_relay_transceiver" in r.stdout
     r = run_cli(str(tmp_path / "missing.toml"))
-    assert r.returncode == 1 and "cannot read" in r.stderr
+    assert r.returncode == cli.EXIT_CONFIG and "cannot read" in r.stderr
 
 
 # -- with nft (root) ------------------------------------------------------------

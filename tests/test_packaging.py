@@ -205,7 +205,9 @@ def test_ansible_template_passes_check_config(tmp_path):
     inputs = {"edge_relay_transceivers": [{"id": 1, "address": "192.0.2.10", "port": 5000, "name": "tx1"},
                                           {"id": 2, "address": "192.0.2.11", "port": 5000, "backup": 1}],
               "edge_relay_limits": {"max_flows": 1000, "idle_timeout": 20.0},
-              "edge_relay_signing_key_id": 3}
+              "edge_relay_signing_key_id": 3,
+              # remote transceivers: the default 127.0.0.1 cannot reach them (check-config refuses it)
+              "edge_relay_internal_address": "0.0.0.0"}
     out = subprocess.run(["ansible-playbook", "-i", "localhost,", "-e", json.dumps(inputs), str(play)], cwd=REPO,
                          capture_output=True, text=True, timeout=120,
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path),
