@@ -36,6 +36,31 @@ def udp_socket(address, port, *, reuseport=False, rcvbuf=None, sndbuf=None, what
     return sock
 
 
+# (socket option, config key, sysctl that caps it) for the two buffer sizes
+_BUFFERS = ((socket.SO_RCVBUF, "relay.recv_buffer_bytes", "net.core.rmem_max"),
+            (socket.SO_SNDBUF, "relay.send_buffer_bytes", "net.core.wmem_max"))
+
+
+def buffer_shortfalls(sock, rcvbuf, sndbuf):
+    """[(config key, asked, granted, sysctl)] for each buffer the kernel gave less of than asked.
+
+    setsockopt(SO_RCVBUF/SO_SNDBUF) silently caps the size at rmem_max /
+    wmem_max, and Linux reports back twice what it granted (socket(7): the
+    doubling leaves room for bookkeeping), so granted = getsockopt() / 2.
+    """
+    out = []
+    for (opt, key, sysctl), asked in zip(_BUFFERS, (rcvbuf, sndbuf)):
+        if not asked:
+            continue
+        try:
+            granted = sock.getsockopt(socket.SOL_SOCKET, opt) // 2
+        except OSError:
+            continue
+        if granted < asked:
+            out.append((key, asked, granted, sysctl))
+    return out
+
+
 def listener_sockets(config):
     """One SO_REUSEPORT socket per configured listener (for one worker)."""
     r = config.relay

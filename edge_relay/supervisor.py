@@ -236,6 +236,7 @@ class Supervisor:
             raise
         self._retire_unused(pool)
         self._store(fresh)
+        self._warn_buffers()
         reused = len(self.socks) - len(fresh)
         if inherited:
             self.log.notice("fdstore", "took back %d of %d sockets and the flows of %d workers from the fd store",
@@ -245,6 +246,18 @@ class Supervisor:
         else:
             self.log.notice("fdstore", "no NOTIFY_SOCKET or LISTEN_FDS: starting fresh, "
                             "sockets and flows will not outlive this process")
+
+    def _warn_buffers(self):
+        """One warning per buffer size the kernel capped (every socket asks the same)."""
+        r = self.cfg.relay
+        for sock in self.socks.values():
+            for key, asked, granted, sysctl in sockets.buffer_shortfalls(
+                    sock, r.recv_buffer_bytes, r.send_buffer_bytes):
+                self.log.warning("sockets.buffer", "%s = %d, but the kernel granted %d (capped by %s); "
+                                 "raise it: sysctl -w %s=%d (edge-relay ships "
+                                 "/usr/lib/sysctl.d/edge-relay.conf)",
+                                 key, asked, granted, sysctl, sysctl, asked)
+            return
 
     def _retire_unused(self, pool):
         for name, sock in pool.items():
@@ -342,7 +355,7 @@ class Supervisor:
 
         listeners, internal = self._worker_sockets(i)
         worker = Worker(self.cfg, self.keyring, listeners, internal, log, config_path=self.config_path,
-                        publish=publish, flows=flows)
+                        publish=publish, flows=flows, log_transceivers=i == 0)
         ctl.setblocking(False)
 
         def on_ctl():

@@ -102,8 +102,11 @@ class Worker:
     """
 
     def __init__(self, cfg, keyring, listeners, internal, log, *, config_path=None,
-                 publish=None, clock=time.monotonic, wall=time.time, flows=None):
+                 publish=None, clock=time.monotonic, wall=time.time, flows=None, log_transceivers=True):
         self.cfg = cfg
+        # Every worker probes every transceiver, so each sees each up/down:
+        # only one of them (the supervisor picks worker 0) logs it.
+        self.log_transceivers = log_transceivers
         self.config_path = config_path
         self.log = log
         self.clock = clock
@@ -128,6 +131,7 @@ class Worker:
         self._sel = None
         self._redis_fd = None
         self._redis_events = 0
+        self._redis_failures = 0
         self.stopping = False
         self.drain_deadline = None
         self.reloads = 0
@@ -186,7 +190,7 @@ class Worker:
         router = self.router
         router.timer(now, int(self.wall() * 1000))
         self.flush_to_transceivers()
-        if router.events:
+        if router.events and self.log_transceivers:
             names = {t.id: t.name for t in self.cfg.transceivers}
             for ev in router.events:
                 srtt = "-" if ev.srtt is None else f"{ev.srtt * 1000:.2f} ms"
@@ -195,7 +199,7 @@ class Worker:
                 (self.log.warning if ev.state == "down" else self.log.notice)(
                     "transceiver", "transceiver %s is %s (%s, srtt %s)%s",
                     names.get(ev.transceiver, ev.transceiver), ev.state, ev.reason, srtt, note)
-            router.events.clear()
+        router.events.clear()
 
     # -- the flow directory's Redis connection --------------------------------
 
@@ -257,6 +261,13 @@ class Worker:
         """Every publication tick: fold quality stats, re-publish confirmed flows."""
         router = self.router
         router.report(now)
+        if self.redis is not None and self.redis.stats["failures"] != self._redis_failures:
+            # A Redis that cannot be reached: every lookup fails open (the flow
+            # is not moved); say so, rate-limited, with the client's last error.
+            self._redis_failures = self.redis.stats["failures"]
+            self.log.warning("directory.unreachable", "flow directory %s unreachable (%s): flows that "
+                             "move between relays are not picked up", self.cfg.directory.address,
+                             self.redis.last_error)
         if router.directory is not None:
             # every confirmed flow once per ttl/3, spread over the publication ticks in between
             ticks = max(1.0, router.directory.ttl / 3 / PUBLISH_INTERVAL)

@@ -799,3 +799,16 @@ def test_load_reads_only_bounded_regular_files(tmp_path):
     ok = tmp_path / "ok.toml"
     ok.write_text(MINIMAL_TOML + "#" * (config.MAX_CONFIG_BYTES - len(MINIMAL_TOML) - 1) + "\n")
     assert config.load(ok).transceivers[0].id == 1     # exactly the limit is fine
+
+
+def test_the_package_raises_the_buffer_ceilings_the_example_asks_for():
+    """The kernel silently caps SO_RCVBUF/SO_SNDBUF at rmem_max/wmem_max: the package's sysctl.d
+    drop-in must allow what the example's relay.*_buffer_bytes ask (issue 13, item 6)."""
+    debian = EXAMPLE.parent / "debian"
+    dropin = debian / "sysctl.d" / "50-edge-relay.conf"
+    values = dict(re.findall(r"(?m)^(net\.core\.\w+) = (\d+)$", dropin.read_text()))
+    relay = config.load(EXAMPLE).relay
+    assert int(values["net.core.rmem_max"]) >= relay.recv_buffer_bytes
+    assert int(values["net.core.wmem_max"]) >= relay.send_buffer_bytes
+    assert "debian/sysctl.d/50-edge-relay.conf usr/lib/sysctl.d" in (debian / "install").read_text().splitlines()
+    assert "50-edge-relay.conf" in (debian / "postinst").read_text()

@@ -272,3 +272,90 @@ def test_stderr_is_looked_up_at_call_time(monkeypatch):
 def test_bad_rate_limit_settings(kw):
     with pytest.raises(ValueError):
         Log(**kw)
+
+
+# -- what the relay logs (issue 13, item 6) ----------------------------------------------
+
+def test_verdicts_are_never_suppressed_but_still_filtered():
+    log, out = make(burst=2)
+    for i in range(6):
+        log.err("reload", "same kind %d", i)
+    for i in range(6):
+        log.verdict("err", "reload refused, keeping the running config: reason %d", i)
+    got = lines(out)
+    assert [line for line in got if "reason" in line] == [
+        f"<3>edge-relay: reload refused, keeping the running config: reason {i}" for i in range(6)]
+    assert sum("same kind" in line for line in got) == 2
+    log.set_level("err")
+    log.verdict("notice", "config generation 2")
+    assert "generation" not in out.getvalue()
+    with pytest.raises(ValueError):
+        log.verdict("loud", "x")
+
+
+@pytest.mark.slow
+def test_relay_logs_each_event_once_and_says_what_it_cannot_do(tmp_path):
+    """Transceiver down: one line for 2 workers; capped socket buffers: one warning naming the key;
+    an unreachable Redis directory: a warning."""
+    import socket
+
+    from relayproc import Relay, Setup, free_port, metrics, value, wait_for
+    try:
+        with open("/proc/sys/net/core/rmem_max") as f:
+            rmem_max = int(f.read())
+    except OSError:
+        pytest.skip("no /proc/sys/net/core/rmem_max")
+    closed = free_port(socket.SOCK_STREAM)           # nothing listens: the directory is unreachable
+    setup = Setup(tmp_path / "r", workers=2,
+                  extra=f'\n[probes]\nenabled = true\ninterval = 0.05\ndown_after = 2\n'
+                        f'\n[directory]\naddress = "127.0.0.1:{closed}"\n')
+    asked = min(2 * rmem_max, 2**31 - 1)
+    text = open(setup.path).read().replace("[relay]\n", f"[relay]\nrecv_buffer_bytes = {asked}\n", 1)
+    with open(setup.path, "w") as f:
+        f.write(text)
+    relay = Relay(setup)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        # the in-test transceiver never answers: both workers' probes find it down
+        wait_for(lambda: relay.proc.poll() is not None or value(
+            metrics(setup), "edge_relay_transceiver_transitions_total", transceiver="tx1") >= 2
+            if _serving(setup) else False, 20, what="both workers see tx1 down")
+        assert relay.proc.poll() is None, relay.log()
+        down = [line for line in relay.log().splitlines() if "transceiver tx1 is down" in line]
+        assert len(down) == 1, down
+
+        def lookup_and_check():
+            client.sendto(b"\x80" + bytes(40), setup.public)     # RTP from a client with no flow: a lookup
+            return "flow directory 127.0.0.1:%d unreachable" % closed in relay.log()
+        wait_for(lookup_and_check, 20, interval=0.1, what="the directory warning")
+        capped = [line for line in relay.log().splitlines() if "relay.recv_buffer_bytes" in line]
+        assert len(capped) == 1 and f"= {asked}, but the kernel granted" in capped[0], capped
+        assert "net.core.rmem_max" in capped[0] and capped[0].startswith("<4>edge-relay: ")
+    finally:
+        client.close()
+        relay.kill()
+        setup.tx_sock.close()
+
+
+def _serving(setup):
+    from relayproc import http_get
+    return http_get(setup.url + "/metrics")[0] == 200
+
+
+def test_buffer_shortfalls_read_back_what_the_kernel_granted():
+    import socket
+
+    from edge_relay import sockets
+    try:
+        with open("/proc/sys/net/core/rmem_max") as f:
+            rmem_max = int(f.read())
+    except OSError:
+        pytest.skip("no /proc/sys/net/core/rmem_max")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        assert sockets.buffer_shortfalls(s, 65536, 0) == []
+        asked = min(2 * rmem_max, 2**31 - 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, asked)
+        [(key, got_asked, granted, sysctl)] = sockets.buffer_shortfalls(s, asked, 0)
+        assert (key, got_asked, sysctl) == ("relay.recv_buffer_bytes", asked, "net.core.rmem_max")
+        assert granted == rmem_max
