@@ -18,7 +18,11 @@ def family_of(address):
 def udp_socket(address, port, *, reuseport=False, rcvbuf=None, sndbuf=None, what="socket"):
     """A bound non-blocking UDP socket; StartupError (one line naming it) on failure."""
     family = family_of(address)
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    shown = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:      # EMFILE, ENOBUFS: still one line naming the socket, not a traceback
+        raise StartupError(f"{what} {shown}: cannot create a socket: {exc.strerror or exc}") from None
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -31,7 +35,6 @@ def udp_socket(address, port, *, reuseport=False, rcvbuf=None, sndbuf=None, what
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        shown = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
         raise StartupError(f"{what} {shown}: cannot bind: {exc.strerror or exc}") from None
     return sock
 

@@ -277,6 +277,14 @@ def test_load_dir_refuses_symlink(keydir, tmp_path_factory):
     assert "symlinks are refused" in str(err.value) and "Too many levels" not in str(err.value)
 
 
+def test_load_dir_refuses_a_fifo_named_like_a_key_without_hanging(keydir):
+    """Opened non-blocking: a FIFO would otherwise block open() until a writer came."""
+    os.mkfifo(keydir / "3.key", 0o600)
+    with pytest.raises(KeyFileError) as err:
+        keys.load_dir(keydir)
+    assert one_line(err.value) and str(err.value) == f"{keydir / '3.key'}: not a regular file"
+
+
 def test_load_dir_refuses_directory_named_like_a_key(keydir):
     (keydir / "3.key").mkdir()
     with pytest.raises(KeyFileError) as err:

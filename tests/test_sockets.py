@@ -1,0 +1,34 @@
+"""Creating the relay's sockets: one-line StartupErrors, and buffer sizes read back (issue 13)."""
+
+import errno
+import socket
+
+import pytest
+
+from edge_relay import sockets
+from edge_relay.errors import StartupError
+
+
+def test_buffer_shortfalls_read_back_what_the_kernel_granted():
+    try:
+        with open("/proc/sys/net/core/rmem_max") as f:
+            rmem_max = int(f.read())
+    except OSError:
+        pytest.skip("no /proc/sys/net/core/rmem_max")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        assert sockets.buffer_shortfalls(s, 65536, 0) == []
+        asked = min(2 * rmem_max, 2**31 - 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, asked)
+        [(key, got_asked, granted, sysctl)] = sockets.buffer_shortfalls(s, asked, 0)
+        assert (key, got_asked, sysctl) == ("relay.recv_buffer_bytes", asked, "net.core.rmem_max")
+        assert granted == rmem_max
+
+
+def test_a_socket_that_cannot_be_created_is_one_line_naming_it(monkeypatch):
+    def no_more(*a, **kw):
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(socket, "socket", no_more)
+    with pytest.raises(StartupError) as err:
+        sockets.udp_socket("127.0.0.1", 4478, what="internal")
+    assert str(err.value) == "internal 127.0.0.1:4478: cannot create a socket: Too many open files"
