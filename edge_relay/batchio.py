@@ -244,6 +244,7 @@ class MmsgIO:
         self.bufsize = bufsize
         self.truncated = 0
         self.send_failed = 0
+        self.send_errno = 0                # errno of the last failed send, for the worker's log
 
         self._pins = pins = []
 
@@ -454,6 +455,7 @@ class MmsgIO:
                 refused = True            # the error was an earlier datagram's; this one was not tried
             else:
                 self.send_failed += 1
+                self.send_errno = err
                 pos += 1
                 busy = intr = 0
                 refused = False
@@ -472,6 +474,7 @@ class PlainIO:
         self.bufsize = bufsize
         self.truncated = 0
         self.send_failed = 0
+        self.send_errno = 0                # errno of the last failed send, for the worker's log
         self._buf = bytearray(batch_size * bufsize)
         whole = memoryview(self._buf)
         self._slots = [[whole[i * bufsize:(i + 1) * bufsize]] for i in range(batch_size)]
@@ -518,6 +521,7 @@ class PlainIO:
                 dest = self._destination(msg[0])
             except (ValueError, struct.error):     # not a sockaddr this socket can send to
                 self.send_failed += 1
+                self.send_errno = errno.EAFNOSUPPORT
                 continue
             bufs = msg[1:3] if len(msg) < 4 else (msg[2],) if msg[1] is None else msg[1:3]
             busy = 0
@@ -533,6 +537,7 @@ class PlainIO:
                         refused = True
                         continue
                     self.send_failed += 1
+                    self.send_errno = exc.errno or 0
                 else:
                     sent += 1
                 break

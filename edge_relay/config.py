@@ -637,8 +637,8 @@ def _check_internal(s, report):
                    f"{internal['port']} + {workers} workers{why} - 1 = {last} exceeds 65535; "
                    "lower internal.port or relay.workers")
     # A socket bound to an IPv4 address cannot send to IPv6 and vice versa;
-    # the IPv6 wildcard "::" is let through for IPv4 transceivers (but see
-    # sockets.py: the internal sockets are IPV6_V6ONLY).
+    # only the IPv6 wildcard "::" reaches both (a dual-stack socket, see
+    # sockets.internal_dual_stack, sending to IPv4-mapped addresses).
     if not _has(internal, "address"):
         return
     bind = ipaddress.ip_address(internal["address"])
@@ -667,10 +667,14 @@ def _internal_ports(s):
     return internal["address"], first, min(65535, first + (relay["workers"] or _online_cpus()) - 1)
 
 
-def _overlaps(a, b):
-    """True when sockets bound to addresses `a` and `b` (strings) would share one port space."""
-    a, b = ipaddress.ip_address(a), ipaddress.ip_address(b)
-    return a.version == b.version and (a == b or a.is_unspecified or b.is_unspecified)
+def _overlaps(listener, internal):
+    """True when a listener on `listener` and the internal sockets on `internal` share a port space.
+
+    Listeners are IPV6_V6ONLY; the internal "::" is dual-stack, so it clashes with IPv4 ones too.
+    """
+    a, b = ipaddress.ip_address(listener), ipaddress.ip_address(internal)
+    return (a.version == b.version and (a == b or a.is_unspecified or b.is_unspecified)) or \
+        (b.version == 6 and b.is_unspecified)
 
 
 def _check_own_sockets(s, report):
@@ -694,8 +698,10 @@ def _check_own_sockets(s, report):
         dest = ipaddress.ip_address(row["address"])
         for address, first, last, what in own:
             bound = ipaddress.ip_address(address)
-            local = dest == bound or (bound.is_unspecified and dest.is_loopback
-                                      and dest.version == bound.version)
+            dual = what == "the internal sockets"
+            # a wildcard receives what is sent to loopback; the internal "::" in both families
+            local = dest == bound or (dest.is_loopback and bound.is_unspecified and (
+                dest.version == bound.version or (dual and bound.version == 6)))
             if local and first <= row["port"] <= last:
                 report(f"transceivers[{i}]",
                        f"{_hostport(row['address'], row['port'])} is the relay's own socket "

@@ -3,7 +3,10 @@
 Listeners use SO_REUSEPORT so that each worker holds its own socket on the
 same public address and the kernel spreads clients across them by 4-tuple
 hash. IPv6 listeners are IPV6_V6ONLY so that "0.0.0.0" and "::" can be listed
-side by side and each listener has exactly one family.
+side by side and each listener has exactly one family. Internal sockets are
+IPV6_V6ONLY too, except on "::" (internal_dual_stack): that one socket reaches
+IPv4 transceivers as well, at their IPv4-mapped addresses (::ffff:a.b.c.d),
+which is how their replies arrive and how worker.transceiver_addrs names them.
 """
 
 import socket
@@ -15,8 +18,17 @@ def family_of(address):
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
-def udp_socket(address, port, *, reuseport=False, rcvbuf=None, sndbuf=None, what="socket"):
-    """A bound non-blocking UDP socket; StartupError (one line naming it) on failure."""
+def internal_dual_stack(address):
+    """True when internal sockets on `address` take both families: the IPv6 wildcard "::"."""
+    return address == "::"
+
+
+def udp_socket(address, port, *, reuseport=False, rcvbuf=None, sndbuf=None, what="socket",
+               dual_stack=False):
+    """A bound non-blocking UDP socket; StartupError (one line naming it) on failure.
+
+    An IPv6 socket is IPV6_V6ONLY unless `dual_stack`.
+    """
     family = family_of(address)
     shown = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
     try:
@@ -25,7 +37,7 @@ def udp_socket(address, port, *, reuseport=False, rcvbuf=None, sndbuf=None, what
         raise StartupError(f"{what} {shown}: cannot create a socket: {exc.strerror or exc}") from None
     try:
         if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         for opt, size in ((socket.SO_RCVBUF, rcvbuf), (socket.SO_SNDBUF, sndbuf)):
@@ -76,4 +88,5 @@ def internal_socket(config, worker_index):
     """Worker `worker_index`'s own internal socket: transceivers answer to the address they heard from."""
     r = config.relay
     return udp_socket(config.internal.address, config.internal_port_for(worker_index),
-                      rcvbuf=r.recv_buffer_bytes, sndbuf=r.send_buffer_bytes, what="internal")
+                      rcvbuf=r.recv_buffer_bytes, sndbuf=r.send_buffer_bytes, what="internal",
+                      dual_stack=internal_dual_stack(config.internal.address))

@@ -104,6 +104,10 @@ def socket_matches(sock, address, port, reuseport):
             return False
         if reuseport and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
             return False
+        if sock.family == socket.AF_INET6:
+            dual = not reuseport and sockets.internal_dual_stack(address)
+            if bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)) == dual:
+                return False        # e.g. an IPv6-only internal socket stored by an older version
         return True
     except (OSError, ValueError):
         return False
@@ -124,7 +128,8 @@ def bind_sockets(cfg, n, pool):
                 socks[name] = old
                 continue
             socks[name] = sockets.udp_socket(address, port, reuseport=reuseport, rcvbuf=r.recv_buffer_bytes,
-                                             sndbuf=r.send_buffer_bytes, what=what)
+                                             sndbuf=r.send_buffer_bytes, what=what,
+                                             dual_stack=not reuseport and sockets.internal_dual_stack(address))
             fresh.append(name)
     except StartupError:
         for name in fresh:

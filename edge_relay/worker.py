@@ -33,7 +33,7 @@ import signal
 import socket
 import time
 
-from . import batchio, config as config_mod, resp, sockaddr
+from . import batchio, config as config_mod, resp, sockaddr, sockets
 from .directory import Directory
 from .drops import Drop
 from .errors import reason
@@ -51,7 +51,14 @@ def policy_of(cfg):
 
 
 def transceiver_addrs(cfg):
-    return {t.id: sockaddr.from_tuple((t.address, t.port)) for t in cfg.transceivers}
+    """{id: raw sockaddr} as the internal socket sends to and hears from each transceiver.
+
+    On a dual-stack internal socket ("::") an IPv4 transceiver is its IPv4-mapped address.
+    """
+    mapped = sockets.internal_dual_stack(cfg.internal.address)
+    return {t.id: sockaddr.from_tuple((f"::ffff:{t.address}" if mapped and ":" not in t.address
+                                       else t.address, t.port))
+            for t in cfg.transceivers}
 
 
 def backups_of(cfg):
@@ -345,6 +352,16 @@ class Worker:
 
     def _publish(self):
         failed = sum(io.send_failed for io in self.listener_io) + self.internal_io.send_failed
+        if failed > self.send_failed_seen:
+            # Counted as send_failed either way; a send the kernel refuses
+            # (EINVAL from a loopback source, ENETUNREACH) is also said, rate-limited.
+            io = self.internal_io if self.internal_io.send_errno else next(
+                (i for i in self.listener_io if i.send_errno), self.internal_io)
+            self.log.warning("send.failed", "%d datagrams could not be sent (last error on the %s socket: "
+                             "%s)", failed - self.send_failed_seen,
+                             "internal" if io is self.internal_io else "listener",
+                             os.strerror(io.send_errno) if io.send_errno else "unknown")
+        self.send_failed_seen = failed
         truncated = sum(io.truncated for io in self.listener_io) + self.internal_io.truncated
         drops = self.router.drops
         drops[Drop.SEND_FAILED] = failed

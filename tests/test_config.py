@@ -812,3 +812,14 @@ def test_the_package_raises_the_buffer_ceilings_the_example_asks_for():
     assert int(values["net.core.wmem_max"]) >= relay.send_buffer_bytes
     assert "debian/sysctl.d/50-edge-relay.conf usr/lib/sysctl.d" in (debian / "install").read_text().splitlines()
     assert "50-edge-relay.conf" in (debian / "postinst").read_text()
+
+
+def test_the_dual_stack_internal_wildcard_clashes_and_loops_in_both_families():
+    """internal.address "::" is one dual-stack socket per worker: it takes the IPv4 port too."""
+    data = with_value(minimal(), "internal.address", "::")
+    data["listeners"] = [{"address": "0.0.0.0", "port": 4478}]
+    assert_problem(problems_of(data), "listeners[0].port", "4478 is the internal port of worker 0")
+    data = with_value(with_value(minimal(), "internal.address", "::"), "transceivers[0].address", "127.0.0.1")
+    assert_problem(problems_of(with_value(data, "transceivers[0].port", 4478)), "transceivers[0]",
+                   "127.0.0.1:4478 is the relay's own socket (the internal sockets)")
+    config.parse(data, BASE_DIR)                    # port 5000: an IPv4 transceiver on this host is fine

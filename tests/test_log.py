@@ -345,3 +345,25 @@ def _transitions(setup):
     family = parse_prometheus(body).get("edge_relay_transceiver_transitions_total")
     return family["samples"].get((("transceiver", "tx1"),), 0) if family else 0
 
+
+
+def test_a_send_the_kernel_refuses_is_said_not_only_counted(tmp_path):
+    """Before, a refused send (EINVAL from a loopback source, ENETUNREACH) was only a send_failed
+    count, and the operator saw nothing but 'transceiver down'."""
+    from edge_relay import sockaddr
+    from relayharness import Harness
+    h = Harness(tmp_path, transceivers={1: "sink"})
+    out = io.StringIO()
+    h.worker.log = Log(stream=out, clock=Clock())
+    try:
+        # an IPv6 destination for the IPv4 internal socket: the kernel refuses every send to it
+        h.router.transceivers[1] = sockaddr.from_tuple(("::1", h.tx_socks[1].getsockname()[1]))
+        vc = h.voice_client()
+        assert not h.connect(vc)
+        assert h.drops().get("SEND_FAILED", 0) >= 1
+        [line] = [line for line in lines(out) if "could not be sent" in line]
+        assert line.startswith("<4>edge-relay: ") and "internal socket" in line
+        h.worker._publish()                 # nothing new failed: nothing more said
+        assert sum("could not be sent" in line for line in lines(out)) == 1
+    finally:
+        h.close()

@@ -5,6 +5,8 @@ import socket
 
 import pytest
 
+from relayproc import Relay, Setup, Traffic, Transceiver, clients_for, http_get, metrics, wait_for
+
 from edge_relay import sockets
 from edge_relay.errors import StartupError
 
@@ -32,3 +34,43 @@ def test_a_socket_that_cannot_be_created_is_one_line_naming_it(monkeypatch):
     with pytest.raises(StartupError) as err:
         sockets.udp_socket("127.0.0.1", 4478, what="internal")
     assert str(err.value) == "internal 127.0.0.1:4478: cannot create a socket: Too many open files"
+
+
+def test_dual_stack_only_for_the_internal_ipv6_wildcard():
+    assert sockets.internal_dual_stack("::") and not sockets.internal_dual_stack("::1")
+    assert not sockets.internal_dual_stack("0.0.0.0")
+    with sockets.udp_socket("::", 0, dual_stack=True) as s:
+        assert s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    with sockets.udp_socket("::", 0) as s:
+        assert s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+
+
+@pytest.mark.slow
+def test_internal_ipv6_wildcard_reaches_an_ipv4_transceiver(tmp_path):
+    """The example and check-config say "::" reaches IPv4 transceivers: before, every send
+    from the IPv6-only socket failed (ENETUNREACH, counted as send_failed) and no call connected."""
+    setup = Setup(tmp_path / "r", workers=1)
+    text = open(setup.path).read()
+    assert '[internal]\naddress = "127.0.0.1"' in text
+    with open(setup.path, "w") as f:
+        f.write(text.replace('[internal]\naddress = "127.0.0.1"', '[internal]\naddress = "::"'))
+    relay = Relay(setup)
+    try:
+        wait_for(lambda: relay.proc.poll() is not None or http_get(setup.url + "/healthz")[0] == 200,
+                 20, what="/healthz 200")
+        assert relay.proc.poll() is None, relay.log()
+        tx = Transceiver(setup.keyring, setup.tx_sock)
+        clients = clients_for(setup, 2)
+        traffic = Traffic(clients, tx)
+        try:
+            assert traffic.run(10, until=lambda: all(c.connected for c in clients))
+            traffic.run(0.3)
+            traffic.quiesce()
+            assert sum(c.received for c in clients) > 0
+        finally:
+            traffic.close()
+        drops = metrics(setup)["edge_relay_drops_total"]["samples"]
+        assert drops.get((("reason", "send_failed"),), 0) == 0
+    finally:
+        relay.kill()
+        setup.tx_sock.close()
