@@ -44,8 +44,9 @@ def cmd_check_config(args):
     """The strongest check there is before start: config, then the key files it names.
 
     Keys are loaded (as `run` and every reload load them) unless --no-keys,
-    or unless keys.dir does not exist and --keys was not given (a config
-    checked away from its host); the "ok" line says which.
+    or unless --keys was not given and keys.dir does not exist (a config
+    checked away from its host) or cannot be read by this user (not root
+    nor in the service group); the "ok" line says which.
     """
     try:
         cfg = config_mod.load(args.file)
@@ -54,7 +55,8 @@ def cmd_check_config(args):
             # problems are "key: problem"; file-level ones already start with the path
             print(line if line.startswith(str(args.file)) else f"{args.file}: {line}", file=sys.stderr)
         return EXIT_CONFIG
-    keys_checked = args.keys is True or (args.keys is None and cfg.keys.dir.exists())
+    readable = os.access(cfg.keys.dir, os.R_OK | os.X_OK)
+    keys_checked = args.keys is True or (args.keys is None and readable)
     if keys_checked:
         try:
             config_mod.load_keys(cfg)
@@ -64,8 +66,9 @@ def cmd_check_config(args):
     for key, text in config_mod.warnings(cfg):
         print(f"{args.file}: {key}: warning: {text}", file=sys.stderr)
     if not args.quiet:
-        keys_note = "keys ok" if keys_checked else (
-            "keys not checked: --no-keys" if args.keys is False else f"keys not checked: no {cfg.keys.dir}")
+        keys_note = "keys ok" if keys_checked else "keys not checked: " + (
+            "--no-keys" if args.keys is False else f"cannot read {cfg.keys.dir}" if cfg.keys.dir.exists()
+            else f"no {cfg.keys.dir}")
         print(f"{args.file}: ok ({len(cfg.listeners)} listeners, {len(cfg.transceivers)} transceivers, "
               f"{keys_note})")
     return EXIT_OK

@@ -207,3 +207,14 @@ def test_keygen_without_the_service_group_says_so(tmp_path, monkeypatch, capsys)
     assert cli.main(["keygen", "--dir", str(tmp_path / "k")]) == 0
     err = capsys.readouterr().err
     assert "no group 'edge-relay'" in err and "--group" in err and len(err.splitlines()) == 1
+
+
+def test_check_config_by_a_user_who_cannot_read_the_keys_says_so(tmp_path, monkeypatch, capsys):
+    path, _ = write_demo_setup(str(tmp_path / "d"))
+    key_dir = str(tmp_path / "d" / "keys")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == key_dir else real_access(p, mode))
+    assert cli.main(["check-config", path]) == 0
+    assert f"keys not checked: cannot read {key_dir}" in capsys.readouterr().out
+    assert cli.main(["check-config", "--keys", path]) == 0     # root can read them after all
+    assert "keys ok" in capsys.readouterr().out
