@@ -262,6 +262,20 @@ def clients_for(setup, n, keyring=None):
     return out
 
 
+def carries_a_call(setup, tx, n=2, timeout=10):
+    """True once `n` new voice clients connected through the relay and got media back (bounded)."""
+    clients = clients_for(setup, n)
+    traffic = Traffic(clients, tx)
+    try:
+        if not traffic.run(timeout, until=lambda: all(c.connected for c in clients)):
+            return False
+        traffic.run(0.3)
+        traffic.quiesce()
+        return sum(c.received for c in clients) > 0
+    finally:
+        traffic.close()
+
+
 class Traffic:
     """Drives clients and the in-test transceiver (and optional extra fds) in one bounded select loop."""
 
