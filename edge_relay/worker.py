@@ -33,7 +33,7 @@ import signal
 import socket
 import time
 
-from . import batchio, config as config_mod, resp, sockaddr
+from . import batchio, config as config_mod, header, resp, sockaddr
 from .directory import Directory
 from .drops import Drop
 from .errors import EdgeRelayError
@@ -43,6 +43,9 @@ from .quality import QualityMonitor
 from .router import Policy, Router, failed_over
 
 BATCHES_PER_WAKEUP = 8          # bounded work per readiness event keeps sockets fair
+# The largest client datagram relayed (docs/PROTOCOL.md "Maximum datagram size"):
+# the public receive buffers hold it, the internal ones it plus the header.
+MAX_DATAGRAM = 2048
 PUBLISH_INTERVAL = 0.5          # seconds between counter publications
 
 
@@ -125,8 +128,8 @@ class Worker:
         self.internal = internal
         batch = cfg.relay.batch_size
         mode = cfg.relay.io
-        self.listener_io = [batchio.open_io(s, batch, mode=mode) for s in listeners]
-        self.internal_io = batchio.open_io(internal, batch, mode=mode)
+        self.listener_io = [batchio.open_io(s, batch, MAX_DATAGRAM, mode=mode) for s in listeners]
+        self.internal_io = batchio.open_io(internal, batch, MAX_DATAGRAM + header.HEADER_LEN, mode=mode)
         directory = directory_of(cfg)
         self.router = Router(flows or flow_table(cfg), keyring, transceiver_addrs(cfg),
                              [s.family for s in listeners], policy_of(cfg), backups=backups_of(cfg),
