@@ -517,6 +517,12 @@ def test_hostile_bench(netns_factory, tmp_path):
     client_class("new-flow flood from one source (app level)", [forged] * 100,
                  {"RATE_SOURCE_NEW_FLOWS": 50})
 
+    # 3b. A "client" claiming a transceiver's address (issue 14 item 1): nft drops it first.
+    before_nft = b.nft_counters()
+    b.send([binding_request(token.mint(b.keyring.signing, 1, int(time.time() + 600)))] * 5, [b.tx1])
+    d = b.wait_rise(before_nft, {"l0_from_internal": 5}, source=b.nft_counters)
+    table.append(("client spoofing a transceiver address (nft)", f"l0_from_internal +{d['l0_from_internal']}"))
+
     # 4. The internal port from the client side, and the transceiver directly.
     before_nft = b.nft_counters()
     b.send([b"\xee\x52" + os.urandom(100)] * 10, [next(ips)], dport=INTERNAL_PORT, dst=b.internal)
