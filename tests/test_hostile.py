@@ -604,8 +604,9 @@ def _router(internal_nets=(), own_addresses=(), families=(socket.AF_INET,), **ta
     table.setdefault("max_pending_per_source", 1000)
     flows = FlowTable(n_listeners=len(families), **table)
     rates = {"new_flows_per_source_rate": 1e6, "new_flows_per_source_burst": 10**6}
+    sources = {k: v for k, v in (("internal_nets", internal_nets), ("own_addresses", own_addresses)) if v}
     return Router(flows, R14_RING, {t: _sa(*a) for t, a in R14_TX.items()}, families, Policy(**rates),
-                  internal_nets=internal_nets, own_addresses=own_addresses)
+                  **sources)
 
 
 def _feed(router, datagrams, listener=0, now=1.0):
@@ -628,17 +629,22 @@ def _r14_drops(router):
 
 def test_client_claiming_a_transceiver_address_is_dropped_before_token_work():
     """Item 1: public-port datagrams from transceiver or internal.allow sources open nothing."""
-    r = _router(internal_nets=("10.9.1.0/24", "fd00:9::/64"), families=(socket.AF_INET, socket.AF_INET6))
     forged = binding_request("A" * 32)
-    sources = [(0, _sa("10.9.0.5", 5000)),            # the transceiver's exact address
-               (0, _sa("10.9.0.6", 40000)),           # a transceiver's IP, any port
-               (0, _sa("10.9.1.77", 1234)),           # inside internal.allow
-               (1, _sa("::ffff:10.9.0.5", 5000)),     # the same, IPv4-mapped on a dual-stack socket
-               (1, _sa("fd00:9::1234", 1234))]        # inside an IPv6 internal.allow network
-    for listener, sa in sources:
-        for payload in (_check(1), _check(2), forged, b"\x80\x6f" + bytes(20)):
+    payloads = (_check(1), _check(2), forged, b"\x80\x6f" + bytes(20))
+    r = _router(families=(socket.AF_INET, socket.AF_INET6))
+    for listener, sa in [(0, _sa("10.9.0.5", 5000)),            # the transceiver's exact address
+                         (0, _sa("10.9.0.6", 40000)),           # a transceiver's IP, any port
+                         (1, _sa("::ffff:10.9.0.5", 5000))]:    # IPv4-mapped on a dual-stack socket
+        for payload in payloads:
             assert _feed(r, [(payload, sa)], listener) == []
-    assert _r14_drops(r) == {"SOURCE_INTERNAL": 20}       # not TOKEN_MAC: no token work at all
+    assert _r14_drops(r) == {"SOURCE_INTERNAL": 12}       # not TOKEN_MAC: no token work at all
+    assert len(r.flows) == 0 and not r.limits.per_source.buckets
+    r = _router(internal_nets=("10.9.1.0/24", "fd00:9::/64"), families=(socket.AF_INET, socket.AF_INET6))
+    for listener, sa in [(0, _sa("10.9.1.77", 1234)),           # inside internal.allow
+                         (1, _sa("fd00:9::1234", 1234))]:       # inside an IPv6 internal.allow network
+        for payload in payloads:
+            assert _feed(r, [(payload, sa)], listener) == []
+    assert _r14_drops(r) == {"SOURCE_INTERNAL": 8}
     assert len(r.flows) == 0 and not r.limits.per_source.buckets
     # a real client next door still gets in
     assert len(_feed(r, [(_check(1), _sa("10.9.2.1", 1234))])) == 1
@@ -668,8 +674,8 @@ def test_a_reload_that_makes_a_source_internal_removes_its_flows():
 ])
 def test_unusable_client_sources_are_dropped_at_ingress(host, port, reason):
     """Item 4: no flow for a source no reply could reach (or one that is the relay itself)."""
-    r = _router(own_addresses=("198.51.100.1", "2001:db8:1::1", "10.9.9.1", "0.0.0.0"),
-                families=(socket.AF_INET6,))
+    own = ("198.51.100.1", "2001:db8:1::1", "10.9.9.1", "0.0.0.0") if reason == "SOURCE_SELF" else ()
+    r = _router(own_addresses=own, families=(socket.AF_INET6,))
     assert _feed(r, [(_check(1), _sa(host, port)), (b"\x16\xfe\xfd" + bytes(20), _sa(host, port))]) == []
     assert _r14_drops(r) == {reason: 2} and len(r.flows) == 0
 
@@ -767,12 +773,13 @@ def _ufrag_of(inb):
     return bytes(username).split(b":")[0].decode()
 
 
-FLOOD_LIMITS = {"max_flows": 64, "max_pending_per_source": 10_000, "max_flows_per_session": 4,
+# max_flows_per_session stays at its default (16): the defaults must hold the flood
+FLOOD_LIMITS = {"max_flows": 64, "max_pending_per_source": 10_000,
                 "new_flows_per_source_rate": 1e6, "new_flows_per_source_burst": 10**6}
 
 
 def test_one_session_spoofed_from_many_sources_cannot_fill_the_table(tmp_path):
-    """Item 3: one valid session's check from 300 sources holds max_flows_per_session flows."""
+    """Item 3: one valid session's check from 300 sources holds max_flows_per_session (16) flows."""
     h = Harness(tmp_path, transceivers={1: "demo"}, limits=FLOOD_LIMITS)
     try:
         ufrag, _ = h.session(1)
@@ -786,9 +793,10 @@ def test_one_session_spoofed_from_many_sources_cannot_fill_the_table(tmp_path):
                 assert h.connect(vc), h.drops()
                 legit.append(vc)
         h.settle()
-        assert h.router.flows.per_session(token.verify(ufrag, h.keyring, time.time(), 86400, 5).nonce) == 4
-        assert h.drops().get("SESSION_FLOWS") == 296 and "FLOW_TABLE_FULL" not in h.drops()
-        assert len(h.router.flows) == 4 + len(legit)
+        assert len(legit) == 3
+        assert h.drops().get("SESSION_FLOWS") == 300 - 16 and "FLOW_TABLE_FULL" not in h.drops()
+        assert len(h.router.flows) == 16 + len(legit)
+        assert h.router.flows.per_session(token.verify(ufrag, h.keyring, time.time(), 86400, 5).nonce) == 16
     finally:
         h.close()
 
@@ -825,7 +833,7 @@ def test_flows_per_transceiver_cap(tmp_path):
 @pytest.mark.parametrize("family_host", ["127.0.0.1", "::1"])
 def test_maximum_size_datagram_round_trip(tmp_path, family_host):
     """Item 5: a 2048-octet datagram goes up and its 2048-octet answer comes back (2096 inside)."""
-    from edge_relay.worker import MAX_DATAGRAM
+    MAX_DATAGRAM = 2048             # docs/PROTOCOL.md section 9; worker.MAX_DATAGRAM
     h = Harness(tmp_path, transceivers={1: "sink"}, listeners=(family_host,))
     try:
         client = h.client(family_host)

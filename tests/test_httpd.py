@@ -71,7 +71,7 @@ def slowloris(srv, n):
     source in SOURCES with the fewest connections (so the per-source cap never stops them)."""
     out = []
     for _ in range(n):
-        source = min(SOURCES, key=lambda a: srv.per_source.get(a, 0))
+        source = min(SOURCES, key=lambda a: getattr(srv, "per_source", {}).get(a, 0))
         out.append(connect(srv, source, b"GET /healthz HTTP/1.0\r\nX-Slow: "))
         pump(srv)
     return out
