@@ -830,11 +830,12 @@ def test_flows_per_transceiver_cap(tmp_path):
         h.close()
 
 
+@pytest.mark.parametrize("io_mode", ["mmsg", "plain"])
 @pytest.mark.parametrize("family_host", ["127.0.0.1", "::1"])
-def test_maximum_size_datagram_round_trip(tmp_path, family_host):
+def test_maximum_size_datagram_round_trip(tmp_path, family_host, io_mode):
     """Item 5: a 2048-octet datagram goes up and its 2048-octet answer comes back (2096 inside)."""
     MAX_DATAGRAM = 2048             # docs/PROTOCOL.md section 9; worker.MAX_DATAGRAM
-    h = Harness(tmp_path, transceivers={1: "sink"}, listeners=(family_host,))
+    h = Harness(tmp_path, transceivers={1: "sink"}, listeners=(family_host,), io_mode=io_mode)
     try:
         client = h.client(family_host)
         inb, ep = _sink_open(h, client, 1)
@@ -849,6 +850,20 @@ def test_maximum_size_datagram_round_trip(tmp_path, family_host):
         client.sendto(big + b"x", h.public)           # one octet over: dropped and counted, never cut
         h.settle()
         assert drain(h.sinks[1]) == [] and h.drops() == {"TRUNCATED": 1}
+    finally:
+        h.close()
+
+
+def test_maximum_size_datagram_through_the_demo_transceiver(tmp_path):
+    """Item 5's sibling: the demo transceiver's own buffer holds a maximum-size datagram plus header."""
+    h = Harness(tmp_path, transceivers={1: "demo"})
+    try:
+        vc = h.voice_client(1)
+        assert h.connect(vc)
+        big = b"\x80" + os.urandom(2047)
+        vc.sock.sendto(big, h.public)
+        h.settle()
+        assert [d for d, _ in drain(vc.sock)] == [big] and h.drops() == {}
     finally:
         h.close()
 
