@@ -173,7 +173,8 @@ for line in sys.stdin:
     sent = 0
     for i, hexed in enumerate(cmd["payloads"]):
         src = cmd["srcs"][i % len(cmd["srcs"])]
-        pkt = IP(src=src, dst=cmd["dst"]) / UDP(sport=cmd.get("sport") or 20000 + i % 40000,
+        sport = cmd.get("sport")
+        pkt = IP(src=src, dst=cmd["dst"]) / UDP(sport=20000 + i % 40000 if sport is None else sport,
                                                   dport=cmd["dport"]) / Raw(bytes.fromhex(hexed))
         l3.send(pkt)
         sent += 1
@@ -522,6 +523,13 @@ def test_hostile_bench(netns_factory, tmp_path):
     b.send([binding_request(token.mint(b.keyring.signing, 1, int(time.time() + 600)))] * 5, [b.tx1])
     d = b.wait_rise(before_nft, {"l0_from_internal": 5}, source=b.nft_counters)
     table.append(("client spoofing a transceiver address (nft)", f"l0_from_internal +{d['l0_from_internal']}"))
+    before_nft = b.nft_counters()
+    b.send([binding_request(token.mint(b.keyring.signing, 1, int(time.time() + 600)))] * 3, [next(ips)], sport=0)
+    b.send([binding_request(token.mint(b.keyring.signing, 1, int(time.time() + 600)))] * 3,
+           ["224.0.0.9", b.public])                      # multicast, and the relay's own address
+    d = b.wait_rise(before_nft, {"l0_bad_source": 6}, source=b.nft_counters)
+    table.append(("source port 0, multicast, the relay's own address (nft)",
+                  f"l0_bad_source +{d['l0_bad_source']}"))
 
     # 4. The internal port from the client side, and the transceiver directly.
     before_nft = b.nft_counters()
