@@ -63,11 +63,9 @@ class Drop(enum.IntEnum):
     # flow-table fairness (flows.py)
     SESSION_FLOWS = 39        # routing token already holds limits.max_flows_per_session flows
     TRANSCEIVER_FLOWS = 40    # transceiver already holds limits.max_flows_per_transceiver flows
-    PENDING_EVICTED = 41      # a pending flow evicted to make room in a full table (counts flows)
     # ICE restart (router._same_owner; docs/SECURITY.md "ICE restart")
-    RESTART_HELD = 42         # new owner's answer while the old owner may still serve the flow
-    RESTART_REFUSED = 43      # restart cancelled: the old owner still answers the client's checks
-    RESTART_RATE = 44         # restart request on a flow whose last restart was refused recently
+    RESTART_HELD = 41         # new owner's answer while the old owner may still serve the flow
+    RESTART_RATE = 42         # restart request on a flow whose last restart was refused recently
 
     @property
     def label(self):

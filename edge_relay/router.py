@@ -62,7 +62,7 @@ ICE restart (docs/SECURITY.md "ICE restart")
   Binding success response from the old owner to the flow): the new owner's
   answers meanwhile are dropped (RESTART_HELD). If the old owner does
   answer, it still serves the client, so the restart is cancelled
-  (RESTART_REFUSED) and further restart requests on that flow are dropped
+  (counted in stats, flows_restart_refused) and further restart requests on that flow are dropped
   for `RESTART_BACKOFF` seconds (RESTART_RATE). A spoofed request plus an
   answer therefore never takes a flow from a transceiver still serving it.
 
@@ -96,11 +96,13 @@ CLIENT_IN_PACKETS, CLIENT_IN_BYTES, TO_TX_PACKETS, TO_TX_BYTES = 0, 1, 2, 3
 TX_IN_PACKETS, TX_IN_BYTES, TO_CLIENT_PACKETS, TO_CLIENT_BYTES = 4, 5, 6, 7
 FLOWS_OPENED, FLOWS_CONFIRMED, FLOWS_MOVED, FLOWS_EXPIRED = 8, 9, 10, 11
 FLOWS_FAILED_OVER, FLOWS_FROM_DIRECTORY, PROBES_SENT = 12, 13, 14
-N_STATS = 15
+FLOWS_EVICTED, FLOWS_RESTART_REFUSED = 15, 16
+N_STATS = 17
 STAT_NAMES = ("client_in_packets", "client_in_bytes", "to_transceiver_packets", "to_transceiver_bytes",
               "transceiver_in_packets", "transceiver_in_bytes", "to_client_packets", "to_client_bytes",
               "flows_opened", "flows_confirmed", "flows_moved", "flows_expired",
-              "flows_failed_over", "flows_from_directory", "probes_sent")
+              "flows_failed_over", "flows_from_directory", "probes_sent",
+              "flows_evicted", "flows_restart_refused")
 
 _FAILOVER_STALE = b""   # flow.route of a failed-over flow whose prefix must be rebuilt (falsy, like None)
 
@@ -356,7 +358,7 @@ class Router:
         evicted = flows.evicted
         flow = flows.open(listener, sa, tx_id if backup is None else backup, now, tok.nonce)
         if flows.evicted != evicted:
-            drops[Drop.PENDING_EVICTED] += flows.evicted - evicted
+            self.stats[FLOWS_EVICTED] += flows.evicted - evicted
         if flow.__class__ is Drop:
             drops[flow] += 1
             return None
@@ -460,7 +462,7 @@ class Router:
         """The old owner answered the client's check: it still serves the flow, so no move."""
         flow.restart_to = None
         self.restarts.pop(flow, None)
-        self.drops[Drop.RESTART_REFUSED] += 1
+        self.stats[FLOWS_RESTART_REFUSED] += 1
         if len(self.restart_backoff) < MAX_RESTARTS:
             self.restart_backoff[flow] = now + RESTART_BACKOFF
 
@@ -625,7 +627,9 @@ class Router:
                 if self.draining:
                     drops[Drop.DRAINING] += n
                     return
+                evicted = self.flows.evicted
                 flow = self.flows.open(res.listener, res.sa, self.redirect.get(tid, tid), now)
+                self.stats[FLOWS_EVICTED] += self.flows.evicted - evicted
                 if flow.__class__ is Drop:
                     drops[flow] += n
                     return
