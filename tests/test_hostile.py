@@ -46,7 +46,7 @@ from edge_relay import header, keys, nft, sockaddr, stun, token
 from edge_relay.config import load as load_config
 from edge_relay.drops import Drop
 from edge_relay.flows import FlowTable
-from edge_relay.router import FLOWS_EVICTED, FLOWS_MOVED, FLOWS_RESTART_REFUSED, Policy, Router
+from edge_relay.router import STAT_NAMES, Policy, Router
 from tests.relayharness import Harness, drain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -719,6 +719,10 @@ def _sink_open(h, client, tx_id, ufrag=None, answer=True):
     return inb, ep
 
 
+def _stat(h, name):
+    return h.router.stats[STAT_NAMES.index(name)]
+
+
 def _stun_success(inb):
     """A transceiver's Binding success response answering the check it received in `inb`."""
     txid = bytes(inb.payload[8:20])
@@ -770,7 +774,7 @@ def test_ice_restart_cannot_take_a_live_flow_from_the_transceiver_serving_it(tmp
         h.settle()
         assert drain(h.sinks[2]) == [] and flow.restart_to is None
         assert h.drops() == {"RESTART_HELD": 1, "FLOW_OF_OTHER": 1, "RESTART_RATE": 1}
-        assert h.router.stats[FLOWS_RESTART_REFUSED] == 1 and h.router.stats[FLOWS_MOVED] == 0
+        assert _stat(h, "flows_restart_refused") == 1 and _stat(h, "flows_moved") == 0
     finally:
         h.close()
 
@@ -820,7 +824,7 @@ def test_unanswered_sessions_cannot_lock_new_calls_out_of_a_full_table(tmp_path)
         calls = [h.voice_client(1) for _ in range(3)]
         assert all(h.connect(vc) for vc in calls), h.drops()
         assert h.router.flows.confirmed == 3 and len(h.router.flows) == 64
-        assert h.drops() == {} and h.router.stats[FLOWS_EVICTED] == 200 - 64 + 3
+        assert h.drops() == {} and _stat(h, "flows_evicted") == 200 - 64 + 3
     finally:
         h.close()
 
