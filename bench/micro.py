@@ -59,7 +59,9 @@ def client_sa(i):
 
 def new_router(max_flows=300_000):
     keyring = keys.KeyRing({1: bytes(range(32))})
-    flows = FlowTable(max_flows=max_flows, max_pending_per_source=1 << 30, idle_timeout=3600.0)
+    # 64 sessions open 100k flows here: no per-session cap (max_flows_per_session=0)
+    flows = FlowTable(max_flows=max_flows, max_pending_per_source=1 << 30, idle_timeout=3600.0,
+                      max_flows_per_session=0)
     return Router(flows, keyring, {TX_ID: TX_SA}, [socket.AF_INET], bench_policy()), keyring
 
 

@@ -333,6 +333,8 @@ class Limits:
     max_pending_per_source: int = _key(_integer(1), 16)
     pending_ttl: float = _key(_number(0, inclusive=False, floor=PENDING_TTL_FLOOR), 5.0)
     idle_timeout: float = _key(_number(0, inclusive=False, floor=IDLE_TIMEOUT_FLOOR), 30.0)
+    max_flows_per_session: int = _key(_integer(0), 16)          # flows per routing token, 0 = no cap
+    max_flows_per_transceiver: int = _key(_integer(0), 0)       # 0 = no cap beyond max_flows
     header_window: float = _key(_number(0, inclusive=False), 2.0)
     token_max_lifetime: float = _key(_number(0, inclusive=False), 86400.0)
     clock_skew: float = _key(_number(0, inclusive=True), 5.0)

@@ -68,7 +68,8 @@ class DemoTransceiver:
         self.keyring = keyring
         self.endpoint = transceiver.Endpoint(keyring, transceiver_id, window_ms)
         self.sock = sock
-        self.io = batchio.open_io(sock, batch_size, mode=io_mode)
+        # a maximum-size client datagram (2048, worker.MAX_DATAGRAM) arrives with the header
+        self.io = batchio.open_io(sock, batch_size, 2048 + header.HEADER_LEN, mode=io_mode)
         self.transceiver_id = transceiver_id
         self.checks_answered = 0
         self.media_echoed = 0

@@ -55,6 +55,17 @@ class Drop(enum.IntEnum):
     DIRECTORY_MISS = 33       # held packet dropped: directory did not know the flow, failed or timed out
     # transceiver side (transceiver.check_request; the relay holds no ICE password)
     STUN_INTEGRITY = 34       # Binding Request whose MESSAGE-INTEGRITY is missing or not the session password's
+    # ingress source checks (router._source_drop; before any token work)
+    SOURCE_INTERNAL = 35      # public port: source is a transceiver address or inside internal.allow
+    SOURCE_PORT_ZERO = 36     # public port: UDP source port 0 (no reply could ever reach it)
+    SOURCE_NOT_UNICAST = 37   # public port: multicast, broadcast or unspecified source address
+    SOURCE_SELF = 38          # public port: source is one of the relay's own configured addresses
+    # flow-table fairness (flows.py)
+    SESSION_FLOWS = 39        # routing token already holds limits.max_flows_per_session flows
+    TRANSCEIVER_FLOWS = 40    # transceiver already holds limits.max_flows_per_transceiver flows
+    # ICE restart (router._same_owner; docs/SECURITY.md "ICE restart")
+    RESTART_HELD = 41         # new owner's answer while the old owner may still serve the flow
+    RESTART_RATE = 42         # restart request on a flow whose last restart was refused recently
 
     @property
     def label(self):

@@ -33,12 +33,15 @@ Timer wheel
   bucket until that bucket is due; if stale entries pile up (many `remove`
   calls) the buckets are rebuilt, amortised O(1) per removal.
 
-Memory (tests/test_flows.py measures it with tracemalloc): about 222 bytes
-per confirmed IPv4 flow at 100k flows: Flow object 88 (seven slots + GC
+Memory (tests/test_flows.py measures it with tracemalloc): about 230 bytes
+per confirmed IPv4 flow at 100k flows: Flow object 96 (eight slots + GC
 header), key bytes 49, last_seen float 24 (when not shared with other flows
 of the same batch), dict entry and index ~52, bucket entry ~9. Transceiver ids
-are interned so they cost nothing per flow. Whatever the router caches in
-`route` comes on top.
+are interned so they cost nothing per flow. Per session (routing token), not
+per flow: one [count, key] record shared by the session's flows; per
+transceiver one dict entry. The pending FIFO holds pending flows only (a
+confirmed flow leaves it once the flows opened before it have gone too).
+Whatever the router caches in `route` comes on top.
 
 Invariants (the tests check them against a reference model)
   * `by_listener[i]` maps key -> Flow for exactly the live flows of listener i;
@@ -47,13 +50,19 @@ Invariants (the tests check them against a reference model)
   * `pending` / `confirmed` count the live flows in each state; the per-source
     pending counts (keyed by `sockaddr.source_ip`) sum to `pending` and hold no
     zero entries.
-  * Caps refuse new flows (a Drop is returned); existing flows are never
-    evicted to make room.
+  * Caps refuse new flows (a Drop is returned): `max_flows_per_session` per
+    routing token (its nonce, the `session` key of `open`),
+    `max_flows_per_transceiver` per owner, `max_pending_per_source` per source
+    IP. A table at `max_flows` evicts its oldest pending flow to make room
+    (counted in `evicted`; unless `evict_pending` is False) and refuses only
+    when no flow is pending: confirmed flows are never evicted.
+  * `set_limits` applies new caps and lifetimes to the live table (reload).
   * `restore` raises ValueError and nothing else for any malformed input, and
     leaves the table unchanged when it raises.
 """
 
 import binascii
+import collections
 import heapq
 import math
 import socket
@@ -85,10 +94,12 @@ class Flow:
       restart_to   transceiver id of an ICE restart in progress, or None
       route        opaque router cache (e.g. a header prefix); the table never
                    reads it, and resets it to None when `move` changes owner
+      session      the table's [count, key] record of the routing token that
+                   opened the flow, shared by its flows, or None (table-owned)
     """
 
-    # Seven pointers and nothing else: no __dict__, no __weakref__ (memory target).
-    __slots__ = ("key", "listener", "transceiver", "state", "last_seen", "restart_to", "route")
+    # Eight pointers and nothing else: no __dict__, no __weakref__ (memory target).
+    __slots__ = ("key", "listener", "transceiver", "state", "last_seen", "restart_to", "route", "session")
 
     def __init__(self, key, listener, transceiver, state, last_seen):
         self.key = key
@@ -98,6 +109,7 @@ class Flow:
         self.last_seen = last_seen
         self.restart_to = None
         self.route = None
+        self.session = None
 
     def __repr__(self):
         state = ("PENDING", "CONFIRMED", "REMOVED")[self.state]
@@ -138,40 +150,79 @@ class FlowTable:
       idle_timeout            seconds a confirmed flow lives after its last client packet
       granularity             timer-wheel bucket width in seconds: expiry runs at
                               most this late, and larger buckets mean fewer wake-ups
+      max_flows_per_session   cap on live flows opened by one routing token (0 = none)
+      max_flows_per_transceiver  cap on live flows owned by one transceiver (0 = none)
+      evict_pending           a full table evicts its oldest pending flow (default)
 
     `by_listener[i].get(sa)` is the hot-path lookup; `pending`, `confirmed` and
     `scanned` (bucket entries examined by `expire`, cumulative: a work meter)
-    are plain int attributes, read-only for callers.
+    and `evicted` (pending flows evicted to make room, cumulative) are plain
+    int attributes, read-only for callers.
     """
 
     # Rebuild the buckets when they hold this many entries beyond two per live flow.
     _compact_slack = 4096
 
     def __init__(self, *, n_listeners=1, max_flows=200_000, max_pending_per_source=16,
-                 pending_ttl=5.0, idle_timeout=30.0, granularity=0.25):
-        for name, value in (("pending_ttl", pending_ttl), ("idle_timeout", idle_timeout),
-                            ("granularity", granularity)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, not {value!r}")
+                 pending_ttl=5.0, idle_timeout=30.0, granularity=0.25, max_flows_per_session=16,
+                 max_flows_per_transceiver=0, evict_pending=True):
+        if not (isinstance(granularity, (int, float)) and math.isfinite(granularity) and granularity > 0):
+            raise ValueError(f"granularity must be a positive finite number, not {granularity!r}")
         if n_listeners < 1 or n_listeners > 0xFFFF:
             raise ValueError(f"n_listeners must be 1..65535, not {n_listeners!r}")
-        if max_flows < 0 or max_pending_per_source < 0:
-            raise ValueError("max_flows and max_pending_per_source must be >= 0")
         self.n_listeners = n_listeners
-        self.max_flows = max_flows
-        self.max_pending_per_source = max_pending_per_source
-        self.pending_ttl = float(pending_ttl)
-        self.idle_timeout = float(idle_timeout)
         self.granularity = float(granularity)
+        self.evict_pending = evict_pending
         self.by_listener = [{} for _ in range(n_listeners)]
         self.pending = 0
         self.confirmed = 0
         self.scanned = 0
+        self.evicted = 0
         self._per_source = {}        # source_ip -> live pending flows from it (never 0)
+        self._sessions = {}          # session key -> [live flows, key] (never 0), shared by its flows
+        self._per_tx = {}            # transceiver id -> live flows it owns (never 0)
+        self._fifo = collections.deque()   # pending flows in opening order (plus stale entries)
         self._buckets = {}           # bucket number -> [Flow, ...]
         self._heap = []              # bucket numbers present in _buckets, min-heap
         self._entries = 0            # total entries across buckets, live or stale
         self._ids = {}               # interned transceiver ids
+        self.pending_ttl = self.idle_timeout = None
+        self.set_limits(max_flows=max_flows, max_pending_per_source=max_pending_per_source,
+                        pending_ttl=pending_ttl, idle_timeout=idle_timeout,
+                        max_flows_per_session=max_flows_per_session,
+                        max_flows_per_transceiver=max_flows_per_transceiver)
+
+    def set_limits(self, *, max_flows, max_pending_per_source, pending_ttl, idle_timeout,
+                   max_flows_per_session=16, max_flows_per_transceiver=0):
+        """Apply caps and lifetimes to the live table (construction and reload); ValueError if bad.
+
+        Caps apply to the next `open`: flows already over a lowered cap stay
+        (pending ones die within `pending_ttl`). New lifetimes apply to every
+        live flow at once: the buckets are rebuilt at their new deadlines.
+        """
+        for name, value in (("pending_ttl", pending_ttl), ("idle_timeout", idle_timeout)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, not {value!r}")
+        if min(max_flows, max_pending_per_source, max_flows_per_session, max_flows_per_transceiver) < 0:
+            raise ValueError("flow caps must be >= 0")
+        self.max_flows = max_flows
+        self.max_pending_per_source = max_pending_per_source
+        self.max_flows_per_session = max_flows_per_session
+        self.max_flows_per_transceiver = max_flows_per_transceiver
+        changed = (self.pending_ttl, self.idle_timeout) != (float(pending_ttl), float(idle_timeout))
+        self.pending_ttl = float(pending_ttl)
+        self.idle_timeout = float(idle_timeout)
+        if changed and self._entries:
+            self._compact()
+
+    def per_transceiver(self, transceiver):
+        """Live flows `transceiver` owns."""
+        return self._per_tx.get(transceiver, 0)
+
+    def per_session(self, session):
+        """Live flows opened by routing token `session` (as given to `open`)."""
+        rec = self._sessions.get(session)
+        return rec[0] if rec is not None else 0
 
     # -- lookup ------------------------------------------------------------
 
@@ -197,14 +248,17 @@ class FlowTable:
 
     # -- transitions ---------------------------------------------------------
 
-    def open(self, listener, sa, transceiver, now):
+    def open(self, listener, sa, transceiver, now, session=None):
         """A new PENDING flow for `sa` on `listener` owned by `transceiver`, created at `now`.
 
         Returns the existing flow unchanged if `sa` already has one on that
         listener (whatever its transceiver: ICE restarts go through
-        `restart_to` and `move`). Returns Drop.FLOW_TABLE_FULL when the table
-        holds `max_flows`, or Drop.PENDING_PER_SOURCE when the source IP
-        already has `max_pending_per_source` pending flows. Nothing is evicted.
+        `restart_to` and `move`). `session` (hashable, e.g. the routing
+        token's nonce; None = not counted) names the session the flow
+        belongs to. Returns Drop.SESSION_FLOWS, Drop.TRANSCEIVER_FLOWS or
+        Drop.PENDING_PER_SOURCE when that cap is reached. A table holding
+        `max_flows` evicts its oldest pending flow first, and returns
+        Drop.FLOW_TABLE_FULL only when none is pending (or eviction is off).
         """
         if type(sa) is not bytes:
             sa = bytes(sa)          # never keep (or hash) a view of a receive buffer
@@ -212,16 +266,37 @@ class FlowTable:
         flow = flows.get(sa)
         if flow is not None:
             return flow
-        if self.pending + self.confirmed >= self.max_flows:
+        rec = None
+        if session is not None:
+            rec = self._sessions.get(session)
+            if rec is not None and self.max_flows_per_session and rec[0] >= self.max_flows_per_session:
+                return Drop.SESSION_FLOWS
+        transceiver = self._intern(transceiver)
+        cap = self.max_flows_per_transceiver
+        if cap and self._per_tx.get(transceiver, 0) >= cap:
+            return Drop.TRANSCEIVER_FLOWS
+        full = self.pending + self.confirmed >= self.max_flows
+        if full and not self.evict_pending:
             return Drop.FLOW_TABLE_FULL
         src = source_ip(sa)
         n = self._per_source.get(src, 0)
         if n >= self.max_pending_per_source:
             return Drop.PENDING_PER_SOURCE
+        if full:
+            if not self._evict_oldest_pending():
+                return Drop.FLOW_TABLE_FULL
+            n = self._per_source.get(src, 0)        # the evicted flow may have been this source's
         self._per_source[src] = n + 1
         self.pending += 1
-        flow = Flow(sa, listener, self._intern(transceiver), PENDING, now)
+        flow = Flow(sa, listener, transceiver, PENDING, now)
         flows[sa] = flow
+        self._per_tx[transceiver] = self._per_tx.get(transceiver, 0) + 1
+        if session is not None:
+            if rec is None:
+                self._sessions[session] = rec = [0, session]
+            rec[0] += 1
+            flow.session = rec
+        self._fifo.append(flow)
         self._schedule(flow, now + self.pending_ttl)
         return flow
 
@@ -246,11 +321,12 @@ class FlowTable:
 
         Clears `restart_to` and `route` (the router's cache was built for the
         old owner). Returns False, changing nothing, if the flow has left the table.
+        The per-transceiver cap is not applied: a move never adds a flow.
         """
         state = flow.state
         if state == REMOVED:
             return False
-        flow.transceiver = self._intern(transceiver)
+        self.reassign(flow, transceiver)
         flow.restart_to = None
         flow.route = None
         flow.last_seen = now
@@ -258,11 +334,24 @@ class FlowTable:
             self._promote(flow, now)
         return True
 
+    def reassign(self, flow, transceiver):
+        """Change a live flow's owner, keeping its state and deadline (failover of a pending flow)."""
+        if flow.state == REMOVED:
+            return
+        old = flow.transceiver
+        transceiver = self._intern(transceiver)
+        if old == transceiver:
+            return
+        self._tx_leave(old)
+        self._per_tx[transceiver] = self._per_tx.get(transceiver, 0) + 1
+        flow.transceiver = transceiver
+
     def remove(self, flow):
         """Take a flow out of the table now (idempotent)."""
         if flow.state == REMOVED:
             return
         self._drop(flow)
+        self._trim_fifo()
         # Removals are the one way stale bucket entries accumulate faster than
         # buckets fall due; rebuild once they dwarf the live entries.
         if self._entries > 2 * (self.pending + self.confirmed) + self._compact_slack:
@@ -299,6 +388,8 @@ class FlowTable:
                 # A pending flow's only entry is its creation deadline: due now.
                 self._drop(flow)
                 removed += 1
+        if removed:
+            self._trim_fifo()
         return removed
 
     # -- snapshot ------------------------------------------------------------
@@ -376,6 +467,9 @@ class FlowTable:
             if rto is not None:
                 flow.restart_to = self._intern(rto)
             flows[key] = flow
+            self._per_tx[flow.transceiver] = self._per_tx.get(flow.transceiver, 0) + 1
+            if state == PENDING:
+                self._fifo.append(flow)
             self._schedule(flow, deadline)
             if marked and on_marked is not None:
                 on_marked(flow)
@@ -416,6 +510,29 @@ class FlowTable:
         # entry (idle_timeout < pending_ttl), at the cost of one duplicate.
         if self.idle_timeout < self.pending_ttl:
             self._schedule(flow, now + self.idle_timeout)
+        self._trim_fifo()
+
+    def _trim_fifo(self):
+        """Forget FIFO entries at the front that are no longer pending (amortised O(1))."""
+        fifo = self._fifo
+        while fifo and fifo[0].state != PENDING:
+            fifo.popleft()
+
+    def _evict_oldest_pending(self):
+        """Remove the longest-waiting pending flow; False when no flow is pending."""
+        self._trim_fifo()
+        if not self._fifo:
+            return False
+        self._drop(self._fifo.popleft())
+        self.evicted += 1
+        return True
+
+    def _tx_leave(self, tid):
+        n = self._per_tx[tid] - 1
+        if n:
+            self._per_tx[tid] = n
+        else:
+            del self._per_tx[tid]
 
     def _leave_pending(self, flow):
         self.pending -= 1
@@ -432,6 +549,12 @@ class FlowTable:
             self._leave_pending(flow)
         else:
             self.confirmed -= 1
+        self._tx_leave(flow.transceiver)
+        rec = flow.session
+        if rec is not None:
+            rec[0] -= 1
+            if not rec[0]:
+                del self._sessions[rec[1]]
         flow.state = REMOVED
 
     def _compact(self):
@@ -441,6 +564,7 @@ class FlowTable:
         for flow in self:
             ttl = self.pending_ttl if flow.state == PENDING else self.idle_timeout
             self._schedule(flow, flow.last_seen + ttl)
+        self._trim_fifo()
 
 
 def _key_ok(key):

@@ -2,13 +2,19 @@
 
 Contract
   - One request per connection (HTTP/1.0 style, `Connection: close`); the
-    request head must arrive whole within MAX_REQUEST bytes and TIMEOUT
-    seconds, or the connection is answered 400/408 (or just closed).
+    request head must arrive whole within MAX_REQUEST bytes and HEAD_TIMEOUT
+    seconds, or the connection is answered 400 (or just closed); the answer
+    must be taken within TIMEOUT seconds.
   - GET (and HEAD) only: other methods get 405. Paths are looked up in
     `routes` {path: callable() -> (status, content_type, body bytes)}; the
     query string is ignored; anything else is 404.
-  - At most MAX_CONNECTIONS at once; beyond that new connections are closed
-    at accept. Nothing here blocks and nothing raises into the caller's loop.
+  - At most MAX_CONNECTIONS at once and MAX_PER_SOURCE from one source
+    address. A new connection over the total evicts the oldest connection
+    whose request head is not complete yet (slowloris: slow clients cannot
+    lock /healthz out); only if every connection is being answered is the
+    newcomer closed. One over its source's cap is closed at accept.
+    `evicted` and `refused` count both. Nothing here blocks and nothing
+    raises into the caller's loop.
 """
 
 import selectors
@@ -17,7 +23,9 @@ import time
 
 MAX_REQUEST = 8192
 MAX_CONNECTIONS = 64
-TIMEOUT = 5.0
+MAX_PER_SOURCE = 8
+HEAD_TIMEOUT = 2.0              # seconds for the whole request head
+TIMEOUT = 5.0                   # seconds for the client to take the answer
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 503: "Service Unavailable"}
 
@@ -46,13 +54,14 @@ def response(status, content_type, body, head_only=False):
 
 
 class _Conn:
-    __slots__ = ("sock", "buf", "out", "deadline")
+    __slots__ = ("sock", "buf", "out", "deadline", "source")
 
-    def __init__(self, sock, deadline):
+    def __init__(self, sock, deadline, source):
         self.sock = sock
         self.buf = b""
-        self.out = None
+        self.out = None             # the answer once the head is complete (None: still reading)
         self.deadline = deadline
+        self.source = source
 
 
 class Server:
@@ -61,24 +70,40 @@ class Server:
         self.sel = sel
         self.routes = routes
         self.clock = clock
-        self.conns = {}
+        self.conns = {}             # socket -> _Conn, oldest first (insertion order)
+        self.per_source = {}        # source address -> open connections from it (never 0)
+        self.evicted = 0            # connections closed to make room for a newer one
+        self.refused = 0            # connections closed at accept (source cap, or all busy)
         sel.register(sock, selectors.EVENT_READ, self._accept)
 
     def _accept(self):
         for _ in range(16):
             try:
-                conn, _ = self.sock.accept()
+                conn, peer = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
-            if len(self.conns) >= MAX_CONNECTIONS:
+            source = peer[0] if isinstance(peer, tuple) else peer
+            if self.per_source.get(source, 0) >= MAX_PER_SOURCE or (
+                    len(self.conns) >= MAX_CONNECTIONS and not self._evict_oldest_reading()):
+                self.refused += 1
                 conn.close()
                 continue
             conn.setblocking(False)
-            c = _Conn(conn, self.clock() + TIMEOUT)
+            c = _Conn(conn, self.clock() + HEAD_TIMEOUT, source)
             self.conns[conn] = c
+            self.per_source[source] = self.per_source.get(source, 0) + 1
             self.sel.register(conn, selectors.EVENT_READ, lambda c=c: self._readable(c))
+
+    def _evict_oldest_reading(self):
+        """Close the oldest connection still sending its request head; False if there is none."""
+        for c in self.conns.values():
+            if c.out is None:
+                self._close(c)
+                self.evicted += 1
+                return True
+        return False
 
     def _readable(self, c):
         try:
@@ -117,6 +142,7 @@ class Server:
 
     def _answer(self, c, data):
         c.out = memoryview(data)
+        c.deadline = self.clock() + TIMEOUT
         self.sel.modify(c.sock, selectors.EVENT_WRITE, lambda c=c: self._writable(c))
         self._writable(c)
 
@@ -133,6 +159,11 @@ class Server:
 
     def _close(self, c):
         if self.conns.pop(c.sock, None) is not None:
+            n = self.per_source[c.source] - 1
+            if n:
+                self.per_source[c.source] = n
+            else:
+                del self.per_source[c.source]
             self.sel.unregister(c.sock)
             c.sock.close()
 

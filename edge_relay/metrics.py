@@ -302,7 +302,8 @@ def totals(shared, up=()):
 _STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 DIRECTIONS = (("client_in", "client_in"), ("to_transceiver", "to_transceiver"),
               ("transceiver_in", "transceiver_in"), ("to_client", "to_client"))
-FLOW_EVENTS = ("opened", "confirmed", "moved", "expired", "failed_over", "from_directory")
+FLOW_EVENTS = ("opened", "confirmed", "moved", "expired", "failed_over", "from_directory",
+               "evicted", "restart_refused")
 
 
 def _escape(value):

@@ -17,6 +17,10 @@ Contract
   * Everything is named and counted. Counters (`nft -j list counters table
     inet edge_relay`):
       l<i>_passed        datagrams to listener i that passed the meters
+      l<i>_from_internal dropped: to listener i from a transceiver address or internal.allow
+                         (a client never has one; loopback sources are left to the relay)
+      l<i>_bad_source    dropped: to listener i from UDP port 0, or (not on lo) from a
+                         local, broadcast or multicast address: no reply could reach it
       l<i>_over_pps      dropped: the source IP was over source_pps (burst source_pps_burst)
       l<i>_over_bytes    dropped: the source IP was over source_bytes_per_second
       public_over_total  dropped: all listeners together over total_pps (if set)
@@ -91,7 +95,8 @@ def render_relay(cfg):
                     f"internal port(s) {_internal_ports(cfg) or 'ephemeral (not filtered)'}")
     counters = []
     for i, _ in enumerate(cfg.listeners):
-        counters += [f"l{i}_passed", f"l{i}_over_pps", f"l{i}_over_bytes"]
+        counters += [f"l{i}_passed", f"l{i}_over_pps", f"l{i}_over_bytes", f"l{i}_from_internal",
+                     f"l{i}_bad_source"]
     counters += ["public_over_total", "internal_passed", "internal_refused"]
     for name in counters:
         lines.append(f"\tcounter {name} {{ }}")
@@ -126,6 +131,13 @@ def render_relay(cfg):
 
     for i, _ in enumerate(cfg.listeners):
         lines += [f"\tchain listener{i} {{",
+                  # before the meters: the relay's SOURCE_INTERNAL rule, in the kernel
+                  f"\t\tip saddr != 127.0.0.0/8 ip saddr @internal_allow4 counter name l{i}_from_internal drop",
+                  f"\t\tip6 saddr != ::1 ip6 saddr @internal_allow6 counter name l{i}_from_internal drop",
+                  # the relay's SOURCE_PORT_ZERO / SOURCE_NOT_UNICAST / SOURCE_SELF rules
+                  f"\t\tudp sport 0 counter name l{i}_bad_source drop",
+                  f"\t\tiif != lo fib saddr type {{ local, broadcast, multicast }} "
+                  f"counter name l{i}_bad_source drop",
                   f"\t\tupdate @l{i}_pps4 {{ ip saddr limit rate over {nf.source_pps}/second "
                   f"burst {nf.source_pps_burst} packets }} counter name l{i}_over_pps drop",
                   f"\t\tupdate @l{i}_pps6 {{ ip6 saddr limit rate over {nf.source_pps}/second "

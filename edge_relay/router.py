@@ -42,9 +42,35 @@ Quality and directory (optional, both sans-IO objects handed in)
   the worker asks Redis (`dir_lookups` / `dir_commands` are the worker's to
   send) and `dir_resolved` forwards them once the answer comes.
 
+Ingress sources (before any token work; only for addresses with no flow)
+  A public-port datagram from an address with no flow is dropped first if its
+  source could never be a client: UDP port 0 (SOURCE_PORT_ZERO), a multicast,
+  broadcast or unspecified address (SOURCE_NOT_UNICAST), a configured
+  transceiver address or a network of internal.allow (SOURCE_INTERNAL: the
+  relay would otherwise send from its public socket into the internal
+  network), or one of the relay's own configured addresses (SOURCE_SELF).
+  Loopback sources are exempt: the kernel never accepts 127/8 or ::1 from a
+  wire, so they are local processes (and the tests' clients). A flow never
+  exists for such a source, so flows already known pay nothing.
+
+ICE restart (docs/SECURITY.md "ICE restart")
+  A Binding Request with a valid token naming another transceiver, on a live
+  flow, is forwarded to that transceiver and recorded (`restarts`, bounded).
+  A pending flow moves at the new owner's first answer. A confirmed flow
+  moves only once `restart_hold` seconds have passed since the restart began
+  without its old owner answering one of the client's checks (a STUN
+  Binding success response from the old owner to the flow): the new owner's
+  answers meanwhile are dropped (RESTART_HELD). If the old owner does
+  answer, it still serves the client, so the restart is cancelled
+  (counted in stats, flows_restart_refused) and further restart requests on that flow are dropped
+  for `RESTART_BACKOFF` seconds (RESTART_RATE). A spoofed request plus an
+  answer therefore never takes a flow from a transceiver still serving it.
+
 State changes happen only after authentication: a token's MAC before a flow
 opens, a header's MAC before a flow is confirmed or moved.
 """
+
+import ipaddress
 
 from . import directory as directory_mod, header, ratelimit, sockaddr, stun, token
 from .drops import N_DROPS, Drop
@@ -53,17 +79,30 @@ from .flows import CONFIRMED, PENDING, REMOVED
 _CLASS = stun._CLASS
 _STUN, _DTLS, _RTP = stun.STUN, stun.DTLS, stun.RTP
 _BINDING_REQUEST = b"\x00\x01"
+_BINDING_SUCCESS = b"\x01\x01"
+
+# ICE restart of a confirmed flow (module docstring): RFC 7675 consent checks
+# come every 5 s +-20 %, so a hold past 6 s sees at least one of the client's
+# checks answered by an old owner that still serves it.
+RESTART_HOLD = 7.0
+RESTART_BACKOFF = 30.0          # restart requests refused this long after a refused restart
+RESTART_GIVE_UP = 60.0          # a restart the new owner never answers is forgotten
+MAX_RESTARTS = 4096             # restarts in progress (and refusals remembered) per worker
+_ZERO16 = bytes(16)
+_LOOPBACK6 = bytes(15) + b"\x01"
 
 # indexes into Router.stats
 CLIENT_IN_PACKETS, CLIENT_IN_BYTES, TO_TX_PACKETS, TO_TX_BYTES = 0, 1, 2, 3
 TX_IN_PACKETS, TX_IN_BYTES, TO_CLIENT_PACKETS, TO_CLIENT_BYTES = 4, 5, 6, 7
 FLOWS_OPENED, FLOWS_CONFIRMED, FLOWS_MOVED, FLOWS_EXPIRED = 8, 9, 10, 11
 FLOWS_FAILED_OVER, FLOWS_FROM_DIRECTORY, PROBES_SENT = 12, 13, 14
-N_STATS = 15
+FLOWS_EVICTED, FLOWS_RESTART_REFUSED = 15, 16
+N_STATS = 17
 STAT_NAMES = ("client_in_packets", "client_in_bytes", "to_transceiver_packets", "to_transceiver_bytes",
               "transceiver_in_packets", "transceiver_in_bytes", "to_client_packets", "to_client_bytes",
               "flows_opened", "flows_confirmed", "flows_moved", "flows_expired",
-              "flows_failed_over", "flows_from_directory", "probes_sent")
+              "flows_failed_over", "flows_from_directory", "probes_sent",
+              "flows_evicted", "flows_restart_refused")
 
 _FAILOVER_STALE = b""   # flow.route of a failed-over flow whose prefix must be rebuilt (falsy, like None)
 
@@ -112,10 +151,11 @@ class Router:
       transceivers  {transceiver id: raw sockaddr of its internal address}
       listener_families  socket family of each listener, by listener index
       policy        Policy
+      internal_nets, own_addresses  see `configure` (sources refused at ingress)
     """
 
     def __init__(self, flows, keyring, transceivers, listener_families, policy, *, backups=None,
-                 prober=None, quality=None, directory=None):
+                 prober=None, quality=None, directory=None, internal_nets=(), own_addresses=()):
         self.flows = flows
         self.listener_families = tuple(listener_families)
         self.drops = [0] * N_DROPS
@@ -130,10 +170,19 @@ class Router:
         self.dir_lookups = []           # directory.Lookup objects for the worker to send
         self.dir_commands = []          # RESP commands (publish) for the worker to send
         self.events = []                # probes.Event transitions, for the worker's log
-        self.configure(keyring, transceivers, policy, backups)
+        self.restarts = {}              # flow -> [new owner, time begun]: ICE restarts in progress
+        self.restart_backoff = {}       # flow -> time until which its restart requests are refused
+        self.restart_hold = RESTART_HOLD
+        self.configure(keyring, transceivers, policy, backups, internal_nets, own_addresses)
 
-    def configure(self, keyring, transceivers, policy, backups=None):
-        """Swap keys, routes and limits (reload). Flows stay; their cached headers are rebuilt lazily."""
+    def configure(self, keyring, transceivers, policy, backups=None, internal_nets=(), own_addresses=()):
+        """Swap keys, routes and limits (reload). Flows stay; their cached headers are rebuilt lazily.
+
+        `internal_nets` (internal.allow CIDRs) and `own_addresses` (the
+        relay's configured addresses) join the transceiver addresses as
+        sources a client datagram may not have; flows from a source that
+        becomes one of them at a reload are removed.
+        """
         self.keyring = keyring
         old = getattr(self, "policy", None)
         if old is None or old.rates != policy.rates:
@@ -145,6 +194,7 @@ class Router:
         for tx_id, sa in self.transceivers.items():
             by_addr.setdefault(sa, set()).add(tx_id)
         self.transceiver_ids_by_addr = {sa: frozenset(ids) for sa, ids in by_addr.items()}
+        self._set_blocked_sources(internal_nets, own_addresses)
         self.backups = {t: b for t, b in (backups or {}).items() if t in self.transceivers}
         # tid -> every transceiver its backup chain may hand its flows to (loops cut)
         self.covered_by = {}
@@ -157,9 +207,58 @@ class Router:
         if self.prober is not None:
             self.prober.set_transceivers(sorted(self.transceivers), getattr(self, "_now", 0.0))
         self._reroute()
+        banned = []
         for flow in self.flows:
             # keep "this flow was failed over" across the rebuild of its prefix
             flow.route = _FAILOVER_STALE if failed_over(flow) else None
+            if self._source_drop(flow.key) is not None:
+                banned.append(flow)
+        for flow in banned:
+            self.flows.remove(flow)
+
+    def _set_blocked_sources(self, internal_nets, own_addresses):
+        """Build the ingress source tables (module docstring) from the config's addresses."""
+        blocked = {}
+        nets = []
+        for sa in self.transceivers.values():
+            blocked[sockaddr.source_ip(sa)] = Drop.SOURCE_INTERNAL
+        for text in own_addresses:
+            ip = ipaddress.ip_address(text)
+            if not ip.is_unspecified:
+                blocked.setdefault(ip.packed, Drop.SOURCE_SELF)
+        for text in internal_nets:
+            net = ipaddress.ip_network(text, strict=False)
+            nets.append((len(net.network_address.packed), int(net.network_address), int(net.netmask)))
+        for ip in [ip for ip in blocked if ip[0] == 127 and len(ip) == 4 or ip == _LOOPBACK6]:
+            del blocked[ip]         # loopback: a local process, never a wire (module docstring)
+        self.blocked_sources = blocked
+        self.blocked_nets = tuple(nets)
+
+    def _source_drop(self, sa):
+        """The Drop reason for a client source that can never be a client, or None (see above)."""
+        if not (sa[2] or sa[3]):
+            return Drop.SOURCE_PORT_ZERO
+        ip = sockaddr.source_ip(sa)
+        why = self.blocked_sources.get(ip)
+        if why is not None:
+            return why
+        first = ip[0]
+        if len(ip) == 4:
+            # 224/4 multicast, 255.255.255.255 broadcast, 0/8 "this network"
+            if 224 <= first <= 239 or first == 0 or ip == b"\xff\xff\xff\xff":
+                return Drop.SOURCE_NOT_UNICAST
+            if first == 127:
+                return None
+        elif first == 0xFF or ip == _ZERO16:
+            return Drop.SOURCE_NOT_UNICAST
+        elif ip == _LOOPBACK6:
+            return None
+        if self.blocked_nets:
+            size, value = len(ip), int.from_bytes(ip, "big")
+            for net_size, net, mask in self.blocked_nets:
+                if net_size == size and value & mask == net:
+                    return Drop.SOURCE_INTERNAL
+        return None
 
     # -- client -> transceiver ------------------------------------------------
 
@@ -226,6 +325,10 @@ class Router:
     def _open(self, listener, kind, data, sa, now, wall_ms):
         """A new pending flow for a Binding Request carrying a valid token, or None (counted)."""
         drops = self.drops
+        bad = self._source_drop(sa)
+        if bad is not None:
+            drops[bad] += 1
+            return None
         if kind != _STUN:
             if kind and self.directory is not None:
                 self._hold(listener, sa, data, now)
@@ -239,9 +342,9 @@ class Router:
         if not limits.per_source.take(ratelimit.source_key(sa), now):
             drops[Drop.RATE_SOURCE_NEW_FLOWS] += 1
             return None
-        tx_id = self._verified_transceiver(data, wall_ms)
-        if tx_id.__class__ is Drop:
-            drops[tx_id] += 1
+        tok = self._verified_token(data, wall_ms)
+        if tok.__class__ is Drop:
+            drops[tok] += 1
             return None
         if self.draining:
             drops[Drop.DRAINING] += 1
@@ -249,8 +352,13 @@ class Router:
         if not limits.total.take(now):
             drops[Drop.RATE_GLOBAL_NEW_FLOWS] += 1
             return None
+        tx_id = tok.transceiver
         backup = self.redirect.get(tx_id)
-        flow = self.flows.open(listener, sa, tx_id if backup is None else backup, now)
+        flows = self.flows
+        evicted = flows.evicted
+        flow = flows.open(listener, sa, tx_id if backup is None else backup, now, tok.nonce)
+        if flows.evicted != evicted:
+            self.stats[FLOWS_EVICTED] += flows.evicted - evicted
         if flow.__class__ is Drop:
             drops[flow] += 1
             return None
@@ -260,8 +368,8 @@ class Router:
             flow.route = self._prefix(flow, cache=False, flags=header.FLAG_FAILOVER)
         return flow
 
-    def _verified_transceiver(self, data, wall_ms):
-        """The configured transceiver id a Binding Request's token names, or the Drop reason."""
+    def _verified_token(self, data, wall_ms):
+        """The valid token (naming a configured transceiver) of a Binding Request, or the Drop reason."""
         username = stun.binding_username(data)
         if username.__class__ is Drop:
             return username
@@ -275,14 +383,15 @@ class Router:
             return tok
         if tok.transceiver not in self.transceivers:
             return Drop.UNKNOWN_TRANSCEIVER
-        return tok.transceiver
+        return tok
 
     def _same_owner(self, flow, data, now, wall_ms):
         """False (counted) when a Binding Request on a known flow must not be forwarded.
 
         A consent check naming the flow's own transceiver passes untouched. A
         valid token for another transceiver is an ICE restart: the request
-        goes to the new transceiver and the flow moves once it answers.
+        goes to the new transceiver, and the flow moves once it answers and
+        the old owner may move it (module docstring, "ICE restart").
         """
         username = stun.binding_username(data)
         if username.__class__ is Drop:
@@ -296,12 +405,14 @@ class Router:
         covered = self.covered_by.get(peeked)
         if covered and flow.transceiver in covered:
             return True     # a consent check naming the primary of a failed-over flow
-        tx_id = self._verified_transceiver(data, wall_ms)
-        if tx_id.__class__ is Drop:
-            self.drops[tx_id] += 1
+        tok = self._verified_token(data, wall_ms)
+        if tok.__class__ is Drop:
+            self.drops[tok] += 1
+            return False
+        tx_id = tok.transceiver
+        if not self._restart_begin(flow, tx_id, now):
             return False
         # forward this request to the new owner; everything else keeps going to the old one
-        flow.restart_to = tx_id
         out = self.to_transceivers
         tx_sa, head = self.transceivers[tx_id], self._prefix(flow, cache=False)
         out.append((tx_sa, header.seal(self.keyring.signing.header_cmac, head,
@@ -309,6 +420,65 @@ class Router:
         self.stats[TO_TX_PACKETS] += 1
         self.stats[TO_TX_BYTES] += len(data) + header.HEADER_LEN
         return False
+
+    def _restart_begin(self, flow, tx_id, now):
+        """Record (or continue) an ICE restart of `flow` to `tx_id`; False (counted) if refused."""
+        restarts = self.restarts
+        rec = restarts.get(flow)
+        if rec is not None:
+            if rec[0] == tx_id:
+                return True             # the client's retransmission: the hold keeps its start
+        else:
+            until = self.restart_backoff.get(flow)
+            if until is not None:
+                if now < until:
+                    self.drops[Drop.RESTART_RATE] += 1
+                    return False
+                del self.restart_backoff[flow]
+            if len(restarts) >= MAX_RESTARTS:
+                self.drops[Drop.RESTART_RATE] += 1
+                return False
+        # a new target (or a first request) starts the hold over
+        restarts[flow] = [tx_id, now]
+        flow.restart_to = tx_id
+        return True
+
+    def _restart_due(self, flow, now):
+        """May the new owner's answer move `flow` now? (counted RESTART_HELD when not)."""
+        if flow.state == PENDING:
+            return True             # nobody serves it yet
+        rec = self.restarts.get(flow)
+        if rec is None:             # restart_to from a snapshot: start the hold now
+            if len(self.restarts) >= MAX_RESTARTS:
+                self.drops[Drop.RESTART_HELD] += 1
+                return False
+            self.restarts[flow] = rec = [flow.restart_to, now]
+        if now - rec[1] < self.restart_hold:
+            self.drops[Drop.RESTART_HELD] += 1
+            return False
+        return True
+
+    def _restart_refused(self, flow, now):
+        """The old owner answered the client's check: it still serves the flow, so no move."""
+        flow.restart_to = None
+        self.restarts.pop(flow, None)
+        self.stats[FLOWS_RESTART_REFUSED] += 1
+        if len(self.restart_backoff) < MAX_RESTARTS:
+            self.restart_backoff[flow] = now + RESTART_BACKOFF
+
+    def _expire_restarts(self, now):
+        """Forget restarts of removed flows and ones never answered, and past refusals."""
+        restarts = self.restarts
+        if restarts:
+            for flow in [f for f, rec in restarts.items()
+                         if f.state == REMOVED or now - rec[1] >= RESTART_GIVE_UP]:
+                del restarts[flow]
+                if flow.restart_to is not None and flow.state != REMOVED:
+                    flow.restart_to = None
+        backoff = self.restart_backoff
+        if backoff:
+            for flow in [f for f, until in backoff.items() if f.state == REMOVED or now >= until]:
+                del backoff[flow]
 
     def _prefix(self, flow, cache=True, flags=None):
         """Header octets 0..25 for `flow`'s datagrams, cached on the flow.
@@ -333,9 +503,11 @@ class Router:
         backup = self.redirect[flow.transceiver]
         if flow.state == PENDING:
             # not confirmed by anyone yet: keep its pending deadline, change the owner only
-            flow.transceiver = backup
+            self.flows.reassign(flow, backup)
             flow.restart_to = None
+            self.restarts.pop(flow, None)
         else:
+            self.restarts.pop(flow, None)
             self.flows.move(flow, backup, now)
         flow.route = self._prefix(flow, cache=False, flags=header.FLAG_FAILOVER)
         self.stats[FLOWS_FAILED_OVER] += 1
@@ -392,6 +564,9 @@ class Router:
                 if flow.restart_to is None or flow.restart_to not in owners:
                     drops[Drop.FLOW_OF_OTHER] += 1
                     continue
+                if not self._restart_due(flow, now):
+                    continue
+                self.restarts.pop(flow, None)
                 self.flows.move(flow, flow.restart_to, now)
                 flow.route = None
                 self.stats[FLOWS_MOVED] += 1
@@ -405,6 +580,8 @@ class Router:
                     quality.start(flow, first_stun, now)
                 if self.directory is not None:
                     self.dir_commands.append(self.directory.publish(listener, flow.key, flow.transceiver))
+            elif flow.restart_to is not None and payload[:2] == _BINDING_SUCCESS:
+                self._restart_refused(flow, now)      # the old owner answers the client's check
             if qget is not None:
                 q = qget(flow)
                 if q is not None:           # observe() skips what is not RTP
@@ -450,7 +627,9 @@ class Router:
                 if self.draining:
                     drops[Drop.DRAINING] += n
                     return
+                evicted = self.flows.evicted
                 flow = self.flows.open(res.listener, res.sa, self.redirect.get(tid, tid), now)
+                self.stats[FLOWS_EVICTED] += self.flows.evicted - evicted
                 if flow.__class__ is Drop:
                     drops[flow] += n
                     return
@@ -546,6 +725,8 @@ class Router:
         """Drop flows past their deadline (cheap when nothing is due)."""
         expired = self.flows.expire(now)
         self.limits.per_source.expire(now)
+        if self.restarts or self.restart_backoff:
+            self._expire_restarts(now)
         self.stats[FLOWS_EXPIRED] += expired
         return expired
 

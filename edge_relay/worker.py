@@ -33,7 +33,7 @@ import signal
 import socket
 import time
 
-from . import batchio, config as config_mod, resp, sockaddr, sockets
+from . import batchio, config as config_mod, header, resp, sockaddr, sockets
 from .directory import Directory
 from .drops import Drop
 from .errors import reason
@@ -43,6 +43,9 @@ from .quality import QualityMonitor
 from .router import Policy, Router, failed_over
 
 BATCHES_PER_WAKEUP = 8          # bounded work per readiness event keeps sockets fair
+# The largest client datagram relayed (docs/PROTOCOL.md "Maximum datagram size"):
+# the public receive buffers hold it, the internal ones it plus the header.
+MAX_DATAGRAM = 2048
 PUBLISH_INTERVAL = 0.5          # seconds between counter publications
 
 
@@ -59,6 +62,12 @@ def transceiver_addrs(cfg):
     return {t.id: sockaddr.from_tuple((f"::ffff:{t.address}" if mapped and ":" not in t.address
                                        else t.address, t.port))
             for t in cfg.transceivers}
+
+
+def sources_of(cfg):
+    """Router.configure keywords: the sources a client datagram may not have (router.py "Ingress")."""
+    return {"internal_nets": tuple(cfg.internal.allow),
+            "own_addresses": tuple(lst.address for lst in cfg.listeners) + (cfg.internal.address,)}
 
 
 def backups_of(cfg):
@@ -94,11 +103,17 @@ def _ignore(reply):
     pass
 
 
-def flow_table(cfg):
+def flow_limits(cfg):
+    """The flow table's caps and lifetimes from config.limits (FlowTable / FlowTable.set_limits keywords)."""
     lim = cfg.limits
-    return FlowTable(n_listeners=len(cfg.listeners), max_flows=lim.max_flows,
-                     max_pending_per_source=lim.max_pending_per_source,
-                     pending_ttl=lim.pending_ttl, idle_timeout=lim.idle_timeout)
+    return {"max_flows": lim.max_flows, "max_pending_per_source": lim.max_pending_per_source,
+            "pending_ttl": lim.pending_ttl, "idle_timeout": lim.idle_timeout,
+            "max_flows_per_session": lim.max_flows_per_session,
+            "max_flows_per_transceiver": lim.max_flows_per_transceiver}
+
+
+def flow_table(cfg):
+    return FlowTable(n_listeners=len(cfg.listeners), **flow_limits(cfg))
 
 
 class Worker:
@@ -123,13 +138,13 @@ class Worker:
         self.internal = internal
         batch = cfg.relay.batch_size
         mode = cfg.relay.io
-        self.listener_io = [batchio.open_io(s, batch, mode=mode) for s in listeners]
-        self.internal_io = batchio.open_io(internal, batch, mode=mode)
+        self.listener_io = [batchio.open_io(s, batch, MAX_DATAGRAM, mode=mode) for s in listeners]
+        self.internal_io = batchio.open_io(internal, batch, MAX_DATAGRAM + header.HEADER_LEN, mode=mode)
         directory = directory_of(cfg)
         self.router = Router(flows or flow_table(cfg), keyring, transceiver_addrs(cfg),
                              [s.family for s in listeners], policy_of(cfg), backups=backups_of(cfg),
                              prober=prober_of(cfg, clock()), quality=quality_of(cfg),
-                             directory=directory)
+                             directory=directory, **sources_of(cfg))
         self.redis = None
         if directory is not None:
             d = cfg.directory
@@ -305,7 +320,8 @@ class Worker:
             router.quality = quality_of(cfg)       # sampled flows start over too
         if cfg.directory != old.directory:
             self.log.warning("reload", "[directory] changes take effect at the next restart")
-        router.configure(keyring, transceiver_addrs(cfg), policy_of(cfg), backups_of(cfg))
+        router.configure(keyring, transceiver_addrs(cfg), policy_of(cfg), backups_of(cfg), **sources_of(cfg))
+        router.flows.set_limits(**flow_limits(cfg))     # the live table, not just the next one
         self.log.set_level(cfg.log.level)
         self.reloads += 1
         self.log.verdict("notice", "reloaded: %d transceivers, signing key %d",

@@ -47,6 +47,11 @@ def check_invariants(table):
     assert (table.pending, table.confirmed, len(table)) == (pending, confirmed, pending + confirmed)
     assert table._per_source == dict(per_source)       # exact, and no zero entries
     assert sorted(map(id, table)) == sorted(id(f) for d in table.by_listener for f in d.values())
+    assert table._per_tx == dict(collections.Counter(f.transceiver for f in table))
+    sessions = collections.Counter(f.session[1] for f in table if f.session is not None)
+    assert {k: rec[0] for k, rec in table._sessions.items()} == dict(sessions)
+    assert all(table._sessions[f.session[1]] is f.session for f in table if f.session is not None)
+    assert {id(f) for f in table if f.state == PENDING} <= {id(f) for f in table._fifo}
 
 
 # -- open / confirm / get ------------------------------------------------------
@@ -221,12 +226,12 @@ def test_per_source_pending_cap():
 
 
 def test_total_cap_refuses_and_never_evicts():
-    t = FlowTable(max_flows=5, max_pending_per_source=100)
+    t = FlowTable(max_flows=5, max_pending_per_source=100, evict_pending=False)
     flows = [t.open(0, sa4(i + 1), 1, 0.0) for i in range(5)]
     t.confirm(flows[0], 0.0)
     assert t.open(0, sa4(100), 1, 1.0) is Drop.FLOW_TABLE_FULL
     # Table full is reported before the per-source cap.
-    t2 = FlowTable(max_flows=1, max_pending_per_source=1)
+    t2 = FlowTable(max_flows=1, max_pending_per_source=1, evict_pending=False)
     t2.open(0, sa4(1, 1), 1, 0.0)
     assert t2.open(0, sa4(1, 2), 1, 0.0) is Drop.FLOW_TABLE_FULL
     # Nothing was evicted, and existing flows are still returned while full.
@@ -340,7 +345,7 @@ def test_model_random_operations(pending_ttl, idle, g, slack, seed):
     rng = random.Random(seed)
     max_flows, per_source = 50, 3
     t = FlowTable(n_listeners=2, max_flows=max_flows, max_pending_per_source=per_source,
-                  pending_ttl=pending_ttl, idle_timeout=idle, granularity=g)
+                  pending_ttl=pending_ttl, idle_timeout=idle, granularity=g, evict_pending=False)
     t._compact_slack = slack
     m = Model(max_flows, per_source, pending_ttl, idle)
     ips = [sa4(f"10.0.{i // 8}.{i % 8 + 1}", 1)[4:8] for i in range(24)]
@@ -428,7 +433,7 @@ def test_model_random_operations(pending_ttl, idle, g, slack, seed):
                 data = t.snapshot(now)
                 fresh = FlowTable(n_listeners=2, max_flows=max_flows,
                                   max_pending_per_source=per_source, pending_ttl=pending_ttl,
-                                  idle_timeout=idle, granularity=g)
+                                  idle_timeout=idle, granularity=g, evict_pending=False)
                 fresh._compact_slack = slack
                 later = now + 1000.0      # another process, another clock origin
                 n = fresh.restore(data, later)
@@ -742,6 +747,59 @@ def test_memory_per_confirmed_flow():
     assert t.confirmed == n
     print(f"flow table: {per_flow:.1f} bytes per confirmed IPv4 flow (tracemalloc)")
     assert per_flow <= 300, per_flow
+
+
+def test_full_table_evicts_oldest_pending_never_confirmed():
+    """issue 14 item 3: a flood of pending flows cannot lock new calls out of a full table."""
+    t = FlowTable(max_flows=4, max_pending_per_source=100)
+    c = t.open(0, sa4(1), 1, 0.0)
+    t.confirm(c, 0.0)
+    junk = [t.open(0, sa4(10 + i), 1, 1.0 + i) for i in range(3)]
+    new = t.open(0, sa4(99), 1, 5.0)                   # full: the oldest pending goes
+    assert isinstance(new, Flow) and junk[0].state == REMOVED and t.evicted == 1
+    assert t.get(0, junk[0].key) is None and c.state == CONFIRMED
+    for f in (junk[1], junk[2], new):
+        t.confirm(f, 6.0)
+    assert t.open(0, sa4(100), 1, 7.0) is Drop.FLOW_TABLE_FULL   # nothing pending: refuse
+    assert len(t) == 4 and t.evicted == 1
+    check_invariants(t)
+
+
+def test_flows_per_session_and_per_transceiver_caps():
+    t = FlowTable(max_flows_per_session=2, max_flows_per_transceiver=3, max_pending_per_source=100)
+    a = [t.open(0, sa4(i + 1), 1, 0.0, session=b"nonce-A") for i in range(2)]
+    assert t.open(0, sa4(3), 1, 0.0, session=b"nonce-A") is Drop.SESSION_FLOWS
+    assert t.per_session(b"nonce-A") == 2
+    b = t.open(0, sa4(4), 1, 0.0, session=b"nonce-B")
+    assert t.open(0, sa4(5), 1, 0.0, session=b"nonce-C") is Drop.TRANSCEIVER_FLOWS
+    other = t.open(0, sa4(5), 2, 0.0, session=b"nonce-C")    # another transceiver has room
+    assert isinstance(other, Flow) and t.per_transceiver(1) == 3 and t.per_transceiver(2) == 1
+    check_invariants(t)
+    t.remove(a[0])                          # the session frees a place when a flow goes
+    assert isinstance(t.open(0, sa4(6), 1, 0.0, session=b"nonce-A"), Flow)
+    t.move(b, 2, 1.0)                       # an ICE restart moves the count with the flow
+    assert t.per_transceiver(1) == 2 and t.per_transceiver(2) == 2
+    t.expire(100.0)
+    assert t._sessions == {} and t._per_tx == {}
+    check_invariants(t)
+
+
+def test_set_limits_applies_to_the_live_table():
+    """issue 14 item 6: new caps and lifetimes reach flows that already exist."""
+    t = FlowTable(max_pending_per_source=16, pending_ttl=5.0, idle_timeout=30.0)
+    pend = [t.open(0, sa4(1, 1000 + i), 1, 0.0) for i in range(4)]
+    c = t.open(0, sa4(2), 1, 0.0)
+    t.confirm(c, 0.0)
+    t.set_limits(max_flows=100, max_pending_per_source=4, pending_ttl=1.0, idle_timeout=2.0)
+    assert t.open(0, sa4(1, 2000), 1, 0.5) is Drop.PENDING_PER_SOURCE
+    assert t.next_deadline() <= 1.25
+    t.expire(1.25)
+    assert all(f.state == REMOVED for f in pend) and c.state == CONFIRMED
+    t.expire(2.25)
+    assert c.state == REMOVED and len(t) == 0
+    with pytest.raises(ValueError):
+        t.set_limits(max_flows=1, max_pending_per_source=1, pending_ttl=0.0, idle_timeout=1.0)
+    check_invariants(t)
 
 
 def test_snapshot_leaves_out_what_restore_would_refuse():

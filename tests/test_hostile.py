@@ -42,8 +42,11 @@ import zlib
 import pytest
 
 import netns
-from edge_relay import header, keys, nft, stun, token
+from edge_relay import header, keys, nft, sockaddr, stun, token
 from edge_relay.config import load as load_config
+from edge_relay.drops import Drop
+from edge_relay.flows import FlowTable
+from edge_relay.router import STAT_NAMES, Policy, Router
 from tests.relayharness import Harness, drain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,7 +173,8 @@ for line in sys.stdin:
     sent = 0
     for i, hexed in enumerate(cmd["payloads"]):
         src = cmd["srcs"][i % len(cmd["srcs"])]
-        pkt = IP(src=src, dst=cmd["dst"]) / UDP(sport=cmd.get("sport") or 20000 + i % 40000,
+        sport = cmd.get("sport")
+        pkt = IP(src=src, dst=cmd["dst"]) / UDP(sport=20000 + i % 40000 if sport is None else sport,
                                                   dport=cmd["dport"]) / Raw(bytes.fromhex(hexed))
         l3.send(pkt)
         sent += 1
@@ -514,6 +518,19 @@ def test_hostile_bench(netns_factory, tmp_path):
     client_class("new-flow flood from one source (app level)", [forged] * 100,
                  {"RATE_SOURCE_NEW_FLOWS": 50})
 
+    # 3b. A "client" claiming a transceiver's address (issue 14 item 1): nft drops it first.
+    before_nft = b.nft_counters()
+    b.send([binding_request(token.mint(b.keyring.signing, 1, int(time.time() + 600)))] * 5, [b.tx1])
+    d = b.wait_rise(before_nft, {"l0_from_internal": 5}, source=b.nft_counters)
+    table.append(("client spoofing a transceiver address (nft)", f"l0_from_internal +{d['l0_from_internal']}"))
+    before_nft = b.nft_counters()
+    b.send([binding_request(token.mint(b.keyring.signing, 1, int(time.time() + 600)))] * 3, [next(ips)], sport=0)
+    b.send([binding_request(token.mint(b.keyring.signing, 1, int(time.time() + 600)))] * 3,
+           ["224.0.0.9", b.public])                      # multicast, and the relay's own address
+    d = b.wait_rise(before_nft, {"l0_bad_source": 6}, source=b.nft_counters)
+    table.append(("source port 0, multicast, the relay's own address (nft)",
+                  f"l0_bad_source +{d['l0_bad_source']}"))
+
     # 4. The internal port from the client side, and the transceiver directly.
     before_nft = b.nft_counters()
     b.send([b"\xee\x52" + os.urandom(100)] * 10, [next(ips)], dport=INTERNAL_PORT, dst=b.internal)
@@ -576,3 +593,340 @@ def test_hostile_bench(netns_factory, tmp_path):
     assert b.relay.poll() is None and b.demo.poll() is None
     assert final.get("edge_relay_worker_restarts_total", 0) == 0
     assert b.rss_peak < b.rss_start + 30 * 1024, (b.rss_start, b.rss_peak)
+
+
+# -- round two (issue 14): sans-IO and on loopback, without root ------------------------
+#
+# Each test below failed on the relay before issue 14 (the test names are listed in
+# docs/SECURITY.md next to the defence they prove).
+
+R14_RING = keys.KeyRing({1: bytes(range(32))})
+R14_TX = {1: ("10.9.0.5", 5000), 2: ("10.9.0.6", 5000)}
+
+
+def _sa(host, port):
+    return sockaddr.from_tuple((host, port))
+
+
+def _router(internal_nets=(), own_addresses=(), families=(socket.AF_INET,), **table):
+    table.setdefault("max_pending_per_source", 1000)
+    flows = FlowTable(n_listeners=len(families), **table)
+    rates = {"new_flows_per_source_rate": 1e6, "new_flows_per_source_burst": 10**6}
+    sources = {k: v for k, v in (("internal_nets", internal_nets), ("own_addresses", own_addresses)) if v}
+    return Router(flows, R14_RING, {t: _sa(*a) for t, a in R14_TX.items()}, families, Policy(**rates),
+                  **sources)
+
+
+def _feed(router, datagrams, listener=0, now=1.0):
+    """Hand [(payload, sockaddr)] to the router as one batch; returns what it queued for transceivers."""
+    views = [memoryview(d) for d, _ in datagrams]
+    router.from_clients(listener, views, [a for _, a in datagrams], len(datagrams), now,
+                        int(time.time() * 1000))
+    out = list(router.to_transceivers)
+    router.clear_output()
+    return out
+
+
+def _check(tx_id=1, lifetime=600, ring=R14_RING):
+    return binding_request(token.mint(ring.signing, tx_id, int(time.time() + lifetime)))
+
+
+def _r14_drops(router):
+    return {Drop(i).name: n for i, n in enumerate(router.drops) if n}
+
+
+def test_client_claiming_a_transceiver_address_is_dropped_before_token_work():
+    """Item 1: public-port datagrams from transceiver or internal.allow sources open nothing."""
+    forged = binding_request("A" * 32)
+    payloads = (_check(1), _check(2), forged, b"\x80\x6f" + bytes(20))
+    r = _router(families=(socket.AF_INET, socket.AF_INET6))
+    for listener, sa in [(0, _sa("10.9.0.5", 5000)),            # the transceiver's exact address
+                         (0, _sa("10.9.0.6", 40000)),           # a transceiver's IP, any port
+                         (1, _sa("::ffff:10.9.0.5", 5000))]:    # IPv4-mapped on a dual-stack socket
+        for payload in payloads:
+            assert _feed(r, [(payload, sa)], listener) == []
+    assert _r14_drops(r) == {"SOURCE_INTERNAL": 12}       # not TOKEN_MAC: no token work at all
+    assert len(r.flows) == 0 and not r.limits.per_source.buckets
+    r = _router(internal_nets=("10.9.1.0/24", "fd00:9::/64"), families=(socket.AF_INET, socket.AF_INET6))
+    for listener, sa in [(0, _sa("10.9.1.77", 1234)),           # inside internal.allow
+                         (1, _sa("fd00:9::1234", 1234))]:       # inside an IPv6 internal.allow network
+        for payload in payloads:
+            assert _feed(r, [(payload, sa)], listener) == []
+    assert _r14_drops(r) == {"SOURCE_INTERNAL": 8}
+    assert len(r.flows) == 0 and not r.limits.per_source.buckets
+    # a real client next door still gets in
+    assert len(_feed(r, [(_check(1), _sa("10.9.2.1", 1234))])) == 1
+
+
+def test_a_reload_that_makes_a_source_internal_removes_its_flows():
+    r = _router()
+    _feed(r, [(_check(1), _sa("10.9.2.1", 1234)), (_check(1), _sa("10.9.3.1", 1234))])
+    assert len(r.flows) == 2
+    r.configure(r.keyring, r.transceivers, r.policy, internal_nets=("10.9.2.0/24",))
+    assert [f.key for f in r.flows] == [_sa("10.9.3.1", 1234)]
+
+
+@pytest.mark.parametrize("host,port,reason", [
+    ("198.51.100.7", 0, "SOURCE_PORT_ZERO"),
+    ("2001:db8::7", 0, "SOURCE_PORT_ZERO"),
+    ("224.0.0.1", 5000, "SOURCE_NOT_UNICAST"),
+    ("239.255.255.250", 1900, "SOURCE_NOT_UNICAST"),
+    ("255.255.255.255", 5000, "SOURCE_NOT_UNICAST"),
+    ("0.0.0.0", 5000, "SOURCE_NOT_UNICAST"),
+    ("ff02::1", 5000, "SOURCE_NOT_UNICAST"),
+    ("::", 5000, "SOURCE_NOT_UNICAST"),
+    ("::ffff:224.0.0.9", 5000, "SOURCE_NOT_UNICAST"),
+    ("198.51.100.1", 5000, "SOURCE_SELF"),         # the relay's own listener address
+    ("2001:db8:1::1", 5000, "SOURCE_SELF"),
+    ("10.9.9.1", 5000, "SOURCE_SELF"),             # its internal address
+])
+def test_unusable_client_sources_are_dropped_at_ingress(host, port, reason):
+    """Item 4: no flow for a source no reply could reach (or one that is the relay itself)."""
+    own = ("198.51.100.1", "2001:db8:1::1", "10.9.9.1", "0.0.0.0") if reason == "SOURCE_SELF" else ()
+    r = _router(own_addresses=own, families=(socket.AF_INET6,))
+    assert _feed(r, [(_check(1), _sa(host, port)), (b"\x16\xfe\xfd" + bytes(20), _sa(host, port))]) == []
+    assert _r14_drops(r) == {reason: 2} and len(r.flows) == 0
+
+
+def test_loopback_sources_stay_clients():
+    """The kernel never takes 127/8 or ::1 from a wire: a local client next to a local transceiver works."""
+    flows = FlowTable(n_listeners=2)
+    tx = {1: _sa("127.0.0.1", 5000)}
+    r = Router(flows, R14_RING, tx, [socket.AF_INET, socket.AF_INET6], Policy(),
+               internal_nets=("127.0.0.0/8",), own_addresses=("127.0.0.1", "::1"))
+    assert len(_feed(r, [(_check(1), _sa("127.0.0.1", 4000))])) == 1
+    assert len(_feed(r, [(_check(1), _sa("::1", 4000))], listener=1)) == 1
+    assert len(r.flows) == 2 and _r14_drops(r) == {}
+
+
+def _now_ms():
+    return int(time.time() * 1000)
+
+
+def _sink_open(h, client, tx_id, ufrag=None, answer=True):
+    """Open (and, if `answer`, confirm) a flow from `client` to sink `tx_id`: (Inbound, Endpoint)."""
+    from edge_relay import transceiver
+    ufrag = ufrag or h.session(tx_id)[0]
+    client.sendto(binding_request(ufrag), h.public)
+    h.settle()
+    (got, _), = drain(h.sinks[tx_id])
+    ep = transceiver.Endpoint(h.keyring, tx_id)
+    inb = ep.receive(got, _now_ms())
+    if answer:
+        h.sinks[tx_id].sendto(ep.to_client(inb, b"\x80ok", _now_ms()), h.internal)
+        h.settle()
+        assert [d for d, _ in drain(client)] == [b"\x80ok"]
+    return inb, ep
+
+
+def _stat(h, name):
+    return h.router.stats[STAT_NAMES.index(name)]
+
+
+def _stun_success(inb):
+    """A transceiver's Binding success response answering the check it received in `inb`."""
+    txid = bytes(inb.payload[8:20])
+    return stun.encode(stun.BINDING_SUCCESS, txid, [])
+
+
+def test_ice_restart_cannot_take_a_live_flow_from_the_transceiver_serving_it(tmp_path):
+    """Item 2: a spoofed restart request plus its answer leaves the victim with its transceiver."""
+    t = [1000.0]
+    h = Harness(tmp_path, transceivers={1: "sink", 2: "sink"}, clock=lambda: t[0])
+    try:
+        victim = h.client()
+        inb1, ep1 = _sink_open(h, victim, 1)
+        flow, = h.router.flows
+        # The attacker holds its own valid session on transceiver 2 and spoofs the victim's
+        # exact address (on loopback: it sends from the victim's socket).
+        attack = binding_request(h.session(2)[0])
+        victim.sendto(attack, h.public)
+        h.settle()
+        (got, _), = drain(h.sinks[2])
+        from edge_relay import transceiver
+        ep2 = transceiver.Endpoint(h.keyring, 2)
+        inb2 = ep2.receive(got, _now_ms())
+        # Transceiver 2 answers at once: nothing moves, the answer does not reach the victim.
+        h.sinks[2].sendto(ep2.to_client(inb2, _stun_success(inb2), _now_ms()), h.internal)
+        h.settle()
+        assert drain(victim) == [] and flow.transceiver == 1
+        # The victim's call goes on: media both ways with transceiver 1.
+        victim.sendto(b"\x80voice", h.public)
+        h.sinks[1].sendto(ep1.to_client(inb1, b"\x80agent", _now_ms()), h.internal)
+        h.settle()
+        assert len(drain(h.sinks[1])) == 1 and drain(victim) == [(b"\x80agent", h.public)]
+        # Its next consent check is answered by transceiver 1: the restart is refused.
+        t[0] += 5.0
+        victim.sendto(binding_request(_ufrag_of(inb1)), h.public)
+        h.settle()
+        (got, _), = drain(h.sinks[1])
+        check = ep1.receive(got, _now_ms())
+        h.sinks[1].sendto(ep1.to_client(check, _stun_success(check), _now_ms()), h.internal)
+        h.settle()
+        assert len(drain(victim)) == 1 and flow.restart_to is None
+        # Past the hold, transceiver 2's answers still cannot take the flow ...
+        t[0] += h.router.restart_hold
+        h.sinks[2].sendto(ep2.to_client(inb2, _stun_success(inb2), _now_ms()), h.internal)
+        h.settle()
+        assert drain(victim) == [] and flow.transceiver == 1
+        # ... and the attacker's repeat is refused outright (rate limit per flow).
+        victim.sendto(attack, h.public)
+        h.settle()
+        assert drain(h.sinks[2]) == [] and flow.restart_to is None
+        assert h.drops() == {"RESTART_HELD": 1, "FLOW_OF_OTHER": 1, "RESTART_RATE": 1}
+        assert _stat(h, "flows_restart_refused") == 1 and _stat(h, "flows_moved") == 0
+    finally:
+        h.close()
+
+
+def _ufrag_of(inb):
+    """The server ufrag of the Binding Request carried by Inbound `inb`."""
+    username = stun.binding_username(bytes(inb.payload))
+    return bytes(username).split(b":")[0].decode()
+
+
+# max_flows_per_session stays at its default (16): the defaults must hold the flood
+FLOOD_LIMITS = {"max_flows": 64, "max_pending_per_source": 10_000,
+                "new_flows_per_source_rate": 1e6, "new_flows_per_source_burst": 10**6}
+
+
+def test_one_session_spoofed_from_many_sources_cannot_fill_the_table(tmp_path):
+    """Item 3: one valid session's check from 300 sources holds max_flows_per_session (16) flows."""
+    h = Harness(tmp_path, transceivers={1: "demo"}, limits=FLOOD_LIMITS)
+    try:
+        ufrag, _ = h.session(1)
+        flooders = [h.client() for _ in range(300)]       # 300 source addresses (ports on loopback)
+        legit = []
+        for i, s in enumerate(flooders):
+            s.sendto(binding_request(ufrag), h.public)
+            if i % 100 == 50:                              # new calls placed during the flood
+                h.settle()
+                vc = h.voice_client(1)
+                assert h.connect(vc), h.drops()
+                legit.append(vc)
+        h.settle()
+        assert len(legit) == 3
+        assert h.drops().get("SESSION_FLOWS") == 300 - 16 and "FLOW_TABLE_FULL" not in h.drops()
+        assert len(h.router.flows) == 16 + len(legit)
+        assert h.router.flows.per_session(token.verify(ufrag, h.keyring, time.time(), 86400, 5).nonce) == 16
+    finally:
+        h.close()
+
+
+def test_unanswered_sessions_cannot_lock_new_calls_out_of_a_full_table(tmp_path):
+    """Item 3: many sessions' pending flows fill the table; a new call evicts the oldest pending."""
+    h = Harness(tmp_path, transceivers={1: "demo", 2: "sink"}, limits=FLOOD_LIMITS)
+    try:
+        for _ in range(200):                        # 200 sessions on a transceiver that never answers
+            h.client().sendto(binding_request(h.session(2)[0]), h.public)
+            h.settle()
+        assert len(h.router.flows) == 64 and h.router.flows.pending == 64
+        calls = [h.voice_client(1) for _ in range(3)]
+        assert all(h.connect(vc) for vc in calls), h.drops()
+        assert h.router.flows.confirmed == 3 and len(h.router.flows) == 64
+        assert h.drops() == {} and _stat(h, "flows_evicted") == 200 - 64 + 3
+    finally:
+        h.close()
+
+
+def test_flows_per_transceiver_cap(tmp_path):
+    h = Harness(tmp_path, transceivers={1: "sink", 2: "demo"},
+                limits={**FLOOD_LIMITS, "max_flows_per_transceiver": 5})
+    try:
+        for _ in range(8):
+            h.client().sendto(binding_request(h.session(1)[0]), h.public)
+        h.settle()
+        assert h.router.flows.per_transceiver(1) == 5 and h.drops() == {"TRANSCEIVER_FLOWS": 3}
+        assert h.connect(h.voice_client(2))          # the other transceiver's calls are unaffected
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("io_mode", ["mmsg", "plain"])
+@pytest.mark.parametrize("family_host", ["127.0.0.1", "::1"])
+def test_maximum_size_datagram_round_trip(tmp_path, family_host, io_mode):
+    """Item 5: a 2048-octet datagram goes up and its 2048-octet answer comes back (2096 inside)."""
+    MAX_DATAGRAM = 2048             # docs/PROTOCOL.md section 9; worker.MAX_DATAGRAM
+    h = Harness(tmp_path, transceivers={1: "sink"}, listeners=(family_host,), io_mode=io_mode)
+    try:
+        client = h.client(family_host)
+        inb, ep = _sink_open(h, client, 1)
+        big = b"\x80" + os.urandom(MAX_DATAGRAM - 1)
+        client.sendto(big, h.public)
+        h.settle()
+        (up, _), = drain(h.sinks[1])
+        assert len(up) == MAX_DATAGRAM + header.HEADER_LEN and bytes(ep.receive(up, _now_ms()).payload) == big
+        h.sinks[1].sendto(ep.to_client(inb, big, _now_ms()), h.internal)
+        h.settle()
+        assert [d for d, _ in drain(client)] == [big]
+        client.sendto(big + b"x", h.public)           # one octet over: dropped and counted, never cut
+        h.settle()
+        assert drain(h.sinks[1]) == [] and h.drops() == {"TRUNCATED": 1}
+    finally:
+        h.close()
+
+
+def test_maximum_size_datagram_through_the_demo_transceiver(tmp_path):
+    """Item 5's sibling: the demo transceiver's own buffer holds a maximum-size datagram plus header."""
+    h = Harness(tmp_path, transceivers={1: "demo"})
+    try:
+        vc = h.voice_client(1)
+        assert h.connect(vc)
+        big = b"\x80" + os.urandom(2047)
+        vc.sock.sendto(big, h.public)
+        h.settle()
+        assert [d for d, _ in drain(vc.sock)] == [big] and h.drops() == {}
+    finally:
+        h.close()
+
+
+def _toml(data):
+    """TOML text for the harness's config dict (tables, arrays of tables, scalars)."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        return repr(v)
+    lines = []
+    for name, section in data.items():
+        rows = section if isinstance(section, list) else [section]
+        for row in rows:
+            lines.append(f"[[{name}]]" if isinstance(section, list) else f"[{name}]")
+            lines += [f"{k} = {value(v)}" for k, v in row.items()]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def test_reload_applies_flow_table_limits_to_the_live_table(tmp_path):
+    """Item 6: SIGHUP lowering max_pending_per_source, pending_ttl, idle_timeout, max_flows takes effect."""
+    import signal
+    t = [1000.0]
+    h = Harness(tmp_path, transceivers={1: "sink", 2: "demo"}, clock=lambda: t[0],
+                limits={"max_pending_per_source": 16, "new_flows_per_source_burst": 1000})
+    try:
+        path = tmp_path / "edge-relay.toml"
+        path.write_text(_toml(h.config_data))
+        h.worker.config_path = path
+        for _ in range(6):
+            h.client().sendto(binding_request(h.session(1)[0]), h.public)
+        h.settle()
+        call = h.voice_client(2)
+        assert h.connect(call, t[0]) and h.router.flows.pending == 6
+        h.config_data["limits"].update(max_pending_per_source=4, pending_ttl=1.0, idle_timeout=7.0,
+                                       max_flows=8)
+        path.write_text(_toml(h.config_data))
+        h.worker.handle_signal(signal.SIGHUP)
+        assert h.worker.reloads == 1 and h.worker.reload_failures == 0
+        h.client().sendto(binding_request(h.session(1)[0]), h.public)
+        h.settle()
+        assert h.drops() == {"PENDING_PER_SOURCE": 1}
+        t[0] += 1.5                              # the new pending_ttl, not the old 5 s
+        h.router.expire(t[0])
+        assert h.router.flows.pending == 0 and h.router.flows.confirmed == 1
+        t[0] += 6.0                              # the new idle_timeout (7 s), not the old 30 s
+        h.router.expire(t[0])
+        assert len(h.router.flows) == 0
+        assert h.router.flows.max_flows == 8
+    finally:
+        h.close()

@@ -83,6 +83,22 @@ def test_relay_ruleset_meters_each_listener_in_both_families():
     assert "udp dport 4478 jump internal" in text           # one worker: one port
 
 
+def test_listeners_drop_sources_of_the_internal_network_before_the_meters():
+    """issue 14 items 1 and 4: a client datagram from a transceiver address or internal.allow,
+    from port 0, or from a local, broadcast or multicast address never reaches the meters."""
+    text = nft.render_relay(CONFIGS["dual-stack"])
+    for i in range(2):
+        chain = text[text.index(f"chain listener{i} {{"):]
+        chain = chain[:chain.index("}\n")]
+        rules = [line.strip() for line in chain.splitlines()[1:]]
+        assert rules[:4] == [
+            f"ip saddr != 127.0.0.0/8 ip saddr @internal_allow4 counter name l{i}_from_internal drop",
+            f"ip6 saddr != ::1 ip6 saddr @internal_allow6 counter name l{i}_from_internal drop",
+            f"udp sport 0 counter name l{i}_bad_source drop",
+            f"iif != lo fib saddr type {{ local, broadcast, multicast }} counter name l{i}_bad_source drop"]
+        assert f"counter l{i}_from_internal {{ }}" in text and f"counter l{i}_bad_source {{ }}" in text
+
+
 def test_wildcard_ipv4_listener_matches_only_ipv4_local_addresses():
     text = nft.render_relay(CONFIGS["ipv4-wildcard"])
     assert "meta nfproto ipv4 fib daddr type local udp dport 3478 jump listener0" in text

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from edge_relay import header, stun, token, transceiver
+from edge_relay.flows import CONFIRMED
 from edge_relay.keys import Key, KeyRing
 from tests.relayharness import Harness, drain
 
@@ -137,7 +138,9 @@ def test_two_listeners_reply_from_the_listener_the_client_used(make):
 
 
 def test_ice_restart_moves_flow_only_when_new_transceiver_answers(make):
-    h = make(transceivers={1: "sink", 2: "sink"})
+    """A genuine restart: the old owner has stopped answering, so the flow moves after the hold."""
+    t = [1000.0]
+    h = make(transceivers={1: "sink", 2: "sink"}, clock=lambda: t[0])
     client = h.client()
     inb, ep1 = open_flow(h, client, 1)
     h.sinks[1].sendto(ep1.to_client(inb, b"\x80ok", now_ms()), h.internal)
@@ -155,10 +158,22 @@ def test_ice_restart_moves_flow_only_when_new_transceiver_answers(make):
     assert stun.decode(inb2.payload).msg_type == stun.BINDING_REQUEST
     flow = h.router.flows.get(0, h.router.flows.by_listener[0].__iter__().__next__())
     assert flow.transceiver == 1 and flow.restart_to == 2
+    # The new owner's first answer comes within the hold: the old owner may still serve the call.
+    h.sinks[2].sendto(ep2.to_client(inb2, b"\x80early", now_ms()), h.internal)
+    h.settle()
+    assert drain(client) == [] and flow.transceiver == 1
+    assert h.drops() == {"RESTART_HELD": 1}
+    # The hold passes without the old owner answering a check: the client's retransmission moves it.
+    t[0] += h.router.restart_hold
+    client.sendto(binding_request(ufrag2), h.public)
+    h.settle()
+    (to2, _), = drain(h.sinks[2])
+    inb2 = ep2.receive(to2, now_ms())
     h.sinks[2].sendto(ep2.to_client(inb2, b"\x80new", now_ms()), h.internal)
     h.settle()
     assert drain(client) == [(b"\x80new", h.public)]
     assert flow.transceiver == 2 and flow.restart_to is None
+    assert h.router.restarts == {}
     client.sendto(b"\x80after", h.public)
     h.settle()
     assert len(drain(h.sinks[2])) == 1 and drain(h.sinks[1]) == []
@@ -166,7 +181,23 @@ def test_ice_restart_moves_flow_only_when_new_transceiver_answers(make):
     h.sinks[1].sendto(ep1.to_client(inb, b"\x80stale", now_ms()), h.internal)
     h.settle()
     assert drain(client) == []
-    assert h.drops() == {"FLOW_OF_OTHER": 1}
+    assert h.drops() == {"RESTART_HELD": 1, "FLOW_OF_OTHER": 1}
+
+
+def test_ice_restart_of_a_pending_flow_moves_at_the_first_answer(make):
+    h = make(transceivers={1: "sink", 2: "sink"})
+    client = h.client()
+    open_flow(h, client, 1)                         # nobody answered: the flow is pending
+    ufrag2, _ = h.session(2)
+    client.sendto(binding_request(ufrag2), h.public)
+    h.settle()
+    ep2 = transceiver.Endpoint(h.keyring, 2)
+    (to2, _), = drain(h.sinks[2])
+    h.sinks[2].sendto(ep2.to_client(ep2.receive(to2, now_ms()), b"\x80new", now_ms()), h.internal)
+    h.settle()
+    assert drain(client) == [(b"\x80new", h.public)]
+    flow, = h.router.flows
+    assert flow.transceiver == 2 and flow.state == CONFIRMED and h.drops() == {}
 
 
 # -- expiry -----------------------------------------------------------------
@@ -264,7 +295,10 @@ def test_known_flow_drops_non_webrtc_and_malformed_stun(make):
 def test_full_table_refuses_new_flows_and_keeps_old(make):
     h = make(transceivers={1: "sink"}, limits={"max_flows": 1})
     first, second = h.client(), h.client()
-    open_flow(h, first)
+    inb, ep = open_flow(h, first)
+    h.sinks[1].sendto(ep.to_client(inb, b"\x80ok", now_ms()), h.internal)    # confirmed: never evicted
+    h.settle()
+    assert drain(first) == [(b"\x80ok", h.public)]
     ufrag, _ = h.session()
     second.sendto(binding_request(ufrag), h.public)
     h.settle()
