@@ -132,6 +132,7 @@ class Worker:
         self.drain_deadline = None
         self.reloads = 0
         self.reload_failures = 0
+        self.last_reload_error = ""     # why the last reload was refused (the supervisor reports it)
         self.send_failed_seen = 0
 
     @property
@@ -276,8 +277,8 @@ class Worker:
             cfg, keyring = config_mod.load_with_keys(self.config_path)
         except EdgeRelayError as exc:
             self.reload_failures += 1
-            self.log.err("reload", "reload refused, keeping the running config: %s",
-                         str(exc).replace("\n", "; "))
+            self.last_reload_error = str(exc).replace("\n", "; ")
+            self.log.err("reload", "reload refused, keeping the running config: %s", self.last_reload_error)
             return False
         old, self.cfg = self.cfg, cfg
         router = self.router

@@ -31,7 +31,7 @@ MANPAGE = REPO / "packaging" / "edge-relay.8"
 ANSIBLE = REPO / "packaging" / "ansible"
 
 # Keys systemd accepts more than once with a meaning (lists that add up).
-REPEATABLE = {"SystemCallFilter", "ExecStartPre", "ExecStartPost", "ExecStop", "ExecStopPost",
+REPEATABLE = {"SystemCallFilter", "ExecStartPre", "ExecStartPost", "ExecStop", "ExecStopPost", "ExecReload",
               "Environment", "ConditionPathExists", "ConditionPathExistsGlob", "After", "Before",
               "Wants", "Requires", "Documentation", "RestrictAddressFamilies"}
 # Keys systemd 252 calls obsolete or deprecated (systemd.unit(5), systemd.resource-control(5)).
@@ -79,13 +79,31 @@ def test_relay_unit_is_notify_with_watchdog_fd_store_and_reload():
     expected = {
         "Type": "notify", "NotifyAccess": "main",
         "ExecStart": "/usr/bin/edge-relay run --config /etc/edge-relay/edge-relay.toml",
-        "ExecReload": "/bin/kill -HUP $MAINPID", "WatchdogSec": "10", "Restart": "on-failure",
+        "WatchdogSec": "10", "Restart": "on-failure",
         "FileDescriptorStoreMax": "512", "KillMode": "mixed", "LimitNOFILE": "65536",
         "User": "edge-relay", "Group": "edge-relay",
     }
     for key, value in expected.items():
         assert one(unit, "Service", key) == value, key
     assert one(unit, "Unit", "ConditionPathExistsGlob") == "/etc/edge-relay/keys/*.key"
+
+
+def test_reload_reports_the_relays_verdict_and_the_ruleset_follows_only_an_accepted_config():
+    """Issue 13: `systemctl reload` fails when the relay refuses; the nft table follows only a success."""
+    unit = parse_unit(SERVICE)
+    reload = [v for k, v in unit["Service"] if k == "ExecReload"]
+    # first the verdict (a non-zero exit stops the job there), then the firewall
+    assert reload[0] == "/usr/bin/edge-relay reload --config /etc/edge-relay/edge-relay.toml --pid $MAINPID"
+    assert reload[1:] == ["+/bin/systemctl --no-block try-reload-or-restart edge-relay-nftables.service"]
+    assert not [k for k, _ in unit["Unit"] if k == "PropagatesReloadTo"]
+    assert one(unit, "Service", "RuntimeDirectory") == "edge-relay"
+    assert "reload" in subcommands()
+    nft_unit = parse_unit(NFT_SERVICE)
+    for key in ("ExecStart", "ExecReload"):
+        assert "nft -f \"$$f\"" in one(nft_unit, "Service", key)
+        assert f"/run/edge-relay/{supervisor.RULESET_FILE}" in one(nft_unit, "Service", key)
+    # nothing metered before the operator made a key (the relay's own condition)
+    assert "/etc/edge-relay/keys/*.key" in [v for k, v in nft_unit["Unit"] if k == "ConditionPathExistsGlob"]
 
 
 def test_stop_timeout_covers_the_drain():
