@@ -233,6 +233,44 @@ def test_ansible_template_passes_check_config(tmp_path):
     assert [t.id for t in cfg.transceivers] == [1, 2] and cfg.limits.max_flows == 1000
 
 
+def load_yaml(path):
+    """YAML through PyYAML here, or the one Ansible's python has (the test venv may lack it)."""
+    try:
+        import yaml
+        return yaml.safe_load(path.read_text())
+    except ImportError:
+        pass
+    out = subprocess.run(["/usr/bin/python3", "-c", "import json, sys, yaml; "
+                          "print(json.dumps(yaml.safe_load(open(sys.argv[1]))))", str(path)],
+                         capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        pytest.skip("no PyYAML (apt install ansible-core brings python3-yaml)")
+    return json.loads(out.stdout)
+
+
+def test_ansible_role_uses_the_strongest_check_and_the_relays_own_verdict():
+    """Issue 13: check-config --keys, systemctl reload (which fails truthfully), a gate on /status."""
+    role = ANSIBLE / "roles" / "edge_relay"
+    tasks = {t["name"]: t for t in load_yaml(role / "tasks" / "main.yml")}
+    template = next(t for t in tasks.values() if "ansible.builtin.template" in t)
+    assert template["ansible.builtin.template"]["validate"] == "edge-relay check-config --keys %s"
+    handlers = load_yaml(role / "handlers" / "main.yml")
+    reload = next(h for h in handlers if h["listen"] == "edge-relay config changed")
+    assert reload["ansible.builtin.systemd"]["state"] == "reloaded"
+    gate = next(t for t in tasks.values() if "ansible.builtin.uri" in t)
+    assert "edge_relay_status_url" in gate["ansible.builtin.uri"]["url"]
+    for needle in ("json.config.sha256 == edge_relay_config_file.stat.checksum",
+                   "json.workers_generation == edge_relay_status.json.generation",
+                   "json.last_reload.state in ['none', 'ok']", "json.ready"):
+        assert needle in gate["until"], needle
+    digest = next(t for t in tasks.values() if "ansible.builtin.stat" in t)
+    assert digest["ansible.builtin.stat"]["checksum_algorithm"] == "sha256"
+    defaults = load_yaml(role / "defaults" / "main.yml")
+    assert defaults["edge_relay_status_url"].endswith("/status")
+    play = load_yaml(ANSIBLE / "site.yml")[0]
+    assert play["serial"] == 1 and play["any_errors_fatal"] is True and play["max_fail_percentage"] == 0
+
+
 @pytest.mark.slow
 def test_built_package_contents(tmp_path):
     if not shutil.which("dpkg-buildpackage") or not shutil.which("dh"):
