@@ -541,10 +541,11 @@ class Supervisor:
 
     def reload(self):
         requested = _usec()
-        self.notifier.reloading()
         if self.stopping or self.restructure is not None:
+            # no RELOADING=1: systemd is told of stopping, or waits for the pending reload's READY=1
             busy = "stopping" if self.stopping else "a previous reload is still handing flows to new workers"
-            return self._refuse(requested, f"not now: {busy}")
+            return self._refuse(requested, f"not now: {busy}", notify=False)
+        self.notifier.reloading()
         sha = config_digest(self.config_path)
         try:
             cfg, keyring = config_mod.load_with_keys(self.config_path)
@@ -581,13 +582,14 @@ class Supervisor:
                         self.generation, len(cfg.transceivers), keyring.signing.key_id)
         return True
 
-    def _refuse(self, requested, reason):
+    def _refuse(self, requested, reason, notify=True):
         self.reload_failures += 1
         self.last_reload_ok = False
         self.last_reload = {"state": "refused", "generation": self.generation, "requested_usec": requested,
                             "finished_usec": _usec(), "reason": reason}
         self.log.err("reload.refused", "reload refused, keeping config generation %d: %s", self.generation, reason)
-        self.notifier.ready(f"reload refused: {reason}; " + self._status_text())
+        if notify:
+            self.notifier.ready(f"reload refused: {reason}; " + self._status_text())
         return False
 
     def _settle_reload(self, now):
@@ -595,7 +597,8 @@ class Supervisor:
         if self._pending is None or self.restructure is not None:
             return
         failed = [(s.index, s.reload_failed) for s in self.slots if s.reload_failed]
-        behind = [s.index for s in self.slots if s.pid is None or s.index not in self.up() or
+        up = self.up()
+        behind = [s.index for s in self.slots if s.pid is None or s.index not in up or
                   self.shared.words[s.index * metrics.SLOT_WORDS + metrics.GENERATION] != self.generation]
         if failed:
             reason = "; ".join(f"worker {i} kept its old config: {why}" for i, why in failed)
