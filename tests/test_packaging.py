@@ -94,7 +94,7 @@ def test_reload_reports_the_relays_verdict_and_the_ruleset_follows_only_an_accep
     reload = [v for k, v in unit["Service"] if k == "ExecReload"]
     # first the verdict (a non-zero exit stops the job there), then the firewall
     assert reload[0] == "/usr/bin/edge-relay reload --config /etc/edge-relay/edge-relay.toml --pid $MAINPID"
-    assert reload[1:] == ["+/bin/systemctl --no-block try-reload-or-restart edge-relay-nftables.service"]
+    assert reload[1:] == ["-+/bin/systemctl --no-block try-reload-or-restart edge-relay-nftables.service"]
     assert not [k for k, _ in unit["Unit"] if k == "PropagatesReloadTo"]
     assert one(unit, "Service", "RuntimeDirectory") == "edge-relay"
     assert "reload" in subcommands()

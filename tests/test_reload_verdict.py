@@ -158,3 +158,14 @@ def test_the_ruleset_written_is_only_ever_an_accepted_configs(relay):
     setup.write()
     assert edge_relay("reload", "--url", setup.url + "/status").returncode == 0
     assert "321/second" in ruleset.read_text()
+
+
+def test_a_reload_that_changes_the_workers_is_ok_once_the_new_workers_run_it(relay):
+    setup, r, run = relay(workers=2)
+    setup.workers = 1
+    setup.write()
+    out = edge_relay("reload", "--url", setup.url + "/status")
+    assert out.returncode == 0, out
+    st = status(setup)
+    assert st["workers"] == 1 and st["workers_up"] == 1
+    assert st["generation"] == 2 == st["workers_generation"] and st["last_reload"]["state"] == "ok"

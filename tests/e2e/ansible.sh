@@ -14,7 +14,10 @@
 #          the package; every host's gate passes (its relay runs the file the
 #          role wrote, on every worker, and is ready)
 #   run 2  changes nothing
-#   run 3  a config relay-0's relay refuses although check-config --keys
+#   run 3  the issue's reproduction, signing key 7 (no such key): the role's
+#          check-config --keys refuses it on relay-0, the run stops there and
+#          no host's config file changes
+#   run 4  a config relay-0's relay refuses although check-config --keys
 #          passes it (a listener on UDP 3479, which another process holds
 #          there): `systemctl reload` fails, so the run stops on relay-0;
 #          relay-0 keeps its generation and nftables table, and relay-1 and
@@ -152,7 +155,30 @@ done
 [[ $level == '"notice"' ]] || { echo "config not applied"; exit 1; }
 ((sent > 0 && sent == received)) || { echo "lost $((sent - received)) of $sent during the Ansible run"; exit 1; }
 
-# --- run 3: relay-0 refuses; the run stops there ---------------------------------------------
+untouched() {  # untouched NAME...: config file digest and generation as in BEFORE
+    local name
+    for name in "$@"; do
+        [[ $(status_at "${PID1[$name]}" 'disk[:16] + " generation " + str(d["generation"])') == "${BEFORE[$name]}" ]] \
+            || problems+=("$name was touched")
+    done
+}
+declare -A BEFORE=()
+for name in relay-0 relay-1 relay-2; do
+    BEFORE[$name]=$(status_at "${PID1[$name]}" 'disk[:16] + " generation " + str(d["generation"])')
+done
+
+# --- run 3: signing key 7, refused by the role's validation on relay-0 -----------------------
+problems=()
+run3_rc=0
+playbook -e edge_relay_signing_key_id=7 > "$WORK/ansible-run3.log" 2>&1 || run3_rc=$?
+cat "$WORK/ansible-run3.log"
+((run3_rc != 0)) || problems+=("run 3 succeeded")
+[[ $(recap "$WORK/ansible-run3.log" relay-0) == *"failed=1"* ]] || problems+=("run 3: relay-0 did not fail")
+grep -q 'failed to validate' "$WORK/ansible-run3.log" || problems+=("run 3: not refused by the validation")
+untouched relay-0 relay-1 relay-2
+((${#problems[@]} == 0)) || { echo "run 3: ${problems[*]}"; exit 1; }
+
+# --- run 4: relay-0 refuses; the run stops there ---------------------------------------------
 IN systemd-run --quiet --unit=e2e-hold-3479 python3 -c 'import socket, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 3479)); time.sleep(3600)'
 for _ in $(seq 50); do   # held once we cannot bind it ourselves
@@ -160,34 +186,28 @@ for _ in $(seq 50); do   # held once we cannot bind it ourselves
         2>/dev/null || break
     sleep 0.1
 done
-declare -A BEFORE=()
-for name in relay-0 relay-1 relay-2; do
-    BEFORE[$name]=$(status_at "${PID1[$name]}" 'disk[:16] + " generation " + str(d["generation"])')
-done
 table_before=$(nft_table "$CT")
 cp "$ROOT/etc/edge-relay/edge-relay.toml" "$WORK/relay-0-good.toml"
-run3_rc=0
-playbook -e @e2e-refused.yml > "$WORK/ansible-run3.log" 2>&1 || run3_rc=$?
-cat "$WORK/ansible-run3.log"
-problems=()
-((run3_rc != 0)) || problems+=("run 3 succeeded")
-grep -q 'RUNNING HANDLER \[edge_relay : Reload edge-relay\]' "$WORK/ansible-run3.log" || problems+=("no reload handler ran")
-[[ $(recap "$WORK/ansible-run3.log" relay-0) == *"failed=1"* ]] || problems+=("relay-0 did not fail")
+run4_rc=0
+playbook -e @e2e-refused.yml > "$WORK/ansible-run4.log" 2>&1 || run4_rc=$?
+cat "$WORK/ansible-run4.log"
+((run4_rc != 0)) || problems+=("run 4 succeeded")
+grep -q 'RUNNING HANDLER \[edge_relay : Reload edge-relay\]' "$WORK/ansible-run4.log" || problems+=("no reload handler ran")
+[[ $(recap "$WORK/ansible-run4.log" relay-0) == *"failed=1"* ]] || problems+=("relay-0 did not fail")
 reason=$(IN journalctl --no-pager -o cat -u edge-relay.service -n 40 | grep -m 1 'edge-relay reload: refused' || true)
 [[ $reason == *3479* ]] || problems+=("no refusal naming port 3479 in relay-0's journal: $reason")
 [[ $(status_at "$CT" 'str(d["generation"])') == "${BEFORE[relay-0]##* }" ]] || problems+=("relay-0 changed generation")
 [[ $(status_at "$CT" 'd["last_reload"]["state"]') == refused ]] || problems+=("relay-0's verdict is not refused")
 [[ $(nft_table "$CT") == "$table_before" ]] || problems+=("relay-0's nft table changed")
 ! IN nft list table inet edge_relay | grep -q 'dport 3479' || problems+=("relay-0 meters 3479")
+untouched relay-1 relay-2
 for name in relay-1 relay-2; do
-    [[ $(status_at "${PID1[$name]}" 'disk[:16] + " generation " + str(d["generation"])') == "${BEFORE[$name]}" ]] \
-        || problems+=("$name was touched")
-    ! grep -q "^$name *:" <<< "$(sed -n '/PLAY RECAP/,$p' "$WORK/ansible-run3.log")" || problems+=("$name is in the recap")
+    ! grep -q "^$name *:" <<< "$(sed -n '/PLAY RECAP/,$p' "$WORK/ansible-run4.log")" || problems+=("$name is in the recap")
 done
 IN systemctl stop e2e-hold-3479.service
 cp "$WORK/relay-0-good.toml" "$ROOT/etc/edge-relay/edge-relay.toml"
 IN systemctl reload edge-relay.service || problems+=("relay-0: reload of the good config back failed")
 
-echo "run 1: relay-1 $run1; run 2: relay-0 $run2; log level now $level; traffic during run 1: sent $sent, received $received; run 3 (relay-0 refuses port 3479): rc=$run3_rc, ${problems[*]:-stopped on relay-0 (\"${reason#edge-relay reload: }\"), its generation and nft table kept, relay-1 and relay-2 untouched}" \
+echo "run 1: relay-1 $run1; run 2: relay-0 $run2; log level now $level; traffic during run 1: sent $sent, received $received; run 3 (signing key 7): rc=$run3_rc, refused by check-config --keys on relay-0, no host touched; run 4 (relay-0 refuses port 3479): rc=$run4_rc, ${problems[*]:-stopped on relay-0 (\"${reason#edge-relay reload: }\"), its generation and nft table kept, relay-1 and relay-2 untouched}" \
     | tee "$WORK/ansible.detail"
 ((${#problems[@]} == 0)) || exit 1
