@@ -213,7 +213,15 @@ def cmd_reload(args):
     import signal
     import urllib.request
     from .metrics import monotonic_ns
-    url = args.url or _management_url(_running_management(args.config), "/status")
+    url = args.url
+    if url is None:
+        m = _running_management(args.config)
+        if not m.enabled:
+            print(f"edge-relay reload: {args.config}: management.port is 0: no endpoint to read the relay's "
+                  "verdict from (give --url, or send SIGHUP yourself: systemctl kill -s HUP edge-relay)",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        url = _management_url(m, "/status")
 
     def status():
         with urllib.request.urlopen(url, timeout=2) as r:

@@ -627,6 +627,12 @@ class Supervisor:
         self.log.notice("reload.ok", "every worker runs config generation %d", self.generation)
         self.notifier.ready(self._status_text())
 
+    def _settle_now(self):
+        # Whoever reads the workers' generations (a scrape, /status) reads the
+        # verdict they imply, not the one of the previous tick.
+        if self._pending is not None and self.reload_deadline is not None:
+            self._settle_reload(time.monotonic())
+
     def write_ruleset(self, cfg):
         """The accepted config's nftables ruleset to $RUNTIME_DIRECTORY/edge-relay.nft (atomic)."""
         if self.runtime_dir is None:
@@ -695,6 +701,7 @@ class Supervisor:
     # -- status, metrics, health ----------------------------------------------------
 
     def totals(self):
+        self._settle_now()
         up = self.up()
         t = metrics.totals(self.shared, up)
         t.extra = [self.extra.read(i) for i in sorted(up)]
@@ -744,6 +751,7 @@ class Supervisor:
 
     def status(self):
         """The document GET /status answers (docs: edge-relay(8), STATUS)."""
+        self._settle_now()
         ready, why = self.readiness()
         t = metrics.totals(self.shared, self.up())
         return {"pid": os.getpid(), "generation": self.generation, "workers": self.n,

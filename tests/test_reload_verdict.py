@@ -169,3 +169,16 @@ def test_a_reload_that_changes_the_workers_is_ok_once_the_new_workers_run_it(rel
     st = status(setup)
     assert st["workers"] == 1 and st["workers_up"] == 1
     assert st["generation"] == 2 == st["workers_generation"] and st["last_reload"]["state"] == "ok"
+
+
+def test_reload_without_a_management_endpoint_says_so_and_signals_nothing(tmp_path):
+    setup = Setup(tmp_path, workers=1)
+    try:
+        with open(setup.path) as f:
+            text = f.read()
+        with open(setup.path, "w") as f:
+            f.write(text.replace(f"port = {setup.ports['management_port']}", "port = 0"))
+        out = edge_relay("reload", "--config", setup.path, "--pid", str(os.getpid()))
+        assert out.returncode == 1 and "management.port is 0" in out.stderr, out
+    finally:
+        setup.tx_sock.close()
