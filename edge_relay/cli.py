@@ -228,9 +228,13 @@ def cmd_reload(args):
             return json.loads(r.read().decode("utf-8"))
 
     try:
-        pid = args.pid or status()["pid"]
+        serving = status()["pid"]     # reachable before we signal: else no verdict could be read
     except (OSError, ValueError, KeyError) as exc:
-        print(f"edge-relay reload: {url}: {exc} (is the relay running? --pid or --url)", file=sys.stderr)
+        print(f"edge-relay reload: {url}: {exc} (is the relay running? --url)", file=sys.stderr)
+        return EXIT_ERROR
+    pid = args.pid or serving
+    if pid != serving:
+        print(f"edge-relay reload: {url} is served by pid {serving}, not {pid}", file=sys.stderr)
         return EXIT_ERROR
     asked = monotonic_ns() // 1000
     try:

@@ -182,3 +182,10 @@ def test_reload_without_a_management_endpoint_says_so_and_signals_nothing(tmp_pa
         assert out.returncode == 1 and "management.port is 0" in out.stderr, out
     finally:
         setup.tx_sock.close()
+
+
+def test_reload_refuses_to_signal_a_pid_that_is_not_the_one_answering(relay):
+    setup, r, run = relay(workers=1)
+    out = edge_relay("reload", "--url", setup.url + "/status", "--pid", str(os.getpid()))
+    assert out.returncode == 1 and f"served by pid {r.pid}" in out.stderr, out
+    assert status(setup)["last_reload"]["state"] == "none"
