@@ -44,7 +44,7 @@ lint-pkg: deb ## lintian, unit sandbox score, Ansible syntax/lint and tests/test
 	cd packaging/ansible && ansible-lint --offline site.yml roles/edge_relay
 	$(PYTHON) -m pytest -q tests/test_packaging.py
 
-e2e: ## install, reload, restart, upgrade, Ansible, purge in a booted bookworm container (root, ~2 min)
+e2e: ## install, reload (and a refused one), restart, upgrade, a 3-host Ansible rollout over SSH, purge in booted bookworm containers (root, ~3 min)
 	scripts/bootstrap --apt $(DEB_BUILD_DEPS) $(E2E_DEPS)
 	packaging/build-deb $(VERSION)
 	packaging/build-deb $(NEXT_VERSION)
