@@ -175,6 +175,12 @@ def cmd_demo_client(args):
     return EXIT_OK if report["connected"] == len(clients) else EXIT_ERROR
 
 
+def _management_url(m, route):
+    """http://host:port/route for config.Management `m` (a wildcard address asks loopback)."""
+    host = "127.0.0.1" if m.address == "0.0.0.0" else "::1" if m.address == "::" else m.address
+    return f"http://[{host}]:{m.port}{route}" if ":" in host else f"http://{host}:{m.port}{route}"
+
+
 def cmd_stats(args):
     """Fetch the relay's /metrics and print it for a person (or as JSON)."""
     import urllib.error
@@ -187,8 +193,7 @@ def cmd_stats(args):
         if not m.enabled:
             print(f"edge-relay stats: {args.config}: management.port is 0 (metrics disabled)", file=sys.stderr)
             return EXIT_ERROR
-        host = "127.0.0.1" if m.address == "0.0.0.0" else "::1" if m.address == "::" else m.address
-        url = f"http://[{host}]:{m.port}/metrics" if ":" in host else f"http://{host}:{m.port}/metrics"
+        url = _management_url(m, "/metrics")
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
             samples = metrics.parse(r.read().decode("utf-8"))
@@ -218,6 +223,89 @@ def cmd_stats(args):
     return EXIT_OK
 
 
+def _running_management(path):
+    """The management endpoint to ask for a verdict: from `path`, even when the relay will refuse it.
+
+    A config that does not validate still names its [management] table (a reload
+    never changes the running one anyway); one that does not even parse means
+    the defaults.
+    """
+    try:
+        return config_mod.load(path).management
+    except EdgeRelayError:
+        pass
+    import stat
+    import tomllib
+    m = config_mod.Management()
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return m
+        with open(path, "rb") as f:
+            table = tomllib.loads(f.read(1 << 20).decode("utf-8")).get("management", {})
+        return config_mod.Management(address=str(table.get("address", m.address)),
+                                     port=int(table.get("port", m.port)))
+    except (OSError, ValueError, TypeError, RecursionError, MemoryError):
+        return m
+
+
+def cmd_reload(args):
+    """SIGHUP the running relay and wait for its own verdict on this request (ExecReload=)."""
+    import signal
+    import urllib.request
+    from .metrics import monotonic_ns
+    url = args.url
+    if url is None:
+        m = _running_management(args.config)
+        if not m.enabled:
+            print(f"edge-relay reload: {args.config}: management.port is 0: no endpoint to read the relay's "
+                  "verdict from (give --url, or send SIGHUP yourself: systemctl kill -s HUP edge-relay)",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        url = _management_url(m, "/status")
+
+    def status():
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return json.loads(r.read().decode("utf-8"))
+
+    try:
+        serving = status()["pid"]     # reachable before we signal: else no verdict could be read
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"edge-relay reload: {url}: {exc} (is the relay running? --url)", file=sys.stderr)
+        return EXIT_ERROR
+    pid = args.pid or serving
+    if pid != serving:
+        print(f"edge-relay reload: {url} is served by pid {serving}, not {pid}", file=sys.stderr)
+        return EXIT_ERROR
+    asked = monotonic_ns() // 1000
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"edge-relay reload: pid {pid}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    deadline = time.monotonic() + args.timeout
+    last_error = "no answer"
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            doc = status()
+        except (OSError, ValueError) as exc:
+            last_error = str(exc)
+            continue
+        v = doc.get("last_reload", {})
+        if v.get("requested_usec", 0) < asked or v.get("state") == "pending":
+            continue
+        if v.get("state") == "ok":
+            print(f"edge-relay reload: config generation {v['generation']} accepted; "
+                  f"all {doc['workers']} workers run it")
+            return EXIT_OK
+        print(f"edge-relay reload: {v.get('state')}: {v.get('reason')} "
+              f"(generation {doc['generation']} keeps serving)", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"edge-relay reload: no verdict from pid {pid} within {args.timeout:g} s ({url}: {last_error})",
+          file=sys.stderr)
+    return EXIT_ERROR
+
+
 def cmd_demo(args):
     from . import demo_run
     return demo_run.main(duration=args.duration, clients=args.clients, workers=args.workers)
@@ -228,7 +316,12 @@ def cmd_render_nft(args):
     if args.remove:
         sys.stdout.write(nft.render_remove(nft.TRANSCEIVER_TABLE if args.transceiver_side else nft.TABLE))
         return EXIT_OK
-    cfg = config_mod.load(args.config)
+    # The relay host's ruleset is validated as the relay validates a config
+    # (keys included): a config the relay would refuse renders nothing.
+    if args.transceiver_side or args.no_keys:
+        cfg = config_mod.load(args.config)
+    else:
+        cfg = config_mod.load_with_keys(args.config)[0]
     try:
         text = (nft.render_transceiver(cfg, args.relay_address) if args.transceiver_side
                 else nft.render_relay(cfg))
@@ -310,6 +403,15 @@ def build_parser():
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stats)
 
+    s = sub.add_parser("reload", help="reload the running relay and wait for its verdict; "
+                                      "exit 1 with the reason if it refused (systemd ExecReload=)")
+    s.add_argument("--config", "-c", default=DEFAULT_CONFIG,
+                   help=f"take management.address/port from this config (default {DEFAULT_CONFIG})")
+    s.add_argument("--url", default=None, help="the status URL, e.g. http://127.0.0.1:9477/status")
+    s.add_argument("--pid", type=int, default=None, help="the supervisor's pid (default: from /status)")
+    s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the verdict (default 30)")
+    s.set_defaults(func=cmd_reload)
+
     s = sub.add_parser("render-nft", help="print the nftables ruleset for this config (load with nft -f)")
     s.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
     s.add_argument("--transceiver-side", action="store_true",
@@ -319,6 +421,9 @@ def build_parser():
                         "default internal.address)")
     s.add_argument("--remove", action="store_true",
                    help="print a file that removes the table instead (nft -f, atomic)")
+    s.add_argument("--no-keys", action="store_true",
+                   help="skip loading the key directory (a config rendered away from its host); "
+                        "by default a config whose keys the relay would refuse renders nothing")
     s.set_defaults(func=cmd_render_nft)
 
     s = sub.add_parser("demo", help="relay + demo transceiver + voice clients on loopback, live status")

@@ -754,7 +754,7 @@ def parse(data, base_dir):
     return Config(**built)
 
 
-def _read_bounded(path, where):
+def read_bounded(path, where):
     """The bytes of the config file at `path`, or ConfigError keyed by `where`.
 
     Only a regular file of at most MAX_CONFIG_BYTES is read. It is opened
@@ -836,7 +836,7 @@ def load(path=DEFAULT_PATH):
     """
     path = pathlib.Path(path)
     where = _escape(str(path))  # the key of file-level problems, kept on one line
-    data = _decode(_read_bounded(path, where), where)
+    data = _decode(read_bounded(path, where), where)
     try:
         return parse(data, path.absolute().parent)
     except (RecursionError, MemoryError) as err:   # parse itself does not recurse; belt and braces

@@ -276,6 +276,8 @@ class Totals:
         self.generation = 0
         self.workers_generation = 0
         self.ready = False
+        self.last_reload_ok = 1
+        self.last_reload_success = 0.0
         self.extra = []         # extra_of documents of the serving workers
 
 
@@ -346,8 +348,14 @@ def render(t):
     family("edge_relay_workers_config_generation", "gauge",
            "Oldest config generation a serving worker runs (equals edge_relay_config_generation once reloaded).",
            [((), t.workers_generation)])
-    family("edge_relay_ready", "gauge", "1 when every worker serves and the relay is not draining.",
+    family("edge_relay_ready", "gauge",
+           "1 when calls can be routed (/readyz): every worker serves, a transceiver is up, not draining.",
            [((), int(bool(t.ready)))])
+    family("edge_relay_last_reload_successful", "gauge",
+           "0 when the last reload was refused or failed (the old generation serves), else 1.",
+           [((), t.last_reload_ok)])
+    family("edge_relay_last_reload_success_timestamp_seconds", "gauge",
+           "Unix time the running config was accepted (start or reload).", [((), repr(float(t.last_reload_success)))])
     family("edge_relay_build_info", "gauge", "Version of edge-relay and Python.",
            [((("version", __version__), ("python", sys.version.split()[0])), 1)])
     family("edge_relay_probes_sent_total", "counter", "Health probes sent to transceivers (all workers).",

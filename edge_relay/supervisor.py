@@ -10,10 +10,12 @@ Theory of operation
 
   Each worker is a fork()ed child pinned to one CPU, running worker.Worker
   over its own sockets, with a SOCK_SEQPACKET control channel:
-    supervisor -> worker   b"reload"  re-read config and keys (already validated)
+    supervisor -> worker   b"reload <generation>"  re-read config and keys (already
+                                      validated); on success the worker runs and
+                                      publishes that generation
                            b"drain"   refuse new flows, forward the rest, exit
                            b"stop"    exit now (hand-over to a new worker)
-    worker -> supervisor   b"reloaded" / b"reload-failed"
+    worker -> supervisor   b"reloaded" / b"reload-failed <reason>"
                            b"flows" + a memfd (SCM_RIGHTS) with the flow table
                            snapshot, sent as the worker exits
   Counters and the heartbeat go through metrics.SharedCounters (no per-packet
@@ -25,9 +27,30 @@ Theory of operation
   BACKOFF_MAX. The SIGKILLed worker's flows are learned again at each
   client's next consent check.
 
+  Reload verdicts. Every SIGHUP gets one verdict, kept in `last_reload` and
+  shown by GET /status and /metrics: "pending" from the moment the
+  supervisor takes the signal (requested_usec, CLOCK_MONOTONIC, the clock
+  `edge-relay reload` and systemd's MONOTONIC_USEC use), then "refused"
+  (the config or keys did not validate: the reason, the old generation keeps
+  serving), "failed" (a worker kept its old config or did not publish the
+  new generation within RELOAD_ACK_TIMEOUT) or "ok" (every worker publishes
+  the new generation in its slot). A requester that read the clock before
+  sending SIGHUP knows the verdict is for its request once requested_usec is
+  not older than that reading (cli.py `reload`).
+
+  Readiness vs liveness: /livez is 200 while the supervisor answers; /healthz
+  is 200 while every worker serves and nothing drains (process health);
+  /readyz (and edge_relay_ready) add that calls can be routed: every serving
+  worker's probes see at least one transceiver up (a backup is one too).
+
+  The firewall follows accepted configs only: with $RUNTIME_DIRECTORY set
+  (systemd's RuntimeDirectory=), the nftables ruleset of every accepted
+  config is written to $RUNTIME_DIRECTORY/edge-relay.nft (atomically) at
+  start and after a verdict "ok"; a refused config never reaches it.
+
   systemd (sdnotify.py): READY=1 once every worker serves; STATUS= every few
-  seconds; SIGHUP -> RELOADING=1 (+MONOTONIC_USEC), then READY=1 once the
-  workers acknowledged; SIGTERM -> STOPPING=1, /healthz 503, workers drain
+  seconds; SIGHUP -> RELOADING=1 (+MONOTONIC_USEC), then READY=1 with the
+  verdict; SIGTERM -> STOPPING=1, /healthz 503, workers drain
   for relay.drain_seconds (or until no flow is left), their flow snapshots
   go to the fd store as "flows<worker>", BARRIER=1, exit 0. WATCHDOG=1 is
   sent at half $WATCHDOG_USEC only while every worker is up.
@@ -39,7 +62,9 @@ Theory of operation
 """
 
 import collections
+import hashlib
 import ipaddress
+import json
 import os
 import selectors
 import signal
@@ -48,8 +73,8 @@ import sys
 import time
 import traceback
 
-from . import config as config_mod, httpd, metrics, sdnotify, sockets
-from .errors import StartupError, reason
+from . import config as config_mod, httpd, metrics, nft, sdnotify, sockets
+from .errors import EdgeRelayError, StartupError, reason
 from .log import Log
 from .router import mark_failed_over
 from .worker import Worker, flow_table
@@ -60,7 +85,8 @@ CRASH_WINDOW = 30.0         # deaths counted over this many seconds ...
 CRASH_LIMIT = 5             # ... this many of them is a crash loop
 BACKOFF_MIN = 0.1           # first restart delay; doubles with each death in the window
 BACKOFF_MAX = 30.0
-RELOAD_ACK_TIMEOUT = 5.0    # READY=1 after a reload even if a worker never answers
+RELOAD_ACK_TIMEOUT = 5.0    # verdict "failed" if a worker does not run the new generation by then
+RULESET_FILE = "edge-relay.nft"     # in $RUNTIME_DIRECTORY: the accepted config's nftables ruleset
 KILL_GRACE = 5.0            # after drain_seconds, SIGKILL workers still running
 CTL_MAX = 256
 
@@ -156,7 +182,20 @@ class Slot:
         self.restore = None         # flow snapshot bytes for the next process
         self.handed = None          # memfd the last process sent as it exited
         self.asked_to_stop = False
-        self.reload_acked = True
+        self.reload_failed = None   # the worker's reason when it kept its old config
+
+
+def _usec():
+    return metrics.monotonic_ns() // 1000
+
+
+def config_digest(path):
+    """sha256 hex of the config file's bytes ("" if unreadable): what /status says is running."""
+    try:
+        # the loader's bounded read: a FIFO or /dev/zero put there must not hang the supervisor
+        return hashlib.sha256(config_mod.read_bounded(path, "config")).hexdigest()
+    except EdgeRelayError:
+        return ""
 
 
 class Supervisor:
@@ -176,6 +215,13 @@ class Supervisor:
         self.generation = 1
         self.reloads = 0
         self.reload_failures = 0
+        self.config_sha256 = config_digest(config_path) if config_path else ""
+        self.runtime_dir = env.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+        self.last_reload = {"state": "none", "generation": 1, "requested_usec": 0, "finished_usec": 0,
+                            "reason": ""}
+        self.last_reload_success = time.time()     # wall clock of the last accepted config (start counts)
+        self.last_reload_ok = True
+        self._pending = None                        # (cfg, sha256) of the reload awaiting its verdict
         self.restarts = 0
         self.stopping = False
         self.stop_deadline = None
@@ -204,7 +250,9 @@ class Supervisor:
             except OSError as exc:
                 raise StartupError(f"management {m.address}:{m.port}: cannot listen: "
                                    f"{exc.strerror or exc}") from None
-            self.http = httpd.Server(sock, self.sel, {"/metrics": self._metrics, "/healthz": self._healthz})
+            self.http = httpd.Server(sock, self.sel, {"/metrics": self._metrics, "/healthz": self._healthz,
+                                                      "/livez": self._livez, "/readyz": self._readyz,
+                                                      "/status": self._status})
 
     # -- sockets and the fd store ---------------------------------------------
 
@@ -303,7 +351,7 @@ class Supervisor:
         slot.started = time.monotonic()
         slot.restore = None
         slot.asked_to_stop = False
-        slot.reload_acked = True
+        slot.reload_failed = None
         self.by_pid[pid] = slot
         self.sel.register(ours, selectors.EVENT_READ, lambda s=slot: self._read_ctl(s))
 
@@ -374,12 +422,13 @@ class Supervisor:
                 if not msg:             # the supervisor is gone: drain and leave
                     worker.drain()
                     return False
-                if msg == b"reload":
+                if msg.startswith(b"reload "):
                     ok = worker.reload()
                     if ok:
-                        state["generation"] += 1
+                        state["generation"] = int(msg[7:])
                     worker._publish()
-                    _send(ctl, b"reloaded" if ok else b"reload-failed")
+                    _send(ctl, b"reloaded" if ok else b"reload-failed " +
+                          (worker.last_reload_error or "").encode("utf-8", "replace")[:CTL_MAX - 16])
                 elif msg == b"drain":
                     worker.drain()
                 elif msg == b"stop":
@@ -413,10 +462,9 @@ class Supervisor:
                 if slot.handed is not None:
                     os.close(slot.handed)
                 slot.handed = fds.pop(0)
-            elif msg in (b"reloaded", b"reload-failed"):
-                slot.reload_acked = True
-                if msg == b"reload-failed":
-                    self.log.verdict("err", "worker %d kept its old config", slot.index)
+            elif msg.startswith(b"reload-failed"):
+                slot.reload_failed = msg[14:].decode("utf-8", "replace") or "see its log"
+                self.log.verdict("err", "worker %d kept its old config: %s", slot.index, slot.reload_failed)
             for fd in fds:
                 os.close(fd)
 
@@ -491,27 +539,45 @@ class Supervisor:
     def healthy(self):
         return not self.stopping and self.restructure is None and len(self.up()) == self.n
 
+    def readiness(self):
+        """(ready, why): healthy, and every serving worker's probes see a transceiver up.
+
+        A worker without probes (probes.enabled = false) cannot tell, and counts as able to route.
+        """
+        if self.stopping:
+            return False, "draining"
+        if self.restructure is not None:
+            return False, "handing the flows to new workers"
+        up = self.up()
+        if len(up) < self.n:
+            return False, f"{len(up)}/{self.n} workers up"
+        for i in sorted(up):
+            tx = (self.extra.read(i) or {}).get("tx")
+            if tx is not None and not any(h["up"] for h in tx.values()):
+                return False, f"worker {i}: every transceiver is down (probes)"
+        return True, "ready"
+
     # -- reload and stop ----------------------------------------------------------
 
     def reload(self):
+        requested = _usec()
+        if self.stopping or self.restructure is not None:
+            # no RELOADING=1: systemd is told of stopping, or waits for the pending reload's READY=1
+            busy = "stopping" if self.stopping else "a previous reload is still handing flows to new workers"
+            return self._refuse(requested, f"not now: {busy}", notify=False)
         self.notifier.reloading()
         try:
             cfg, keyring = config_mod.load_with_keys(self.config_path)
         except Exception as exc:  # noqa: BLE001 - no config, however broken, may end the supervisor
-            self.reload_failures += 1
-            self.log.verdict("err", "reload refused, keeping the running config: %s", reason(exc))
-            self.notifier.ready(self._status_text())
-            return False
+            return self._refuse(requested, reason(exc))
+        sha = config_digest(self.config_path)
         n = self.workers_override or cfg.effective_workers()
         if structure(cfg, n) != structure(self.cfg, self.n):
             try:
                 pool = dict(self.socks)
                 socks, fresh = bind_sockets(cfg, n, pool)
             except (StartupError, ValueError) as exc:
-                self.reload_failures += 1
-                self.log.verdict("err", "reload refused, keeping the running config: %s", reason(exc))
-                self.notifier.ready(self._status_text())
-                return False
+                return self._refuse(requested, reason(exc))
             self.restructure = (cfg, keyring, n, socks, fresh, pool)
             for slot in self.slots:
                 slot.restart_at = None
@@ -519,20 +585,87 @@ class Supervisor:
                     slot.asked_to_stop = True
             self._send_all(b"stop")
             self.log.notice("reload", "listeners or workers changed: handing the flows to new workers")
-        else:
-            for slot in self.slots:
-                slot.reload_acked = slot.ctl is None
-            self._send_all(b"reload")
-            self.reload_deadline = time.monotonic() + RELOAD_ACK_TIMEOUT
         if cfg.management != self.cfg.management:
             self.log.warning("reload", "management address changes take effect at the next restart")
         self.cfg, self.keyring = cfg, keyring
         self.log.set_level(cfg.log.level)
         self.generation += 1
-        self.reloads += 1
+        if self.restructure is None:
+            for slot in self.slots:
+                slot.reload_failed = None
+            self._send_all(b"reload %d" % self.generation)
+        self.reload_deadline = time.monotonic() + RELOAD_ACK_TIMEOUT
+        self._pending = (cfg, sha)
+        self.last_reload = {"state": "pending", "generation": self.generation, "requested_usec": requested,
+                            "finished_usec": 0, "reason": ""}
         self.log.verdict("notice", "config generation %d: %d transceivers, signing key %d",
                         self.generation, len(cfg.transceivers), keyring.signing.key_id)
         return True
+
+    def _refuse(self, requested, reason, notify=True):
+        self.reload_failures += 1
+        self.last_reload_ok = False
+        self.last_reload = {"state": "refused", "generation": self.generation, "requested_usec": requested,
+                            "finished_usec": _usec(), "reason": reason}
+        self.log.verdict("err", "reload refused, keeping config generation %d: %s", self.generation, reason)
+        if notify:
+            self.notifier.ready(f"reload refused: {reason}; " + self._status_text())
+        return False
+
+    def _settle_reload(self, now):
+        """The verdict of the pending reload, once every worker runs the new generation (or cannot)."""
+        if self._pending is None or self.restructure is not None:
+            return
+        failed = [(s.index, s.reload_failed) for s in self.slots if s.reload_failed]
+        up = self.up()
+        behind = [s.index for s in self.slots if s.pid is None or s.index not in up or
+                  self.shared.words[s.index * metrics.SLOT_WORDS + metrics.GENERATION] != self.generation]
+        if failed:
+            reason = "; ".join(f"worker {i} kept its old config: {why}" for i, why in failed)
+        elif behind and now >= self.reload_deadline:
+            reason = (f"worker(s) {', '.join(map(str, behind))} did not run generation {self.generation} "
+                      f"within {RELOAD_ACK_TIMEOUT:.0f} s")
+        elif behind:
+            return
+        else:
+            reason = ""
+        cfg, sha = self._pending
+        self._pending = None
+        self.reload_deadline = None
+        v = dict(self.last_reload, state="failed" if reason else "ok", finished_usec=_usec(), reason=reason)
+        self.last_reload = v
+        self.last_reload_ok = not reason
+        if reason:
+            self.reload_failures += 1
+            self.log.verdict("err", "reload of generation %d failed: %s", self.generation, reason)
+            self.notifier.ready(f"reload failed: {reason}; " + self._status_text())
+            return
+        self.reloads += 1
+        self.config_sha256 = sha
+        self.last_reload_success = time.time()
+        self.write_ruleset(cfg)
+        self.log.verdict("notice", "every worker runs config generation %d", self.generation)
+        self.notifier.ready(self._status_text())
+
+    def _settle_now(self):
+        # Whoever reads the workers' generations (a scrape, /status) reads the
+        # verdict they imply, not the one of the previous tick.
+        if self._pending is not None and self.reload_deadline is not None:
+            self._settle_reload(time.monotonic())
+
+    def write_ruleset(self, cfg):
+        """The accepted config's nftables ruleset to $RUNTIME_DIRECTORY/edge-relay.nft (atomic)."""
+        if self.runtime_dir is None:
+            return
+        path = os.path.join(self.runtime_dir, RULESET_FILE)
+        try:
+            text = nft.render_relay(cfg)
+            with open(path + ".tmp", "w") as f:
+                f.write(text)
+            os.chmod(path + ".tmp", 0o644)
+            os.replace(path + ".tmp", path)
+        except (OSError, ValueError) as exc:
+            self.log.warning("nft", "cannot write %s: %s", path, exc)
 
     def _apply_restructure(self):
         cfg, keyring, n, socks, fresh, pool = self.restructure
@@ -554,6 +687,7 @@ class Supervisor:
                 self.slots[i].restore = data
         for slot in self.slots:
             self._spawn(slot)
+        self.reload_deadline = time.monotonic() + RELOAD_ACK_TIMEOUT
 
     def begin_stop(self):
         if self.stopping:
@@ -587,6 +721,7 @@ class Supervisor:
     # -- status, metrics, health ----------------------------------------------------
 
     def totals(self):
+        self._settle_now()
         up = self.up()
         t = metrics.totals(self.shared, up)
         t.extra = [self.extra.read(i) for i in sorted(up)]
@@ -595,7 +730,9 @@ class Supervisor:
         t.reloads = self.reloads
         t.reload_failures = self.reload_failures
         t.generation = self.generation
-        t.ready = self.healthy()
+        t.ready = self.readiness()[0]
+        t.last_reload_ok = int(self.last_reload_ok)
+        t.last_reload_success = self.last_reload_success
         return t
 
     def _status_text(self):
@@ -623,6 +760,31 @@ class Supervisor:
             return 503, "text/plain", b"not ready\n"
         return 200, "text/plain", b"ok\n"
 
+    def _livez(self):
+        return 200, "text/plain", b"alive\n"
+
+    def _readyz(self):
+        ready, why = self.readiness()
+        if ready and not self.ready_sent:
+            ready, why = False, "starting"
+        return (200 if ready else 503), "text/plain", (why + "\n").encode("utf-8")
+
+    def status(self):
+        """The document GET /status answers (docs: edge-relay(8), STATUS)."""
+        self._settle_now()
+        ready, why = self.readiness()
+        t = metrics.totals(self.shared, self.up())
+        return {"pid": os.getpid(), "generation": self.generation, "workers": self.n,
+                "workers_up": t.workers_up, "workers_generation": t.workers_generation,
+                "healthy": self.healthy(), "ready": ready and self.ready_sent,
+                "ready_reason": why if self.ready_sent else "starting", "draining": self.stopping,
+                "config": {"path": str(self.config_path), "sha256": self.config_sha256},
+                "reloads": self.reloads, "reload_failures": self.reload_failures,
+                "last_reload": dict(self.last_reload), "now_usec": _usec()}
+
+    def _status(self):
+        return 200, "application/json", (json.dumps(self.status(), sort_keys=True) + "\n").encode("utf-8")
+
     # -- the loop -----------------------------------------------------------------
 
     def _on_signal(self):
@@ -631,7 +793,7 @@ class Supervisor:
             self.begin_stop()
         if signal.SIGCHLD in signums:
             self._reap()
-        if signal.SIGHUP in signums and not self.stopping and self.restructure is None:
+        if signal.SIGHUP in signums:
             self.reload()
 
     def _tick(self, now):
@@ -671,11 +833,9 @@ class Supervisor:
                 self._next_status = now + STATUS_INTERVAL
                 self.log.notice("ready", "serving with %d workers", self.n)
             if self.reload_deadline is not None:
-                if all(s.reload_acked for s in self.slots) or now >= self.reload_deadline:
-                    self.reload_deadline = None
-                    self.notifier.ready(self._status_text())
-                else:
-                    deadlines.append(self.reload_deadline)
+                self._settle_reload(now)
+                if self.reload_deadline is not None:
+                    deadlines.append(min(self.reload_deadline, now + 0.05))
             if self.watchdog is not None and now >= self._next_watchdog:
                 if healthy:
                     self.notifier.watchdog()
@@ -709,6 +869,7 @@ class Supervisor:
                       os.getpid(), self.n, len(self.cfg.listeners),
                       f"{self.cfg.management.address}:{self.cfg.management.port}"
                       if self.http is not None else "off")
+        self.write_ruleset(self.cfg)
         try:
             for slot in self.slots:
                 self._spawn(slot)

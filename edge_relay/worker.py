@@ -158,6 +158,7 @@ class Worker:
         self.drain_deadline = None
         self.reloads = 0
         self.reload_failures = 0
+        self.last_reload_error = ""     # why the last reload was refused (the supervisor reports it)
         self.send_failed_seen = 0
 
     @property
@@ -309,7 +310,8 @@ class Worker:
             cfg, keyring = config_mod.load_with_keys(self.config_path)
         except Exception as exc:  # noqa: BLE001 - no config, however broken, may end a worker
             self.reload_failures += 1
-            self.log.verdict("err", "reload refused, keeping the running config: %s", reason(exc))
+            self.last_reload_error = reason(exc)
+            self.log.verdict("err", "reload refused, keeping the running config: %s", self.last_reload_error)
             return False
         old, self.cfg = self.cfg, cfg
         router = self.router

@@ -10,9 +10,11 @@
 #                            and ansible-lint, tests/test_packaging.py
 #                            (systemd-analyze verify needs the installed
 #                            package: make e2e runs it in the container)
-#   make e2e                 tests/e2e/run: install, run, reload, restart,
-#                            upgrade, Ansible and purge in a booted container
-#                            (root; about 2 minutes once the rootfs is cached)
+#   make e2e                 tests/e2e/run: install, run, reload, a refused
+#                            reload, restart, upgrade and purge in a booted
+#                            container, and an Ansible rollout over SSH to it
+#                            and two more (root; a few minutes once the
+#                            rootfs is cached)
 #
 # The package is built from a copy of the working tree in build/deb/ (the
 # debian/ directory lives in packaging/debian), never in the tree itself.
@@ -23,8 +25,8 @@ DEB      := build/edge-relay_$(VERSION)_all.deb
 # The upgrade target of make e2e: the last number of VERSION plus one.
 NEXT_VERSION = $(shell echo $(VERSION) | awk -F. '{ $$NF += 1; print }' OFS=.)
 DEB_BUILD_DEPS := debhelper dh-python lintian
-# Ansible runs inside the container (tests/e2e/ansible.sh), not on the host.
-E2E_DEPS := systemd-container debootstrap iproute2
+# Ansible runs on the host and reaches the containers over SSH (tests/e2e/ansible.sh).
+E2E_DEPS := systemd-container debootstrap iproute2 ansible-core openssh-client
 
 CLEAN += build/deb build/e2e
 
@@ -42,7 +44,7 @@ lint-pkg: deb ## lintian, unit sandbox score, Ansible syntax/lint and tests/test
 	cd packaging/ansible && ansible-lint --offline site.yml roles/edge_relay
 	$(PYTHON) -m pytest -q tests/test_packaging.py
 
-e2e: ## install, reload, restart, upgrade, Ansible, purge in a booted bookworm container (root, ~2 min)
+e2e: ## install, reload (and a refused one), restart, upgrade, a 3-host Ansible rollout over SSH, purge in booted bookworm containers (root, ~3 min)
 	scripts/bootstrap --apt $(DEB_BUILD_DEPS) $(E2E_DEPS)
 	packaging/build-deb $(VERSION)
 	packaging/build-deb $(NEXT_VERSION)

@@ -148,6 +148,8 @@ def run_cli(*args):
 
 def test_cli_render_nft(tmp_path):
     r = run_cli(str(NFTABLES / "example.toml"))
+    assert r.returncode == 78 and "keys" in r.stderr    # its key directory is not here
+    r = run_cli("--no-keys", str(NFTABLES / "example.toml"))
     assert r.returncode == 0, r.stderr
     assert r.stdout == (NFTABLES / "edge-relay.nft").read_text()
     r = run_cli("--transceiver-side", "--relay-address", "192.0.2.99", str(NFTABLES / "example.toml"))

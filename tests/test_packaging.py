@@ -31,7 +31,7 @@ MANPAGE = REPO / "packaging" / "edge-relay.8"
 ANSIBLE = REPO / "packaging" / "ansible"
 
 # Keys systemd accepts more than once with a meaning (lists that add up).
-REPEATABLE = {"SystemCallFilter", "ExecStartPre", "ExecStartPost", "ExecStop", "ExecStopPost",
+REPEATABLE = {"SystemCallFilter", "ExecStartPre", "ExecStartPost", "ExecStop", "ExecStopPost", "ExecReload",
               "Environment", "ConditionPathExists", "ConditionPathExistsGlob", "After", "Before",
               "Wants", "Requires", "Documentation", "RestrictAddressFamilies"}
 # Keys systemd 252 calls obsolete or deprecated (systemd.unit(5), systemd.resource-control(5)).
@@ -79,13 +79,31 @@ def test_relay_unit_is_notify_with_watchdog_fd_store_and_reload():
     expected = {
         "Type": "notify", "NotifyAccess": "main",
         "ExecStart": "/usr/bin/edge-relay run --config /etc/edge-relay/edge-relay.toml",
-        "ExecReload": "/bin/kill -HUP $MAINPID", "WatchdogSec": "10", "Restart": "on-failure",
+        "WatchdogSec": "10", "Restart": "on-failure",
         "FileDescriptorStoreMax": "512", "KillMode": "mixed", "LimitNOFILE": "65536",
         "User": "edge-relay", "Group": "edge-relay",
     }
     for key, value in expected.items():
         assert one(unit, "Service", key) == value, key
     assert one(unit, "Unit", "ConditionPathExistsGlob") == "/etc/edge-relay/keys/*.key"
+
+
+def test_reload_reports_the_relays_verdict_and_the_ruleset_follows_only_an_accepted_config():
+    """Issue 13: `systemctl reload` fails when the relay refuses; the nft table follows only a success."""
+    unit = parse_unit(SERVICE)
+    reload = [v for k, v in unit["Service"] if k == "ExecReload"]
+    # first the verdict (a non-zero exit stops the job there), then the firewall
+    assert reload[0] == "/usr/bin/edge-relay reload --config /etc/edge-relay/edge-relay.toml --pid $MAINPID"
+    assert reload[1:] == ["-+/bin/systemctl --no-block try-reload-or-restart edge-relay-nftables.service"]
+    assert not [k for k, _ in unit["Unit"] if k == "PropagatesReloadTo"]
+    assert one(unit, "Service", "RuntimeDirectory") == "edge-relay"
+    assert "reload" in subcommands()
+    nft_unit = parse_unit(NFT_SERVICE)
+    for key in ("ExecStart", "ExecReload"):
+        assert "nft -f \"$$f\"" in one(nft_unit, "Service", key)
+        assert f"/run/edge-relay/{supervisor.RULESET_FILE}" in one(nft_unit, "Service", key)
+    # nothing metered before the operator made a key (the relay's own condition)
+    assert "/etc/edge-relay/keys/*.key" in [v for k, v in nft_unit["Unit"] if k == "ConditionPathExistsGlob"]
 
 
 def test_stop_timeout_covers_the_drain():
@@ -215,6 +233,44 @@ def test_ansible_template_passes_check_config(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     cfg = config.load(dest)
     assert [t.id for t in cfg.transceivers] == [1, 2] and cfg.limits.max_flows == 1000
+
+
+def load_yaml(path):
+    """YAML through PyYAML here, or the one Ansible's python has (the test venv may lack it)."""
+    try:
+        import yaml
+        return yaml.safe_load(path.read_text())
+    except ImportError:
+        pass
+    out = subprocess.run(["/usr/bin/python3", "-c", "import json, sys, yaml; "
+                          "print(json.dumps(yaml.safe_load(open(sys.argv[1]))))", str(path)],
+                         capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        pytest.skip("no PyYAML (apt install ansible-core brings python3-yaml)")
+    return json.loads(out.stdout)
+
+
+def test_ansible_role_uses_the_strongest_check_and_the_relays_own_verdict():
+    """Issue 13: check-config --keys, systemctl reload (which fails truthfully), a gate on /status."""
+    role = ANSIBLE / "roles" / "edge_relay"
+    tasks = {t["name"]: t for t in load_yaml(role / "tasks" / "main.yml")}
+    template = next(t for t in tasks.values() if "ansible.builtin.template" in t)
+    assert template["ansible.builtin.template"]["validate"] == "edge-relay check-config --keys %s"
+    handlers = load_yaml(role / "handlers" / "main.yml")
+    reload = next(h for h in handlers if h["listen"] == "edge-relay config changed")
+    assert reload["ansible.builtin.systemd"]["state"] == "reloaded"
+    gate = next(t for t in tasks.values() if "ansible.builtin.uri" in t)
+    assert "edge_relay_status_url" in gate["ansible.builtin.uri"]["url"]
+    for needle in ("json.config.sha256 == edge_relay_config_file.stat.checksum",
+                   "json.workers_generation == edge_relay_status.json.generation",
+                   "json.last_reload.state in ['none', 'ok']", "json.ready"):
+        assert needle in gate["until"], needle
+    digest = next(t for t in tasks.values() if "ansible.builtin.stat" in t)
+    assert digest["ansible.builtin.stat"]["checksum_algorithm"] == "sha256"
+    defaults = load_yaml(role / "defaults" / "main.yml")
+    assert defaults["edge_relay_status_url"].endswith("/status")
+    play = load_yaml(ANSIBLE / "site.yml")[0]
+    assert play["serial"] == 1 and play["any_errors_fatal"] is True and play["max_fail_percentage"] == 0
 
 
 @pytest.mark.slow

@@ -146,6 +146,48 @@ def test_notify_watchdog_fdstore_and_a_restart_without_loss(tmp_path):
         setup.tx_sock.close()
 
 
+def test_reload_verdict_goes_to_systemd_too(tmp_path):
+    """RELOADING=1 (MONOTONIC_USEC), then READY=1 only with the verdict: the refusal's reason in
+    STATUS=, or, for a good config, once every worker runs the new generation."""
+    import json
+    from relayproc import http_get, wait_for
+    setup = Setup(tmp_path / "r", workers=2, drain=0.5)
+    sysd = FakeSystemd(str(tmp_path / "notify"))
+    relay = Relay(setup, env=dict(os.environ, NOTIFY_SOCKET=sysd.path))
+
+    def status():
+        return json.loads(http_get(setup.url + "/status")[1])
+
+    def answer(since):
+        sysd.pump()
+        return next((m for m in sysd.messages[since:] if "READY" in m), None)
+
+    try:
+        wait_for(lambda: answer(0) or relay.proc.poll() is not None, 20, what="READY=1")
+        assert relay.proc.poll() is None, relay.log()
+        setup.write(signing_key_id=7)
+        mark = len(sysd.messages)
+        relay.signal(signal.SIGHUP)
+        ready = wait_for(lambda: answer(mark), 10, what="READY=1 after the refused reload")
+        assert ready["STATUS"].startswith("reload refused: ") and "7" in ready["STATUS"], ready
+        reloading = next(m for m in sysd.messages[mark:] if "RELOADING" in m)
+        verdict = status()["last_reload"]
+        assert verdict["state"] == "refused"
+        assert verdict["requested_usec"] <= int(reloading["MONOTONIC_USEC"]) <= verdict["finished_usec"]
+
+        setup.write()
+        mark = len(sysd.messages)
+        relay.signal(signal.SIGHUP)
+        ready = wait_for(lambda: answer(mark), 10, what="READY=1 after the good reload")
+        st = status()
+        assert st["last_reload"]["state"] == "ok" and st["generation"] == 2 == st["workers_generation"]
+        assert "reload" not in ready["STATUS"]
+    finally:
+        relay.kill()
+        sysd.close()
+        setup.tx_sock.close()
+
+
 def test_without_systemd_it_starts_fresh_and_says_so(tmp_path):
     setup = Setup(tmp_path / "r", workers=1)
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
