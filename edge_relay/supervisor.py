@@ -577,6 +577,8 @@ class Supervisor:
         t.reload_failures = self.reload_failures
         t.generation = self.generation
         t.ready = self.healthy()
+        t.processes = [("supervisor", os.getpid())] + [(str(s.index), s.pid) for s in self.slots if s.pid]
+        t.sockets = [(name, os.fstat(sock.fileno()).st_ino) for name, sock in sorted(self.socks.items())]
         return t
 
     def _status_text(self):
