@@ -135,20 +135,89 @@ def cmd_demo_client(args):
     return EXIT_OK if report["connected"] == len(clients) else EXIT_ERROR
 
 
+def _management_url(config_path, path):
+    """http://<management.address>:<port><path> of the relay run with `config_path`; None if disabled."""
+    m = config_mod.load(config_path).management
+    if not m.enabled:
+        return None
+    host = "127.0.0.1" if m.address == "0.0.0.0" else "::1" if m.address == "::" else m.address
+    return f"http://[{host}]:{m.port}{path}" if ":" in host else f"http://{host}:{m.port}{path}"
+
+
+def cmd_flows(args):
+    """Live flows from a running relay's GET /flows, as a table or JSON."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    base = args.url or _management_url(args.config, "/flows")
+    if base is None:
+        print(f"edge-relay flows: {args.config}: management.port is 0 (management endpoint disabled)",
+              file=sys.stderr)
+        return EXIT_ERROR
+    query = {"limit": args.limit}
+    for name in ("transceiver", "state", "client"):
+        if getattr(args, name) is not None:
+            query[name] = getattr(args, name)
+    url = base + "?" + urllib.parse.urlencode(query)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            doc = json.loads(r.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        print(f"edge-relay flows: {exc.read().decode('utf-8', 'replace').strip() or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (OSError, ValueError) as exc:
+        print(f"edge-relay flows: {url}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return EXIT_OK
+    show = lambda v, fmt="{:.1f}": "-" if v is None else fmt.format(v)  # noqa: E731
+    print(f"{'CLIENT':<47} {'TRANSCEIVER':<16} {'STATE':<9} {'AGE':>8} {'IDLE':>7} {'PACKETS':>13} W")
+    for f in doc["flows"]:
+        packets = "-" if f["packets"] is None else f"{f['packets']['client']}/{f['packets']['transceiver']}"
+        state = f["state"] + ("*" if f["failed_over"] else "")
+        print(f"{f['client']:<47} {f['transceiver'] or f['transceiver_id']!s:<16} {state:<9} "
+              f"{show(f['age']):>8} {show(f['idle']):>7} {packets:>13} {f['worker']}")
+    more = f", {doc['missing']} workers did not answer" if doc["missing"] else ""
+    print(f"{doc['shown']} of {doc['matched']} matching flows shown{more} "
+          "(* failed over; packets client/transceiver, sampled flows only)")
+    return EXIT_OK
+
+
+def cmd_config(args):
+    """The config file with every default filled in (TOML), like nginx -T."""
+    from . import effective
+    cfg = config_mod.load(args.config)
+    sys.stdout.write(effective.render_config(cfg, args.config))
+    return EXIT_OK
+
+
+def cmd_keys(args):
+    """Loaded key ids, which one signs, fingerprints; never the keys."""
+    from . import effective
+    if args.config:
+        cfg = config_mod.load(args.config)
+        rows = effective.key_report(cfg.keys.dir, cfg.keys.signing_key_id)
+    else:
+        rows = effective.key_report(args.keys)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
+    print(f"{'ID':>3}  {'SIGNS':<5}  {'FINGERPRINT':<16}  FILE")
+    for r in rows:
+        print(f"{r['id']:>3}  {'yes' if r['signing'] else '':<5}  {r['fingerprint']:<16}  {r['file']}")
+    return EXIT_OK
+
+
 def cmd_stats(args):
     """Fetch the relay's /metrics and print it for a person (or as JSON)."""
     import urllib.error
     import urllib.request
     from . import metrics
-    url = args.url
+    url = args.url or _management_url(args.config, "/metrics")
     if url is None:
-        cfg = config_mod.load(args.config)
-        m = cfg.management
-        if not m.enabled:
-            print(f"edge-relay stats: {args.config}: management.port is 0 (metrics disabled)", file=sys.stderr)
-            return EXIT_ERROR
-        host = "127.0.0.1" if m.address == "0.0.0.0" else "::1" if m.address == "::" else m.address
-        url = f"http://[{host}]:{m.port}/metrics" if ":" in host else f"http://{host}:{m.port}/metrics"
+        print(f"edge-relay stats: {args.config}: management.port is 0 (metrics disabled)", file=sys.stderr)
+        return EXIT_ERROR
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
             samples = metrics.parse(r.read().decode("utf-8"))
@@ -261,6 +330,29 @@ def build_parser():
     g.add_argument("--url", default=None, help="the metrics URL, e.g. http://127.0.0.1:9477/metrics")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("flows", help="list a running relay's live flows (from its management endpoint)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--config", "-c", default=DEFAULT_CONFIG,
+                   help=f"take management.address/port from this config (default {DEFAULT_CONFIG})")
+    g.add_argument("--url", default=None, help="the flows URL, e.g. http://127.0.0.1:9477/flows")
+    s.add_argument("--limit", type=int, default=100, help="show at most this many flows, 1..10000 (default 100)")
+    s.add_argument("--transceiver", "-t", default=None, help="only flows of this transceiver (name or id)")
+    s.add_argument("--state", choices=("pending", "confirmed"), default=None, help="only flows in this state")
+    s.add_argument("--client", default=None, help="only clients whose address starts with this prefix")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_flows)
+
+    s = sub.add_parser("config", help="print the config with every default filled in (TOML)")
+    s.add_argument("--effective", action="store_true", required=True,
+                   help="every section and key, defaults included (the only mode)")
+    s.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    s.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("keys", help="list the loaded key ids, which one signs, and their fingerprints")
+    key_source(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_keys)
 
     s = sub.add_parser("render-nft", help="print the nftables ruleset for this config (load with nft -f)")
     s.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")

@@ -6,7 +6,8 @@ Contract
     seconds, or the connection is answered 400/408 (or just closed).
   - GET (and HEAD) only: other methods get 405. Paths are looked up in
     `routes` {path: callable() -> (status, content_type, body bytes)}; the
-    query string is ignored; anything else is 404.
+    query string is ignored, except by a handler wrapped in `with_query`,
+    which is called with it parsed ({name: [values]}); anything else is 404.
   - At most MAX_CONNECTIONS at once; beyond that new connections are closed
     at accept. Nothing here blocks and nothing raises into the caller's loop.
 """
@@ -14,6 +15,7 @@ Contract
 import selectors
 import socket
 import time
+import urllib.parse
 
 MAX_REQUEST = 8192
 MAX_CONNECTIONS = 64
@@ -36,6 +38,14 @@ def listen(address, port):
         sock.close()
         raise
     return sock
+
+
+def with_query(handler):
+    """Mark `handler` as taking the request's parsed query string: handler(query) -> (status, type, body)."""
+    def route(query):
+        return handler(query)
+    route.takes_query = True
+    return route
 
 
 def response(status, content_type, body, head_only=False):
@@ -109,10 +119,18 @@ class Server:
             return response(400, "text/plain", b"bad request\n")
         if method not in ("GET", "HEAD"):
             return response(405, "text/plain", b"method not allowed\n")
-        handler = self.routes.get(target.split("?", 1)[0])
+        path, _, query = target.partition("?")
+        handler = self.routes.get(path)
         if handler is None:
             return response(404, "text/plain", b"not found\n", method == "HEAD")
-        status, ctype, body = handler()
+        if getattr(handler, "takes_query", False):
+            try:
+                fields = urllib.parse.parse_qs(query, max_num_fields=16)
+            except ValueError:
+                return response(400, "text/plain", b"too many query fields\n", method == "HEAD")
+            status, ctype, body = handler(fields)
+        else:
+            status, ctype, body = handler()
         return response(status, ctype, body, method == "HEAD")
 
     def _answer(self, c, data):

@@ -388,6 +388,8 @@ class Totals:
         self.workers_generation = 0
         self.ready = False
         self.extra = []         # extra_of documents of the serving workers
+        self.worker_flows = {}  # {worker index: live flows} of the serving workers
+        self.flows_max = 0      # limits.max_flows: each worker's own cap
         self.processes = []     # [(worker label, pid)]: process_* read at render time
         self.sockets = []       # [(socket name, inode)]: edge_relay_socket_drops_total read at render time
 
@@ -406,6 +408,7 @@ def totals(shared, up=()):
         if i in up:
             t.flows_pending += values[FLOWS_PENDING]
             t.flows_confirmed += values[FLOWS_CONFIRMED]
+            t.worker_flows[i] = values[FLOWS_PENDING] + values[FLOWS_CONFIRMED]
             gen = values[GENERATION]
             t.workers_generation = gen if not t.workers_generation else min(gen, t.workers_generation)
     t.workers_up = len(up)
@@ -445,6 +448,10 @@ def render(t):
            [((("event", e),), t.stats[_STAT[f"flows_{e}"]]) for e in FLOW_EVENTS])
     family("edge_relay_flows", "gauge", "Live flows by state.",
            [((("state", "pending"),), t.flows_pending), ((("state", "confirmed"),), t.flows_confirmed)])
+    family("edge_relay_worker_flows", "gauge", "Live flows of each serving worker (pending and confirmed).",
+           [((("worker", str(i)),), n) for i, n in sorted(t.worker_flows.items())])
+    family("edge_relay_flows_max", "gauge", "Cap on one worker's live flows (limits.max_flows).",
+           [((), t.flows_max)])
     family("edge_relay_workers", "gauge", "Configured worker processes.", [((), t.workers)])
     family("edge_relay_workers_up", "gauge", "Worker processes serving (fresh heartbeat).",
            [((), t.workers_up)])

@@ -309,6 +309,12 @@ class Worker:
         """The flow table as flows.FlowTable.snapshot bytes (handed to the next worker)."""
         return self.router.flows.snapshot(self.clock(), marked=failed_over)
 
+    def flow_report(self, limit, transceiver=None, state=None, client=None):
+        """{"matched": n, "flows": [...]}: at most `limit` live flows matching the filters (for
+        GET /flows; asked by the supervisor, never on the packet path). `client` is a prefix of
+        "host:port" ("[host]:port" for IPv6); `state` is "pending" or "confirmed"."""
+        return flow_report(self.router, self.cfg, self.clock(), limit, transceiver, state, client)
+
     def handle_signal(self, signum):
         if signum == signal.SIGHUP:
             self.reload()
@@ -421,3 +427,37 @@ class Worker:
                 wake_r.close()
                 wake_w.close()
         self.log.info("stop", "worker %d stopped with %d flows", os.getpid(), len(self.router.flows))
+
+
+def flow_report(router, cfg, now, limit, transceiver=None, state=None, client=None):
+    """See Worker.flow_report. Packets are counted only for flows the quality monitor samples
+    (the hot path keeps no per-flow counter), so `packets` is null for the others, and `age`
+    (since the first Binding Request) is known for pending and sampled flows only."""
+    from .flows import CONFIRMED, PENDING
+    names = {t.id: t.name for t in cfg.transceivers}
+    want_state = {"pending": PENDING, "confirmed": CONFIRMED, None: None}[state]
+    quality = router.quality.flows if router.quality is not None else {}
+    matched, out = 0, []
+    for flow in list(router.flows):
+        if want_state is not None and flow.state != want_state:
+            continue
+        if transceiver is not None and flow.transceiver != transceiver:
+            continue
+        host, port = sockaddr.to_tuple(flow.key)
+        text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if client and not (text.startswith(client) or host.startswith(client)):
+            continue
+        matched += 1
+        if len(out) >= limit:
+            continue
+        q = quality.get(flow)
+        pending = flow.state == PENDING
+        out.append({"client": text, "listener": flow.listener, "transceiver": names.get(flow.transceiver),
+                    "transceiver_id": flow.transceiver, "state": "pending" if pending else "confirmed",
+                    "age": round(now - (flow.last_seen if pending else q.first_stun), 3)
+                    if pending or q is not None else None,
+                    "idle": None if pending else round(now - flow.last_seen, 3),
+                    "failed_over": failed_over(flow), "restart_to": flow.restart_to,
+                    "packets": None if q is None else {"client": q.client.packets,
+                                                       "transceiver": q.transceiver.packets}})
+    return {"matched": matched, "flows": out}
