@@ -347,6 +347,22 @@ class Worker:
         drops[Drop.TRUNCATED] = truncated
         if self.publish is not None:
             self.publish(self.router, self)
+        if self.log.level >= 7:
+            self._log_flow_events()
+
+    def _log_flow_events(self):
+        """log.level "debug": one line per publication in which flows were opened, confirmed, moved,
+        failed over, learned from the directory or expired (counts since the last line; never per packet)."""
+        from .router import STAT_NAMES
+        stats = self.router.stats
+        now = {name[6:]: stats[i] for i, name in enumerate(STAT_NAMES) if name.startswith("flows_")}
+        last = getattr(self, "_flow_events_logged", None) or dict.fromkeys(now, 0)
+        self._flow_events_logged = now
+        delta = {k: v - last.get(k, 0) for k, v in now.items() if v != last.get(k, 0)}
+        if delta:
+            self.log.debug("flow.events", "flows %s; %d pending, %d confirmed now",
+                           ", ".join(f"{k} +{v}" for k, v in delta.items()),
+                           self.router.flows.pending, self.router.flows.confirmed)
 
     def run(self, handle_signals=True, extra=None):
         """Loop until stopped or drained. `extra`: {fileobj: callback} for the supervisor's pipes.

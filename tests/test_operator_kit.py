@@ -120,7 +120,8 @@ def test_metric_name_extraction():
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    setup = Setup(tmp_path_factory.mktemp("kit"), workers=2, extra="")     # probes and quality on
+    # probes and quality on (the defaults); log.level debug for the flow-event lines
+    setup = Setup(tmp_path_factory.mktemp("kit"), workers=2, extra='\n[log]\nlevel = "debug"\n')
     relay = Relay(setup)
     tx = Transceiver(setup.keyring, setup.tx_sock)
     clients = clients_for(setup, 4)
@@ -176,6 +177,17 @@ def test_process_and_socket_drop_metrics_of_a_running_relay(live):
     assert sockets == {"l0w0", "l0w1", "i0", "i1"}
     assert samples[("edge_relay_flows_max", ())] == 200000
     assert sum(v for (name, _), v in samples.items() if name == "edge_relay_worker_flows") == 4
+
+
+@pytest.mark.slow
+def test_debug_level_logs_flow_events_as_it_documents(live):
+    setup, relay, _ = live
+    log = wait_for(lambda: (lambda text: text if text.count("confirmed +") >= 1 else None)(relay.log()), 5,
+                   what="a flow-event debug line")
+    lines = [line for line in log.splitlines() if "flows opened +" in line]
+    assert lines and all(line.startswith("<7>edge-relay[w") for line in lines)
+    opened = sum(int(re.search(r"opened \+(\d+)", line).group(1)) for line in lines)
+    assert opened == 4                     # one line per publication with changes, never one per flow
 
 
 @pytest.mark.slow
