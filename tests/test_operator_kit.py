@@ -294,3 +294,72 @@ def test_bash_completion_offers_exactly_the_cli_subcommands_and_their_options():
         options = {o for a in sub._actions for o in a.option_strings if o.startswith("--")}
         assert complete(["edge-relay", name, "--"]) == options, name
     assert complete(["edge-relay", "flows", "--state", ""]) == {"pending", "confirmed"}
+
+
+# -- docs: edge-relay.toml(5), TROUBLESHOOTING.md, NEWS ----------------------------------------------
+
+def config_keys():
+    """{section: {key, ...}} of config.py (arrays of tables as "[[name]]")."""
+    import dataclasses
+    out = {}
+    for f in dataclasses.fields(config.Config):
+        if "section" not in f.metadata:
+            continue
+        name = f"[[{f.name}]]" if f.metadata.get("many") else f"[{f.name}]"
+        out[name] = {k.name for k in dataclasses.fields(f.metadata["section"]) if "check" in k.metadata}
+    return out
+
+
+def manpage_keys(text):
+    out, section, in_keys = {}, None, False
+    lines = text.replace("\\-", "-").splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(".SH"):
+            in_keys = line == ".SH SECTIONS AND KEYS"
+            section = None
+        elif in_keys and line.startswith(".SS "):
+            section = line[4:].strip()
+            out[section] = set()
+        elif in_keys and section and line == ".TP" and lines[i + 1].startswith(".B "):
+            out[section].add(lines[i + 1][3:].strip())
+    return out
+
+
+def test_toml_manpage_describes_exactly_the_keys_of_config_py():
+    with open(os.path.join(PKG, "edge-relay.toml.5")) as f:
+        documented = manpage_keys(f.read())
+    assert documented == config_keys()
+    for section in ("[probes]", "[quality]", "[directory]"):
+        assert documented[section]
+
+
+def test_toml_manpage_renders_without_warnings():
+    if not shutil.which("man"):
+        pytest.skip("no man")
+    out = subprocess.run(["man", "--warnings", "-E", "UTF-8", "-l", "-Tutf8", "-Z",
+                          os.path.join(PKG, "edge-relay.toml.5")], capture_output=True, text=True, timeout=60,
+                         env={"LC_ALL": "C.UTF-8", "MANWIDTH": "80", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+
+
+def test_troubleshooting_explains_every_drop_reason_and_the_alerts():
+    from edge_relay.drops import Drop
+    with open(os.path.join(ROOT, "docs", "TROUBLESHOOTING.md")) as f:
+        text = f.read()
+    for reason in Drop:
+        if reason != Drop.OK:
+            assert f"`{reason.label}`" in text, reason.label
+    for r in rules():
+        assert r["alert"] in text, r["alert"]
+    for heading in ("call does not connect", "transceiver down", "reload refused", "buffer"):
+        assert re.search(rf"^#+ .*{heading}", text, re.M | re.I), heading
+    commands = set(re.findall(r"edge-relay ([a-z][a-z-]+)", text))
+    assert commands <= set(subcommands()), commands - set(subcommands())
+
+
+def test_news_is_debian_news_format_and_names_the_renamed_metric():
+    with open(os.path.join(PKG, "debian", "NEWS")) as f:
+        text = f.read()
+    assert re.match(r"edge-relay \([0-9][^)]*\) \w+; urgency=\w+\n\n", text)
+    assert re.search(r"^ -- .+ <.+>  \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}$", text, re.M)
+    assert "edge_relay_directory_events_total" in text
