@@ -363,3 +363,31 @@ def test_news_is_debian_news_format_and_names_the_renamed_metric():
     assert re.match(r"edge-relay \([0-9][^)]*\) \w+; urgency=\w+\n\n", text)
     assert re.search(r"^ -- .+ <.+>  \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}$", text, re.M)
     assert "edge_relay_directory_events_total" in text
+
+
+# -- the package installs the kit where it belongs ---------------------------------------------------
+
+@pytest.mark.slow
+def test_package_installs_the_operator_kit():
+    if not shutil.which("dpkg-buildpackage") or not shutil.which("dh"):
+        pytest.skip("no dpkg-buildpackage/debhelper (make deb installs them)")
+    version = "0.0.0+kit"
+    out = subprocess.run([os.path.join(PKG, "build-deb"), version], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    deb = os.path.join(ROOT, "build", f"edge-relay_{version}_all.deb")
+    try:
+        listing = subprocess.run(["dpkg-deb", "-c", deb], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(deb)
+        shutil.rmtree(os.path.join(ROOT, "build", "deb", f"edge-relay-{version}"), ignore_errors=True)
+    paths = {line.split()[-1] for line in listing.splitlines()}
+    for path in ("./usr/share/edge-relay/prometheus/edge-relay.rules.yml",
+                 "./usr/share/edge-relay/prometheus/edge-relay.rules.test.yml",
+                 "./usr/share/edge-relay/grafana/edge-relay.json",
+                 "./usr/share/bash-completion/completions/edge-relay",
+                 "./usr/share/man/man5/edge-relay.toml.5.gz",
+                 "./usr/share/doc/edge-relay/TROUBLESHOOTING.md.gz",
+                 "./usr/share/doc/edge-relay/NEWS.Debian.gz",
+                 "./usr/share/edge-relay/edge_relay/effective.py"):
+        assert path in paths, path
