@@ -391,3 +391,89 @@ def test_package_installs_the_operator_kit():
                  "./usr/share/doc/edge-relay/NEWS.Debian.gz",
                  "./usr/share/edge-relay/edge_relay/effective.py"):
         assert path in paths, path
+
+
+# -- the Ansible role: argument specs, README, merging sections, the health URL ----------------------
+
+ROLE = os.path.join(PKG, "ansible", "roles", "edge_relay")
+
+
+def role_variables():
+    defaults = set(load_yaml(os.path.join(ROLE, "defaults", "main.yml")))
+    specs = set(load_yaml(os.path.join(ROLE, "meta", "argument_specs.yml"))["argument_specs"]["main"]["options"])
+    with open(os.path.join(ROLE, "README.md")) as f:
+        readme = set(re.findall(r"^\| `(edge_relay_\w+)` \|", f.read(), re.M))
+    return defaults, specs, readme
+
+
+def test_role_defaults_argument_specs_and_readme_name_the_same_variables():
+    defaults, specs, readme = role_variables()
+    assert defaults == specs == readme
+    used = set()
+    registered = set()
+    for folder in ("tasks", "templates", "handlers"):
+        for name in os.listdir(os.path.join(ROLE, folder)):
+            with open(os.path.join(ROLE, folder, name)) as f:
+                text = f.read()
+            used |= set(re.findall(r"\b(edge_relay_\w+)\b", text))
+            registered |= set(re.findall(r"^\s*register:\s*(edge_relay_\w+)", text, re.M))
+    assert used - registered <= specs, (used - registered) - specs
+
+
+def ansible_play(tmp_path, inputs, tasks):
+    play = tmp_path / "play.yml"
+    play.write_text(f"""
+- hosts: localhost
+  connection: local
+  gather_facts: false
+  vars_files: [{ROLE}/defaults/main.yml]
+  tasks:
+{tasks}
+""")
+    return subprocess.run(["ansible-playbook", "-i", "localhost,", "-e", json.dumps(inputs), str(play)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT, "HOME": str(tmp_path),
+                               "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "0"})
+
+
+def test_role_checks_its_arguments_merges_sections_and_brackets_an_ipv6_health_url(tmp_path):
+    if not shutil.which("ansible-playbook"):
+        pytest.skip("no ansible-playbook (apt install ansible-core; scripts/bootstrap does)")
+    _, specs, _ = role_variables()
+    provided = "\n".join(f"          {n}: \"{{{{ {n} }}}}\"" for n in sorted(specs))
+    dest, url = tmp_path / "edge-relay.toml", tmp_path / "url"
+    tasks = f"""
+    - name: Check the inputs as the role does
+      ansible.builtin.validate_argument_spec:
+        argument_spec: "{{{{ (lookup('file', '{ROLE}/meta/argument_specs.yml') | from_yaml).argument_specs.main.options }}}}"
+        provided_arguments:
+{provided}
+    - name: Render the config
+      ansible.builtin.template:
+        src: {ROLE}/templates/edge-relay.toml.j2
+        dest: {dest}
+        mode: "0644"
+        validate: {sys.executable} -m edge_relay check-config %s
+    - name: Write the health URL
+      ansible.builtin.copy:
+        content: "{{{{ edge_relay_healthz_url }}}}"
+        dest: {url}
+        mode: "0644"
+"""
+    inputs = {"edge_relay_keys": [{"id": 1, "secret": "00" * 32}],
+              "edge_relay_transceivers": [{"id": 1, "address": "192.0.2.10", "port": 5000}],
+              "edge_relay_limits": {"max_flows": 1000, "idle_timeout": 25.0},
+              "edge_relay_sections": {"limits": {"idle_timeout": 20.0}, "probes": {"interval": 1.0}},
+              "edge_relay_management_address": "::1"}
+    out = ansible_play(tmp_path, inputs, tasks)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    cfg = config.load(dest)
+    assert (cfg.limits.max_flows, cfg.limits.idle_timeout, cfg.probes.interval) == (1000, 20.0, 1.0)
+    assert url.read_text() == "http://[::1]:9477/healthz"
+
+    out = ansible_play(tmp_path, dict(inputs, edge_relay_management_address="0.0.0.0"), tasks)
+    assert out.returncode == 0 and url.read_text() == "http://127.0.0.1:9477/healthz"
+    out = ansible_play(tmp_path, dict(inputs, edge_relay_keys="oops"), tasks)
+    assert out.returncode != 0 and "edge_relay_keys" in out.stdout
+    out = ansible_play(tmp_path, dict(inputs, edge_relay_log_level="loud"), tasks)
+    assert out.returncode != 0 and "edge_relay_log_level" in out.stdout
