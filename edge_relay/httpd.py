@@ -1,4 +1,4 @@
-"""A tiny non-blocking HTTP/1.0 server for /metrics and /healthz, driven by the supervisor's loop.
+"""A tiny non-blocking HTTP/1.0 server for /metrics, /healthz and /flows, driven by the supervisor's loop.
 
 Contract
   - One request per connection (HTTP/1.0 style, `Connection: close`); the

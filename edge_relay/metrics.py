@@ -14,6 +14,14 @@ Theory of operation
   and clears the slot, so totals never go backwards across restarts (a
   SIGKILLed worker loses at most its last half second of counts).
 
+  Host-side numbers are read only when /metrics is scraped, never on the
+  packet path: `process_*` of the supervisor and each worker from
+  /proc/<pid>/stat and /proc/<pid>/fd (label worker="supervisor" or the
+  index), and `edge_relay_socket_drops_total` from the drops column of
+  /proc/net/udp and /proc/net/udp6 for the inodes of the relay's sockets
+  (the kernel's receive-buffer overflows, label socket="l<listener>w<worker>"
+  or "i<worker>", the fd-store names).
+
   `render` turns a `Totals` into Prometheus text exposition format 0.0.4;
   `parse` reads that format back (for `edge-relay stats`).
 

@@ -223,6 +223,11 @@ def test_edge_relay_flows_lists_filters_and_bounds_the_live_flows(live):
     for query in ("limit=0", "limit=x", "state=gone", "limit=99999"):
         status, body = http_get(setup.url + "/flows?" + query)
         assert status == 400 and body.split(":")[0] in ("limit", "state"), (query, body)
+    status, body = http_get(setup.url + "/flows?" + "&".join(f"x{i}=1" for i in range(40)))
+    assert status == 400 and "query fields" in body
+    status, body = http_get(setup.url + "/flows?client=" + "1" * 300)
+    assert status == 400 and body.startswith("client")
+    assert http_get(setup.url + "/metrics?limit=0")[0] == 200          # other routes ignore the query
 
 
 # -- config --effective and keys ---------------------------------------------------------------------
