@@ -482,3 +482,34 @@ def test_role_checks_its_arguments_merges_sections_and_brackets_an_ipv6_health_u
     assert out.returncode != 0 and "edge_relay_keys" in out.stdout
     out = ansible_play(tmp_path, dict(inputs, edge_relay_log_level="loud"), tasks)
     assert out.returncode != 0 and "edge_relay_log_level" in out.stdout
+
+
+def test_flow_report_filters_bounds_and_formats_ipv6_sans_io():
+    from types import SimpleNamespace
+    from edge_relay import flows as flows_mod, quality, sockaddr
+    from edge_relay.worker import flow_report
+    table = flows_mod.FlowTable(n_listeners=1)
+    cfg = config.parse({"listeners": [{"address": "::"}],
+                        "transceivers": [{"id": 1, "address": "192.0.2.1", "port": 5000, "name": "core-a"},
+                                         {"id": 2, "address": "192.0.2.2", "port": 5000}]}, "/")
+    monitor = quality.QualityMonitor(sample_every=1, max_sampled=10)
+    made = []
+    for i, (host, tx) in enumerate((("2001:db8::7", 1), ("2001:db8::8", 1), ("198.51.100.1", 2))):
+        flow = table.open(0, sockaddr.from_tuple((host, 4000 + i)), tx, 100.0)
+        made.append(flow)
+    table.confirm(made[0], 101.0)
+    monitor.start(made[0], 100.0, 101.0)
+    router = SimpleNamespace(flows=table, quality=monitor)
+    doc = flow_report(router, cfg, 110.0, limit=10)
+    assert doc["matched"] == 3
+    first = next(f for f in doc["flows"] if f["client"] == "[2001:db8::7]:4000")
+    assert (first["state"], first["transceiver"], first["age"], first["idle"]) == ("confirmed", "core-a", 10.0, 9.0)
+    assert first["packets"] == {"client": 0, "transceiver": 0}
+    second = next(f for f in doc["flows"] if f["client"] == "[2001:db8::8]:4001")
+    assert (second["state"], second["age"], second["idle"], second["packets"]) == ("pending", 10.0, None, None)
+    assert flow_report(router, cfg, 110.0, limit=10, client="[2001:db8::8]")["matched"] == 1
+    assert flow_report(router, cfg, 110.0, limit=10, client="2001:db8:")["matched"] == 2
+    assert flow_report(router, cfg, 110.0, limit=10, transceiver=2)["flows"][0]["transceiver"] == "tx2"
+    assert flow_report(router, cfg, 110.0, limit=10, state="pending")["matched"] == 2
+    bounded = flow_report(router, cfg, 110.0, limit=1)
+    assert bounded["matched"] == 3 and len(bounded["flows"]) == 1
