@@ -339,7 +339,7 @@ def build_parser():
     s.add_argument("--limit", type=int, default=100, help="show at most this many flows, 1..10000 (default 100)")
     s.add_argument("--transceiver", "-t", default=None, help="only flows of this transceiver (name or id)")
     s.add_argument("--state", choices=("pending", "confirmed"), default=None, help="only flows in this state")
-    s.add_argument("--client", default=None, help="only clients whose address starts with this prefix")
+    s.add_argument("--client", default=None, help="only this client: ADDRESS, ADDRESS:PORT ([ADDRESS]:PORT for IPv6) or a network in CIDR")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_flows)
 

@@ -56,7 +56,7 @@ from . import config as config_mod, httpd, metrics, sdnotify, sockets
 from .errors import EdgeRelayError, StartupError
 from .log import Log
 from .router import mark_failed_over
-from .worker import Worker, flow_table
+from .worker import Worker, client_filter, flow_table
 
 HEARTBEAT_STALE = 5.0       # seconds without a publication before a worker counts as down
 STATUS_INTERVAL = 2.0       # seconds between STATUS= updates
@@ -619,7 +619,7 @@ class Supervisor:
         return 200, metrics.CONTENT_TYPE, metrics.render(self.totals()).encode("utf-8")
 
     def _flows(self, query):
-        """GET /flows?limit=N&transceiver=ID|NAME&state=pending|confirmed&client=PREFIX: live flows as JSON.
+        """GET /flows?limit=N&transceiver=ID|NAME&state=pending|confirmed&client=ADDR|CIDR: live flows as JSON.
 
         Asks every serving worker (b"report-flows") and waits for their answers for at most
         FLOWS_REPORT_TIMEOUT; a worker that does not answer in time is counted in "missing"."""
@@ -645,10 +645,15 @@ class Supervisor:
             else:
                 return 400, "text/plain", f"transceiver: {tx[:64]!r} is not a configured name or id\n".encode()
         client = one("client")
+        if client is not None:
+            try:
+                client_filter(client)
+            except ValueError:
+                return 400, "text/plain", b"client: expected an address, address:port or network (CIDR)\n"
         request = b"report-flows" + json.dumps({"limit": limit, "transceiver": tx, "state": state,
                                                  "client": client}).encode()
         if len(request) > CTL_MAX:
-            return 400, "text/plain", b"client: prefix too long\n"
+            return 400, "text/plain", b"client: too long\n"
         asked = [self.slots[i] for i in sorted(self.up()) if self.slots[i].ctl is not None]
         for slot in asked:
             slot.report = None

@@ -225,8 +225,11 @@ def test_edge_relay_flows_lists_filters_and_bounds_the_live_flows(live):
         assert status == 400 and body.split(":")[0] in ("limit", "state"), (query, body)
     status, body = http_get(setup.url + "/flows?" + "&".join(f"x{i}=1" for i in range(40)))
     assert status == 400 and "query fields" in body
-    status, body = http_get(setup.url + "/flows?client=" + "1" * 300)
-    assert status == 400 and body.startswith("client")
+    for bad in ("1" * 300, "127.0.0.", "example.net"):
+        status, body = http_get(setup.url + "/flows?client=" + bad)
+        assert status == 400 and body.startswith("client"), bad
+    doc = json.loads(run_cli("flows", "--config", setup.path, "--client", "127.0.0.0/8", "--json").stdout)
+    assert doc["matched"] == 4
     assert http_get(setup.url + "/metrics?limit=0")[0] == 200          # other routes ignore the query
 
 
@@ -507,9 +510,19 @@ def test_flow_report_filters_bounds_and_formats_ipv6_sans_io():
     assert first["packets"] == {"client": 0, "transceiver": 0}
     second = next(f for f in doc["flows"] if f["client"] == "[2001:db8::8]:4001")
     assert (second["state"], second["age"], second["idle"], second["packets"]) == ("pending", 10.0, None, None)
-    assert flow_report(router, cfg, 110.0, limit=10, client="[2001:db8::8]")["matched"] == 1
-    assert flow_report(router, cfg, 110.0, limit=10, client="2001:db8:")["matched"] == 2
+    for client, n in (("2001:db8::8", 1), ("[2001:db8::8]:4001", 1), ("[2001:db8::8]:4000", 0),
+                      ("2001:db8::/32", 2), ("198.51.100.1", 1), ("198.51.100.0/24", 1), ("198.51.100.1:4002", 1),
+                      ("198.51.100.2", 0), ("0.0.0.0/0", 1), ("::/0", 2)):
+        assert flow_report(router, cfg, 110.0, limit=10, client=client)["matched"] == n, client
+    for bad in ("2001:db8:", "[2001:db8::8]", "198.51.100.1:x", "198.51.100.1:70000", "host", ""):
+        with pytest.raises(ValueError):
+            from edge_relay.worker import client_filter
+            client_filter(bad)
+    # an IPv4 caller on a dual-stack listener is an IPv4-mapped IPv6 address; the IPv4 filter finds it
+    mapped = table.open(0, sockaddr.from_tuple(("::ffff:203.0.113.9", 6000)), 2, 100.0)
+    assert flow_report(router, cfg, 110.0, limit=10, client="203.0.113.9")["flows"][0]["client"] == \
+        "[::ffff:203.0.113.9]:6000" and mapped.state == flows_mod.PENDING
     assert flow_report(router, cfg, 110.0, limit=10, transceiver=2)["flows"][0]["transceiver"] == "tx2"
-    assert flow_report(router, cfg, 110.0, limit=10, state="pending")["matched"] == 2
+    assert flow_report(router, cfg, 110.0, limit=10, state="pending")["matched"] == 3
     bounded = flow_report(router, cfg, 110.0, limit=1)
-    assert bounded["matched"] == 3 and len(bounded["flows"]) == 1
+    assert bounded["matched"] == 4 and len(bounded["flows"]) == 1
