@@ -181,6 +181,74 @@ def _management_url(m, route):
     return f"http://[{host}]:{m.port}{route}" if ":" in host else f"http://{host}:{m.port}{route}"
 
 
+def cmd_flows(args):
+    """Live flows from a running relay's GET /flows, as a table or JSON."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    base = args.url
+    if base is None:
+        m = config_mod.load(args.config).management
+        if not m.enabled:
+            print(f"edge-relay flows: {args.config}: management.port is 0 (management endpoint disabled)",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        base = _management_url(m, "/flows")
+    query = {"limit": args.limit}
+    for name in ("transceiver", "state", "client"):
+        if getattr(args, name) is not None:
+            query[name] = getattr(args, name)
+    url = base + "?" + urllib.parse.urlencode(query)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            doc = json.loads(r.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        print(f"edge-relay flows: {exc.read().decode('utf-8', 'replace').strip() or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (OSError, ValueError) as exc:
+        print(f"edge-relay flows: {url}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return EXIT_OK
+    show = lambda v, fmt="{:.1f}": "-" if v is None else fmt.format(v)  # noqa: E731
+    print(f"{'CLIENT':<47} {'TRANSCEIVER':<16} {'STATE':<9} {'AGE':>8} {'IDLE':>7} {'PACKETS':>13} W")
+    for f in doc["flows"]:
+        packets = "-" if f["packets"] is None else f"{f['packets']['client']}/{f['packets']['transceiver']}"
+        state = f["state"] + ("*" if f["failed_over"] else "")
+        print(f"{f['client']:<47} {f['transceiver'] or f['transceiver_id']!s:<16} {state:<9} "
+              f"{show(f['age']):>8} {show(f['idle']):>7} {packets:>13} {f['worker']}")
+    more = f", {doc['missing']} workers did not answer" if doc["missing"] else ""
+    print(f"{doc['shown']} of {doc['matched']} matching flows shown{more} "
+          "(* failed over; packets client/transceiver, sampled flows only)")
+    return EXIT_OK
+
+
+def cmd_config(args):
+    """The config file with every default filled in (TOML), like nginx -T."""
+    from . import effective
+    cfg = config_mod.load(args.config)
+    sys.stdout.write(effective.render_config(cfg, args.config))
+    return EXIT_OK
+
+
+def cmd_keys(args):
+    """Loaded key ids, which one signs, fingerprints; never the keys."""
+    from . import effective
+    if args.config:
+        cfg = config_mod.load(args.config)
+        rows = effective.key_report(cfg.keys.dir, cfg.keys.signing_key_id)
+    else:
+        rows = effective.key_report(args.keys)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
+    print(f"{'ID':>3}  {'SIGNS':<5}  {'FINGERPRINT':<16}  FILE")
+    for r in rows:
+        print(f"{r['id']:>3}  {'yes' if r['signing'] else '':<5}  {r['fingerprint']:<16}  {r['file']}")
+    return EXIT_OK
+
+
 def cmd_stats(args):
     """Fetch the relay's /metrics and print it for a person (or as JSON)."""
     import urllib.error
@@ -411,6 +479,29 @@ def build_parser():
     s.add_argument("--pid", type=int, default=None, help="the supervisor's pid (default: from /status)")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the verdict (default 30)")
     s.set_defaults(func=cmd_reload)
+
+    s = sub.add_parser("flows", help="list a running relay's live flows (from its management endpoint)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--config", "-c", default=DEFAULT_CONFIG,
+                   help=f"take management.address/port from this config (default {DEFAULT_CONFIG})")
+    g.add_argument("--url", default=None, help="the flows URL, e.g. http://127.0.0.1:9477/flows")
+    s.add_argument("--limit", type=int, default=100, help="show at most this many flows, 1..10000 (default 100)")
+    s.add_argument("--transceiver", "-t", default=None, help="only flows of this transceiver (name or id)")
+    s.add_argument("--state", choices=("pending", "confirmed"), default=None, help="only flows in this state")
+    s.add_argument("--client", default=None, help="only this client: ADDRESS, ADDRESS:PORT ([ADDRESS]:PORT for IPv6) or a network in CIDR")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_flows)
+
+    s = sub.add_parser("config", help="print the config with every default filled in (TOML)")
+    s.add_argument("--effective", action="store_true", required=True,
+                   help="every section and key, defaults included (the only mode)")
+    s.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    s.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("keys", help="list the loaded key ids, which one signs, and their fingerprints")
+    key_source(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_keys)
 
     s = sub.add_parser("render-nft", help="print the nftables ruleset for this config (load with nft -f)")
     s.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")

@@ -1,4 +1,4 @@
-"""A tiny non-blocking HTTP/1.0 server for /metrics and /healthz, driven by the supervisor's loop.
+"""A tiny non-blocking HTTP/1.0 server for /metrics, /healthz and /flows, driven by the supervisor's loop.
 
 Contract
   - One request per connection (HTTP/1.0 style, `Connection: close`); the
@@ -7,7 +7,8 @@ Contract
     must be taken within TIMEOUT seconds.
   - GET (and HEAD) only: other methods get 405. Paths are looked up in
     `routes` {path: callable() -> (status, content_type, body bytes)}; the
-    query string is ignored; anything else is 404.
+    query string is ignored, except by a handler wrapped in `with_query`,
+    which is called with it parsed ({name: [values]}); anything else is 404.
   - At most MAX_CONNECTIONS at once and MAX_PER_SOURCE from one source
     address. A new connection over the total evicts the oldest connection
     whose request head is not complete yet (slowloris: slow clients cannot
@@ -20,6 +21,7 @@ Contract
 import selectors
 import socket
 import time
+import urllib.parse
 
 MAX_REQUEST = 8192
 MAX_CONNECTIONS = 64
@@ -44,6 +46,14 @@ def listen(address, port):
         sock.close()
         raise
     return sock
+
+
+def with_query(handler):
+    """Mark `handler` as taking the request's parsed query string: handler(query) -> (status, type, body)."""
+    def route(query):
+        return handler(query)
+    route.takes_query = True
+    return route
 
 
 def response(status, content_type, body, head_only=False):
@@ -134,10 +144,18 @@ class Server:
             return response(400, "text/plain", b"bad request\n")
         if method not in ("GET", "HEAD"):
             return response(405, "text/plain", b"method not allowed\n")
-        handler = self.routes.get(target.split("?", 1)[0])
+        path, _, query = target.partition("?")
+        handler = self.routes.get(path)
         if handler is None:
             return response(404, "text/plain", b"not found\n", method == "HEAD")
-        status, ctype, body = handler()
+        if getattr(handler, "takes_query", False):
+            try:
+                fields = urllib.parse.parse_qs(query, max_num_fields=16)
+            except ValueError:
+                return response(400, "text/plain", b"too many query fields\n", method == "HEAD")
+            status, ctype, body = handler(fields)
+        else:
+            status, ctype, body = handler()
         return response(status, ctype, body, method == "HEAD")
 
     def _answer(self, c, data):

@@ -14,6 +14,14 @@ Theory of operation
   and clears the slot, so totals never go backwards across restarts (a
   SIGKILLed worker loses at most its last half second of counts).
 
+  Host-side numbers are read only when /metrics is scraped, never on the
+  packet path: `process_*` of the supervisor and each worker from
+  /proc/<pid>/stat and /proc/<pid>/fd (label worker="supervisor" or the
+  index), and `edge_relay_socket_drops_total` from the drops column of
+  /proc/net/udp and /proc/net/udp6 for the inodes of the relay's sockets
+  (the kernel's receive-buffer overflows, label socket="l<listener>w<worker>"
+  or "i<worker>", the fd-store names).
+
   `render` turns a `Totals` into Prometheus text exposition format 0.0.4;
   `parse` reads that format back (for `edge-relay stats`).
 
@@ -32,6 +40,7 @@ Theory of operation
 
 import json
 import mmap
+import os
 import struct
 import sys
 import time
@@ -236,12 +245,122 @@ def render_extra(docs):
         for dd in ddocs:
             for k, v in dd.items():
                 total[k] = total.get(k, 0) + v
-        lines += header("edge_relay_directory_events_total",
-                        "flow directory: publications, lookups, held packets and outcomes", "counter")
-        lines += [f'edge_relay_directory_events_total{{event="{_escape(k)}"}} {v}'
-                  for k, v in sorted(total.items()) if k != "redis_connected"]
+        lines += render_directory(total)
         lines += header("edge_relay_directory_connected", "workers connected to the directory's Redis", "gauge")
         lines.append(f"edge_relay_directory_connected {total.get('redis_connected', 0)}")
+    return lines
+
+
+# One counter per meaning (directory.py and resp.py stats keys -> metric, label).
+# A key not in this table is not exported (tests/test_metrics.py checks the table
+# covers every key the directory and its Redis client count).
+DIRECTORY_COUNTERS = (
+    ("edge_relay_directory_publications_total", "flows published to the directory", None,
+     ("published",)),
+    ("edge_relay_directory_lookups_total", "lookups started for an unknown client address", None, ("lookups",)),
+    ("edge_relay_directory_held_packets_total", "packets held while their lookup runs", None, ("held",)),
+    ("edge_relay_directory_lookup_results_total", "finished lookups by result", "result",
+     ("hit", "miss", "error", "invalid", "timeout")),
+    ("edge_relay_directory_late_replies_total", "lookup replies that came after their lookup ended", None,
+     ("late_replies",)),
+    ("edge_relay_directory_not_held_total", "packets of unknown flows not held, by reason", "reason",
+     ("directory_negative", "directory_flow_full", "directory_total_full", "directory_lookups_full")),
+    ("edge_relay_directory_redis_calls_total", "commands sent to Redis", None, ("redis_calls",)),
+    ("edge_relay_directory_redis_connects_total", "connections made to Redis", None, ("redis_connects",)),
+    ("edge_relay_directory_redis_failures_total", "Redis connections lost or refused", None, ("redis_failures",)),
+    ("edge_relay_directory_redis_timeouts_total", "Redis commands that timed out", None, ("redis_timeouts",)),
+    ("edge_relay_directory_redis_refused_total", "commands not sent to Redis, by reason", "reason",
+     ("redis_refused_down", "redis_refused_full")),
+    ("edge_relay_directory_redis_late_replies_total", "Redis replies to commands already timed out", None,
+     ("redis_late_replies",)),
+)
+
+
+def render_directory(total):
+    """Prometheus lines for the summed directory stats `total` (see DIRECTORY_COUNTERS)."""
+    from .histogram import header
+    lines = []
+    for metric, text, label, keys in DIRECTORY_COUNTERS:
+        lines += header(metric, text, "counter")
+        if label is None:
+            lines.append(f"{metric} {total.get(keys[0], 0)}")
+            continue
+        for k in keys:
+            value = k.removeprefix("directory_").removeprefix("redis_refused_")
+            lines.append(f'{metric}{{{label}="{value}"}} {total.get(k, 0)}')
+    return lines
+
+
+# -- read at scrape time by the supervisor, never on the packet path ----------
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _boot_time():
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+_BTIME = _boot_time()
+
+
+def process_stats(pid):
+    """(cpu seconds, resident bytes, open fds, start time in Unix seconds) of `pid` from /proc, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2:].split()      # comm may hold spaces: skip past it
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, ValueError):
+        return None
+    # fields[0] is field 3 (state) of proc(5): utime 14, stime 15, starttime 22, rss 24
+    cpu = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return cpu, int(fields[21]) * _PAGE, fds, _BTIME + int(fields[19]) / _CLK_TCK
+
+
+def socket_drops(inodes):
+    """{inode: drops} for the UDP sockets in `inodes`, from /proc/net/udp and udp6 (proc(5))."""
+    out = {}
+    for path in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(path) as f:
+                next(f, None)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) >= 13 and int(cols[9]) in inodes:
+                        out[int(cols[9])] = int(cols[12])
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def render_host(processes, sockets):
+    """process_* lines for `processes` [(worker label, pid)] and edge_relay_socket_drops_total for
+    `sockets` [(socket name, inode)]: read from /proc when called (at scrape time)."""
+    from .histogram import header
+    stats = [(label, process_stats(pid)) for label, pid in processes]
+    stats = [(label, st) for label, st in stats if st is not None]
+    lines = []
+    for i, (metric, kind, text) in enumerate((
+            ("process_cpu_seconds_total", "counter", "user and system CPU time of the process"),
+            ("process_resident_memory_bytes", "gauge", "resident memory of the process"),
+            ("process_open_fds", "gauge", "open file descriptors of the process"),
+            ("process_start_time_seconds", "gauge", "start time of the process since the Unix epoch"))):
+        lines += header(metric, text, kind)
+        lines += [f'{metric}{{worker="{_escape(label)}"}} {st[i]!r}' for label, st in stats]
+    if sockets:
+        drops = socket_drops({inode for _, inode in sockets})
+        lines += header("edge_relay_socket_drops_total",
+                        "datagrams the kernel dropped because the socket's receive buffer was full", "counter")
+        lines += [f'edge_relay_socket_drops_total{{socket="{_escape(name)}"}} {drops[inode]}'
+                  for name, inode in sockets if inode in drops]
     return lines
 
 
@@ -279,6 +398,10 @@ class Totals:
         self.last_reload_ok = 1
         self.last_reload_success = 0.0
         self.extra = []         # extra_of documents of the serving workers
+        self.worker_flows = {}  # {worker index: live flows} of the serving workers
+        self.flows_max = 0      # limits.max_flows: each worker's own cap
+        self.processes = []     # [(worker label, pid)]: process_* read at render time
+        self.sockets = []       # [(socket name, inode)]: edge_relay_socket_drops_total read at render time
 
 
 def totals(shared, up=()):
@@ -295,6 +418,7 @@ def totals(shared, up=()):
         if i in up:
             t.flows_pending += values[FLOWS_PENDING]
             t.flows_confirmed += values[FLOWS_CONFIRMED]
+            t.worker_flows[i] = values[FLOWS_PENDING] + values[FLOWS_CONFIRMED]
             gen = values[GENERATION]
             t.workers_generation = gen if not t.workers_generation else min(gen, t.workers_generation)
     t.workers_up = len(up)
@@ -325,7 +449,9 @@ def render(t):
 
     family("edge_relay_packets_total", "counter", "Datagrams by direction.",
            [((("direction", d),), t.stats[_STAT[f"{d}_packets"]]) for d, _ in DIRECTIONS])
-    family("edge_relay_bytes_total", "counter", "Payload bytes by direction.",
+    family("edge_relay_bytes_total", "counter",
+           "UDP payload bytes by direction; to_transceiver and transceiver_in include the 48-octet "
+           "forwarding header, client_in and to_client do not.",
            [((("direction", d),), t.stats[_STAT[f"{d}_bytes"]]) for d, _ in DIRECTIONS])
     family("edge_relay_drops_total", "counter", "Datagrams not forwarded, by reason.",
            [((("reason", r.label),), t.drops[r]) for r in Drop if r != Drop.OK])
@@ -333,6 +459,10 @@ def render(t):
            [((("event", e),), t.stats[_STAT[f"flows_{e}"]]) for e in FLOW_EVENTS])
     family("edge_relay_flows", "gauge", "Live flows by state.",
            [((("state", "pending"),), t.flows_pending), ((("state", "confirmed"),), t.flows_confirmed)])
+    family("edge_relay_worker_flows", "gauge", "Live flows of each serving worker (pending and confirmed).",
+           [((("worker", str(i)),), n) for i, n in sorted(t.worker_flows.items())])
+    family("edge_relay_flows_max", "gauge", "Cap on one worker's live flows (limits.max_flows).",
+           [((), t.flows_max)])
     family("edge_relay_workers", "gauge", "Configured worker processes.", [((), t.workers)])
     family("edge_relay_workers_up", "gauge", "Worker processes serving (fresh heartbeat).",
            [((), t.workers_up)])
@@ -361,6 +491,7 @@ def render(t):
     family("edge_relay_probes_sent_total", "counter", "Health probes sent to transceivers (all workers).",
            [((), t.stats[_STAT["probes_sent"]])])
     out.extend(render_extra(t.extra))
+    out.extend(render_host(t.processes, t.sockets))
     return "\n".join(out) + "\n"
 
 

@@ -15,6 +15,8 @@ Theory of operation
                                       publishes that generation
                            b"drain"   refuse new flows, forward the rest, exit
                            b"stop"    exit now (hand-over to a new worker)
+                           b"report-flows" + JSON filters: answer b"flow-report" +
+                           a memfd with the matching flows (GET /flows; bounded)
     worker -> supervisor   b"reloaded" / b"reload-failed <reason>"
                            b"flows" + a memfd (SCM_RIGHTS) with the flow table
                            snapshot, sent as the worker exits
@@ -66,6 +68,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -77,7 +80,7 @@ from . import config as config_mod, httpd, metrics, nft, sdnotify, sockets
 from .errors import EdgeRelayError, StartupError, reason
 from .log import Log
 from .router import mark_failed_over
-from .worker import Worker, flow_table
+from .worker import Worker, client_filter, flow_table
 
 HEARTBEAT_STALE = 5.0       # seconds without a publication before a worker counts as down
 STATUS_INTERVAL = 2.0       # seconds between STATUS= updates
@@ -89,6 +92,8 @@ RELOAD_ACK_TIMEOUT = 5.0    # verdict "failed" if a worker does not run the new 
 RULESET_FILE = "edge-relay.nft"     # in $RUNTIME_DIRECTORY: the accepted config's nftables ruleset
 KILL_GRACE = 5.0            # after drain_seconds, SIGKILL workers still running
 CTL_MAX = 256
+FLOWS_LIMIT_MAX = 10000     # GET /flows?limit= at most this many flows in one answer
+FLOWS_REPORT_TIMEOUT = 1.0  # GET /flows waits this long for the workers' reports at most
 
 
 def run(config_path, cfg, workers=None):
@@ -183,6 +188,7 @@ class Slot:
         self.handed = None          # memfd the last process sent as it exited
         self.asked_to_stop = False
         self.reload_failed = None   # the worker's reason when it kept its old config
+        self.report = None          # the last b"flow-report" (GET /flows)
 
 
 def _usec():
@@ -252,7 +258,8 @@ class Supervisor:
                                    f"{exc.strerror or exc}") from None
             self.http = httpd.Server(sock, self.sel, {"/metrics": self._metrics, "/healthz": self._healthz,
                                                       "/livez": self._livez, "/readyz": self._readyz,
-                                                      "/status": self._status})
+                                                      "/status": self._status,
+                                                      "/flows": httpd.with_query(self._flows)})
 
     # -- sockets and the fd store ---------------------------------------------
 
@@ -429,6 +436,8 @@ class Supervisor:
                     worker._publish()
                     _send(ctl, b"reloaded" if ok else b"reload-failed " +
                           (worker.last_reload_error or "").encode("utf-8", "replace")[:CTL_MAX - 16])
+                elif msg.startswith(b"report-flows"):
+                    _report_flows(ctl, worker, msg[len(b"report-flows"):], i)
                 elif msg == b"drain":
                     worker.drain()
                 elif msg == b"stop":
@@ -462,6 +471,14 @@ class Supervisor:
                 if slot.handed is not None:
                     os.close(slot.handed)
                 slot.handed = fds.pop(0)
+            elif msg == b"flow-report" and fds:
+                fd = fds.pop(0)
+                try:
+                    slot.report = json.loads(sdnotify.memfd_read(fd))
+                except (OSError, ValueError):
+                    slot.report = None
+                finally:
+                    os.close(fd)
             elif msg.startswith(b"reload-failed"):
                 slot.reload_failed = msg[14:].decode("utf-8", "replace") or "see its log"
                 self.log.verdict("err", "worker %d kept its old config: %s", slot.index, slot.reload_failed)
@@ -733,6 +750,9 @@ class Supervisor:
         t.ready = self.readiness()[0]
         t.last_reload_ok = int(self.last_reload_ok)
         t.last_reload_success = self.last_reload_success
+        t.flows_max = self.cfg.limits.max_flows
+        t.processes = [("supervisor", os.getpid())] + [(str(s.index), s.pid) for s in self.slots if s.pid]
+        t.sockets = [(name, os.fstat(sock.fileno()).st_ino) for name, sock in sorted(self.socks.items())]
         return t
 
     def _status_text(self):
@@ -752,6 +772,67 @@ class Supervisor:
 
     def _metrics(self):
         return 200, metrics.CONTENT_TYPE, metrics.render(self.totals()).encode("utf-8")
+
+    def _flows(self, query):
+        """GET /flows?limit=N&transceiver=ID|NAME&state=pending|confirmed&client=ADDR|CIDR: live flows as JSON.
+
+        Asks every serving worker (b"report-flows") and waits for their answers for at most
+        FLOWS_REPORT_TIMEOUT; a worker that does not answer in time is counted in "missing"."""
+        def one(name, default=None):
+            values = query.get(name)
+            return values[-1] if values else default
+        try:
+            limit = int(one("limit", "100"))
+            if not 1 <= limit <= FLOWS_LIMIT_MAX:
+                raise ValueError
+        except ValueError:
+            return 400, "text/plain", f"limit: expected 1..{FLOWS_LIMIT_MAX}\n".encode()
+        state = one("state")
+        if state not in (None, "pending", "confirmed"):
+            return 400, "text/plain", b"state: expected pending or confirmed\n"
+        tx = one("transceiver")
+        if tx is not None:
+            ids = {t.name: t.id for t in self.cfg.transceivers}
+            if tx in ids:
+                tx = ids[tx]
+            elif tx.isdigit() and int(tx) in ids.values():
+                tx = int(tx)
+            else:
+                return 400, "text/plain", f"transceiver: {tx[:64]!r} is not a configured name or id\n".encode()
+        client = one("client")
+        if client is not None:
+            try:
+                client_filter(client)
+            except ValueError:
+                return 400, "text/plain", b"client: expected an address, address:port or network (CIDR)\n"
+        request = b"report-flows" + json.dumps({"limit": limit, "transceiver": tx, "state": state,
+                                                 "client": client}).encode()
+        if len(request) > CTL_MAX:
+            return 400, "text/plain", b"client: too long\n"
+        asked = [self.slots[i] for i in sorted(self.up()) if self.slots[i].ctl is not None]
+        for slot in asked:
+            slot.report = None
+            _send(slot.ctl, request)
+        deadline = time.monotonic() + FLOWS_REPORT_TIMEOUT
+        waiting = list(asked)
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select([s.ctl for s in waiting], [], [], left)
+            for slot in [s for s in waiting if s.ctl in ready]:
+                self._read_ctl(slot)
+            waiting = [s for s in waiting if s.report is None and s.ctl is not None]
+        flows, matched = [], 0
+        for slot in asked:
+            if slot.report is None:
+                continue
+            matched += slot.report["matched"]
+            flows += [dict(f, worker=slot.index) for f in slot.report["flows"]]
+        flows.sort(key=lambda f: (f["idle"] is None, f["idle"] or 0.0, f["client"]))
+        doc = {"matched": matched, "shown": min(limit, len(flows)), "flows": flows[:limit],
+               "workers": len(asked) - len(waiting), "missing": len(waiting)}
+        return 200, "application/json", (json.dumps(doc, indent=1) + "\n").encode()
 
     def _healthz(self):
         if self.stopping:
@@ -901,6 +982,22 @@ class Supervisor:
                 s.close()
         self.shared.close()
         self.extra.close()
+
+
+def _report_flows(ctl, worker, payload, index):
+    """Worker side of b"report-flows": the matching flows in a memfd, sent as b"flow-report"."""
+    try:
+        f = json.loads(payload)
+        report = worker.flow_report(int(f["limit"]), f.get("transceiver"), f.get("state"), f.get("client"))
+    except (ValueError, KeyError, TypeError):
+        report = {"matched": 0, "flows": []}
+    fd = sdnotify.memfd_write(f"edge-relay-report{index}", json.dumps(report).encode())
+    try:
+        socket.send_fds(ctl, [b"flow-report"], [fd])
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _send(sock, msg):

@@ -235,8 +235,8 @@ def test_a_moved_call_resumes_at_once_with_the_directory_and_at_consent_without(
         extra = f'\n[probes]\nenabled = false\n\n[directory]\naddress = "{redis.address}"\n'
         gap_with, events, fams = call_moved_mid_way(tmp_path / "with", extra, "with the directory")
         assert events[(("event", "from_directory"),)] == 1
-        dir_events = fams["edge_relay_directory_events_total"]["samples"]
-        assert dir_events[(("event", "hit"),)] == 1
+        results = fams["edge_relay_directory_lookup_results_total"]["samples"]
+        assert results[(("result", "hit"),)] == 1
     gap_without, events, _ = call_moved_mid_way(tmp_path / "without", "\n[probes]\nenabled = false\n",
                                                 "without the directory")
     assert events[(("event", "from_directory"),)] == 0

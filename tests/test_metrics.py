@@ -132,3 +132,93 @@ def test_metrics_match_the_traffic_and_stats_prints_them(tmp_path):
         traffic.close()
         relay.kill()
         setup.tx_sock.close()
+
+
+def test_directory_counters_cover_every_key_the_directory_and_its_redis_client_count():
+    import re
+    from edge_relay import directory
+    src = {name: open(os.path.join(ROOT, "edge_relay", f"{name}.py")).read() for name in ("directory", "resp")}
+    counted = {"published", "held", "lookups", "late_replies", directory.HIT, directory.MISS, directory.ERROR,
+               directory.INVALID, directory.TIMEOUT, directory.DROP_NEGATIVE, directory.DROP_FLOW_FULL,
+               directory.DROP_TOTAL_FULL, directory.DROP_LOOKUPS_FULL}
+    assert set(re.findall(r'stats\["(\w+)"\]', src["directory"])) <= counted
+    counted |= {f"redis_{k}" for k in re.findall(r'stats\["(\w+)"\]', src["resp"])}
+    table = [k for _, _, _, keys in metrics.DIRECTORY_COUNTERS for k in keys]
+    assert sorted(table) == sorted(counted)
+    total = {k: i + 1 for i, k in enumerate(table)}
+    t = metrics.Totals()
+    t.extra = [{"dir": dict(total, redis_connected=1)}]
+    fams = parse_prometheus(metrics.render(t))
+    assert "edge_relay_directory_events_total" not in fams
+    assert value(fams, "edge_relay_directory_lookup_results_total", result="hit") == total["hit"]
+    assert value(fams, "edge_relay_directory_not_held_total", reason="flow_full") == total["directory_flow_full"]
+    assert value(fams, "edge_relay_directory_redis_refused_total", reason="down") == total["redis_refused_down"]
+    assert value(fams, "edge_relay_directory_publications_total") == total["published"]
+    assert value(fams, "edge_relay_directory_connected") == 1
+
+
+def test_bytes_help_says_which_directions_count_the_header():
+    help_line = next(line for line in metrics.render(metrics.Totals()).splitlines()
+                     if line.startswith("# HELP edge_relay_bytes_total"))
+    assert "48-octet" in help_line and "to_transceiver" in help_line
+
+
+def test_process_stats_read_proc_of_another_process():
+    import time
+    child = subprocess.Popen([sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"up\n"          # the interpreter runs: its RSS is settled
+        cpu, rss, fds, start = metrics.process_stats(child.pid)
+        with open(f"/proc/{child.pid}/status") as f:
+            vmrss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        # stat's rss and status's VmRSS come from per-CPU counters synced at different times (proc(5))
+        assert abs(rss - vmrss) < vmrss / 4 and cpu >= 0
+        assert fds == len(os.listdir(f"/proc/{child.pid}/fd"))
+        assert abs(start - time.time()) < 60
+    finally:
+        child.stdin.close()
+        child.wait(10)
+        child.stdout.close()
+    assert metrics.process_stats(child.pid) is None           # reaped: no /proc entry
+
+
+def test_process_open_fds_counts_each_open_file():
+    cpu, _, before, _ = metrics.process_stats(os.getpid())
+    files = [open(os.devnull) for _ in range(3)]
+    try:
+        assert metrics.process_stats(os.getpid())[2] == before + 3
+        for _ in range(100000):         # burn CPU until a clock tick shows (bounded)
+            if metrics.process_stats(os.getpid())[0] > cpu:
+                break
+            sum(range(10000))
+        assert metrics.process_stats(os.getpid())[0] > cpu
+    finally:
+        for f in files:
+            f.close()
+
+
+def test_socket_drops_counts_datagrams_the_full_receive_buffer_refused():
+    import socket
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family, socket.SOCK_DGRAM) as rx, socket.socket(family, socket.SOCK_DGRAM) as tx:
+            rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            rx.bind((host, 0))
+            inode = os.fstat(rx.fileno()).st_ino
+            assert metrics.socket_drops({inode}) == {inode: 0}
+            for _ in range(200):                  # never read: the buffer fills, the kernel drops the rest
+                tx.sendto(bytes(1000), rx.getsockname())
+            dropped = metrics.socket_drops({inode})[inode]
+            received = 0
+            rx.setblocking(False)
+            while True:
+                try:
+                    rx.recv(2048)
+                except BlockingIOError:
+                    break
+                received += 1
+            assert dropped > 0 and dropped + received == 200
+            t = metrics.Totals()
+            t.sockets = [("l0w0", inode)]
+            fams = parse_prometheus(metrics.render(t))
+            assert value(fams, "edge_relay_socket_drops_total", socket="l0w0") == dropped
