@@ -55,6 +55,9 @@ class Drop(enum.IntEnum):
     DIRECTORY_MISS = 33       # held packet dropped: directory did not know the flow, failed or timed out
     # transceiver side (transceiver.check_request; the relay holds no ICE password)
     STUN_INTEGRITY = 34       # Binding Request whose MESSAGE-INTEGRITY is missing or not the session password's
+    # transceiver adapter (adapter.py, docs/ADAPTER.md)
+    STUN_ERROR_RESPONSE = 35  # a Binding error response: never sent on toward the relay
+    STUN_UNMATCHED = 36       # a Binding success whose transaction id matches no check the adapter forwarded
 
     @property
     def label(self):
