@@ -1,0 +1,245 @@
+"""Relay process + adapter + a synthetic stock ICE-full server, on loopback.
+
+The client and the "stock server" are `adapterkit.IcePeer`s on their own UDP
+sockets: the server picks its own ufrag and password, speaks plain UDP, sends
+its own checks and echoes media; the client is ICE-full and controlling. The
+signaling goes through the adapter's HTTP hook. The relay is a real
+`edge-relay run` (tests/relayproc.py); the adapter runs in-process
+(adapter_run.AdapterShell) on the relay's configured transceiver socket.
+"""
+
+import json
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+import urllib.request
+
+import pytest
+
+import relayproc
+from adapterkit import ANSWER, OFFER, IcePeer
+from edge_relay import adapter, adapter_run, stun, transceiver
+
+pytestmark = pytest.mark.slow
+
+
+def post(url, body, ctype):
+    req = urllib.request.Request(url, data=body.encode(), headers={"Content-Type": ctype}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+class Shell:
+    def __init__(self, setup, idle_timeout=30.0, health=None, public=None):
+        ad = adapter.Adapter(transceiver.Endpoint(setup.keyring, 1), public or [setup.public],
+                             idle_timeout=idle_timeout)
+        self.shell = adapter_run.AdapterShell(ad, None, ("127.0.0.1", 0), sock=setup.tx_sock, health=health)
+        self.stop = threading.Event()
+        self.shell.start_hook()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.url = "http://%s:%d" % self.shell.hook_address
+
+    def _run(self):
+        while not self.stop.is_set():
+            self.shell.run_once(0.05)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.shell.close()
+
+
+class StockServer:
+    """Plain-UDP ICE-full controlled peer: answers checks, sends its own, echoes RTP/DTLS."""
+
+    def __init__(self, ufrag="SRVR", pwd="serverpassword0123456789"):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.addr = self.sock.getsockname()
+        self.peer = IcePeer(ufrag, pwd, controlling=False)
+        self.peer.remote_ufrag, self.peer.remote_pwd = b"CLNT", b"clientpassword0123456789"
+        self.mapped = []            # XOR-MAPPED-ADDRESS of responses to its checks
+        self.my_checks = set()
+        self.echoed = 0
+        self.bad = []
+
+    def answer_sdp(self):
+        return ANSWER.replace("10.0.0.2 41000", "%s %d" % self.addr).replace("a=candidate:9", "a=x-no:9")
+
+    def pump(self):
+        while True:
+            try:
+                data, src = self.sock.recvfrom(4096)
+            except BlockingIOError:
+                return
+            msg = stun.decode(data) if stun.classify(data[0]) == stun.STUN else None
+            if msg is None:
+                self.echoed += 1
+                self.sock.sendto(data, src)
+            elif msg.msg_type == stun.BINDING_REQUEST:
+                resp = self.peer.answer(data, src)
+                if resp.__class__ is not bytes:
+                    self.bad.append(("check", resp))
+                    continue
+                self.sock.sendto(resp, src)
+                txid = os.urandom(12)
+                self.my_checks.add(txid)
+                self.sock.sendto(self.peer.check(txid), src)          # triggered check (RFC 8445 7.3.1.4)
+            elif msg.msg_type == stun.BINDING_SUCCESS and msg.transaction_id in self.my_checks:
+                self.mapped.append(self.peer.accept_response(data, msg.transaction_id))
+            else:
+                self.bad.append(("unexpected", data.hex()))
+
+
+class Client:
+    def __init__(self, relay_addr, answer_sdp, ufrag="CLNT", pwd="clientpassword0123456789"):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.connect(relay_addr)
+        self.sock.setblocking(False)
+        self.addr = self.sock.getsockname()
+        self.peer = IcePeer(ufrag, pwd, controlling=True)
+        tok, pwd2 = adapter.ice_credentials(answer_sdp)
+        self.peer.remote_ufrag, self.peer.remote_pwd = tok.encode(), pwd2.encode()
+        self.pending = {}
+        self.mapped = []
+        self.checks_answered = 0
+        self.media_in = 0
+        self.bad = []
+
+    def check(self):
+        txid = os.urandom(12)
+        self.pending[txid] = True
+        self.sock.send(self.peer.check(txid))
+
+    def rtp(self, seq):
+        self.sock.send(struct.pack(">BBHII", 0x80, 111, seq, seq * 960, 0x1234) + bytes(120))
+
+    def pump(self):
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except (BlockingIOError, ConnectionRefusedError):
+                return
+            if stun.classify(data[0]) != stun.STUN:
+                self.media_in += 1
+                continue
+            msg = stun.decode(data)
+            if msg.msg_type == stun.BINDING_SUCCESS and self.pending.pop(msg.transaction_id, None):
+                self.mapped.append(self.peer.accept_response(data, msg.transaction_id))
+            elif msg.msg_type == stun.BINDING_REQUEST:
+                user = bytes(msg.get(stun.USERNAME))
+                if user != self.peer.ufrag + b":" + self.peer.remote_ufrag:
+                    self.bad.append(("username", user))
+                resp = self.peer.answer(data, self.sock.getpeername())
+                if resp.__class__ is bytes:
+                    self.checks_answered += 1
+                    self.sock.send(resp)
+                else:
+                    self.bad.append(("check", resp))
+            else:
+                self.bad.append(("unexpected", data.hex()))
+
+
+def run(parts, seconds, until):
+    sel = selectors.DefaultSelector()
+    for p in parts:
+        sel.register(p.sock, selectors.EVENT_READ, p)
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for key, _ in sel.select(0.05):
+                key.data.pump()
+            if until():
+                return True
+        return False
+    finally:
+        sel.close()
+
+
+def negotiate(shell, server, offer=OFFER):
+    status, stripped = post(shell.url + "/v1/offer", offer, "application/sdp")
+    assert status == 200, stripped
+    assert "a=candidate" not in stripped
+    status, body = post(shell.url + "/v1/answer", json.dumps({"offer": offer, "answer": server.answer_sdp()}),
+                        "application/json")
+    assert status == 200, body
+    return json.loads(body)
+
+
+@pytest.fixture
+def relay(tmp_path):
+    setup = relayproc.Setup(tmp_path, workers=1)
+    proc = relayproc.Relay(setup)
+    try:
+        relayproc.wait_for(lambda: relayproc.http_get(setup.url + "/metrics")[0] == 200, 15, what="relay up")
+        yield setup
+    finally:
+        proc.kill()
+
+
+def test_call_through_relay_and_adapter(relay):
+    shell = Shell(relay)
+    server = StockServer()
+    try:
+        doc = negotiate(shell, server)
+        assert doc["answer"].count("a=candidate") == 1 and "%s %d typ host" % relay.public in doc["answer"]
+        client = Client(relay.public, doc["answer"])
+        assert doc["ufrag"] == client.peer.remote_ufrag.decode()
+        client.check()
+        assert run([client, server], 10, lambda: client.mapped and server.mapped and client.checks_answered)
+        assert client.mapped == [client.addr]          # the client's own address, not the adapter's
+        assert server.mapped == [server.addr]          # as if the adapter's socket were the client
+        for seq in range(50):
+            client.rtp(seq)
+        assert run([client, server], 10, lambda: client.media_in == 50)
+        assert server.echoed == 50 and client.bad == [] and server.bad == []
+        stats = shell.shell.stats()
+        assert stats["drops"] == {} and stats["flows"] == 1
+        assert stats["counts"]["client_to_server"] == 50 and stats["counts"]["server_to_client"] == 50
+
+        def relay_settled():
+            fams = relayproc.metrics(relay)
+            ok = (relayproc.value(fams, "edge_relay_flow_events_total", event="confirmed") == 1
+                  and relayproc.value(fams, "edge_relay_packets_total", direction="to_client") >= 52)
+            return fams if ok else None
+        fams = relayproc.wait_for(relay_settled, 5, 0.1, "relay counters")
+        assert sum(fams["edge_relay_drops_total"]["samples"].values()) == 0
+    finally:
+        shell.close()
+
+
+def test_hook_rejects_bad_sdp_with_one_line(relay):
+    shell = Shell(relay)
+    try:
+        status, body = post(shell.url + "/v1/offer", "hello", "application/sdp")
+        assert status == 400 and body.strip().count("\n") == 0 and "SDP" in body
+        status, body = post(shell.url + "/v1/answer", "{}", "application/json")
+        assert status == 400 and "JSON" in body
+    finally:
+        shell.close()
+
+
+def test_probes_answered_only_while_server_health_check_passes(tmp_path):
+    setup = relayproc.Setup(tmp_path, workers=1, extra="\n[probes]\nenabled = true\n")
+    health = socket.socket()
+    health.bind(("127.0.0.1", 0))
+    health.listen(128)      # never accepted: the connects only need the backlog
+    proc = relayproc.Relay(setup)
+    shell = Shell(setup, health=health.getsockname())
+    try:
+        relayproc.wait_for(lambda: shell.shell.stats()["counts"]["probes_answered"] > 3, 15, what="probes answered")
+        health.close()
+        relayproc.wait_for(lambda: shell.shell.stats()["counts"]["probes_unanswered"] > 3, 15,
+                           what="probes unanswered once the server is gone")
+        assert shell.shell.stats()["server_up"] is False
+    finally:
+        shell.close()
+        proc.kill()
