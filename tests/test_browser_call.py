@@ -155,6 +155,7 @@ class CallBench:
                 left = CALL_TIMEOUT - (time.monotonic() - started)
                 assert left > 0, f"call did not finish in {CALL_TIMEOUT}s: {sorted(out)}"
                 line = json.loads(self.signal.readline(left))
+                assert line["event"] != "hook-error", line
                 if line["event"] == "negotiated":
                     out["negotiated"].append(line)
                 elif line["event"] == "stats":
@@ -223,7 +224,7 @@ def relay_counts(fams):
 
 def figures(name, caller, server, packets, events, adapter):
     line = {"case": name, "caller": caller, "server": server, "relay_packets": packets, "relay_flows": events,
-            "adapter": {k: v for k, v in adapter["counts"].items() if v}}
+            "adapter": {k: v for k, v in adapter["counts"].items() if v}, "adapter_drops": adapter["drops"]}
     print("\nbrowser-call " + json.dumps(line))
     return line
 
@@ -285,8 +286,16 @@ def test_browser_call_survives_ice_restart(netns_factory, tmp_path):
     assert f"{remote['address']}:{remote['port']}" == f"{PUBLIC}:{PUBLIC_PORT}"
     assert "restart" in [w for _, w in out["caller"]["log"]]
     packets, events, drops = relay_counts(bench.metrics())
-    assert events["opened"] == 1, events                            # same client address, same flow
+    # Chromium gathers new sockets for the new ICE generation: a new client address, so
+    # a second relay flow (opened by the new token), confirmed by the adapter's answer
+    assert events["opened"] == 2 and events["confirmed"] == 2, events
     assert drops == {}, drops
     adapter = bench.adapter_stats()
-    assert adapter["counts"]["sessions_created"] == 2 and adapter["drops"] == {}, adapter
+    assert adapter["counts"]["sessions_created"] == 2 and adapter["counts"]["flows_opened"] == 2, adapter
+    # The server browser starts checking the new generation (toward the adapter socket it
+    # already knows) as soon as it has set its answer, before the hook has seen that answer:
+    # those few checks name no session yet, are dropped and counted, and the server
+    # retransmits them (docs/ADAPTER.md section 6). Nothing else may be dropped.
+    assert set(adapter["drops"]) <= {"STUN_NO_USERNAME"} and adapter["drops"].get("STUN_NO_USERNAME", 0) <= 8, \
+        adapter
     figures("restart", caller, server, packets, events, adapter)

@@ -22,6 +22,7 @@ import json
 import queue
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -75,16 +76,12 @@ class H(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.body()
         if self.path == "/offer":
-            with lock:
-                offers.put(hook("/v1/offer", body, "application/sdp"))
-                try:
-                    answer = answers.get(timeout=WAIT)
-                except queue.Empty:
-                    return self.reply(504, "server page did not answer")
-                doc = hook("/v1/answer", json.dumps({"offer": body, "answer": answer}), "application/json")
-                print(json.dumps({"event": "negotiated", "answer": json.loads(doc)["answer"],
-                                  "server_answer": answer, "offer": body}), flush=True)
-                return self.reply(200, doc, "application/json")
+            try:
+                return self.negotiate(body)
+            except urllib.error.HTTPError as exc:
+                reason = exc.read().decode().strip()
+                print(json.dumps({"event": "hook-error", "status": exc.code, "reason": reason}), flush=True)
+                return self.reply(502, f"adapter hook: {exc.code} {reason}")
         if self.path == "/answer":
             answers.put(body)
             return self.reply(200, "ok")
@@ -95,6 +92,18 @@ class H(http.server.BaseHTTPRequestHandler):
                 caller_done.set()
             return self.reply(200, "ok")
         return self.reply(404)
+
+    def negotiate(self, body):
+        with lock:
+            offers.put(hook("/v1/offer", body, "application/sdp"))
+            try:
+                answer = answers.get(timeout=WAIT)
+            except queue.Empty:
+                return self.reply(504, "server page did not answer")
+            doc = hook("/v1/answer", json.dumps({"offer": body, "answer": answer}), "application/json")
+            print(json.dumps({"event": "negotiated", "answer": json.loads(doc)["answer"],
+                              "server_answer": answer, "offer": body}), flush=True)
+            return self.reply(200, doc, "application/json")
 
 
 if __name__ == "__main__":
