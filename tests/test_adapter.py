@@ -334,3 +334,11 @@ def test_sdp_vectors(vec):
     else:
         public = [tuple(p) for p in vec["public"]]
         assert adapter.rewrite_answer(vec["in"], vec["ufrag"], vec["pwd"], public) == vec["out"]
+
+
+def test_adapter_md_carries_every_stun_vector():
+    text = (Path(__file__).parent.parent / "docs" / "ADAPTER.md").read_text()
+    flat = "".join(ln.strip() for ln in text.splitlines() if ln.startswith("  "))
+    for vec in VECTORS["stun"]:
+        assert f"vector: adapter/{vec['name']}" in text
+        assert vec["in"] in flat and vec["out"] in flat, vec["name"]

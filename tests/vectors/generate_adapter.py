@@ -7,6 +7,7 @@ strip_candidates, rewrite_answer). Nothing is random.
 
     python3 tests/vectors/generate_adapter.py           # rewrite the file
     python3 tests/vectors/generate_adapter.py --check   # exit 1 if it would change
+    python3 tests/vectors/generate_adapter.py --markdown  # appendix A of docs/ADAPTER.md
 """
 
 import json
@@ -76,8 +77,30 @@ def build():
     return json.dumps({"stun": stuns, "sdp": sdps}, indent=1) + "\n"
 
 
+def markdown(text):
+    """Appendix A of docs/ADAPTER.md: each STUN vector's hex, 32 octets a line."""
+    out = []
+    for v in json.loads(text)["stun"]:
+        out.append(f"vector: adapter/{v['name']}")
+        out.append(f"note:   {v['note']}")
+        out.append(f"keys:   in {v['in_key']}  out {v['out_key']}")
+        if v["username"]:
+            out.append(f"USERNAME becomes {v['username']}")
+        if v["mapped"]:
+            out.append(f"XOR-MAPPED-ADDRESS becomes {v['mapped'][0]} port {v['mapped'][1]}")
+        for label in ("in", "out"):
+            h = v[label]
+            out.append(f"{label}:")
+            out += ["  " + h[i:i + 64] for i in range(0, len(h), 64)]
+        out.append("")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     text = build()
+    if "--markdown" in sys.argv:
+        print(markdown(text))
+        sys.exit(0)
     if "--check" in sys.argv:
         sys.exit(0 if OUT.read_text() == text else 1)
     OUT.write_text(text)
