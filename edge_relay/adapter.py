@@ -48,6 +48,7 @@ DEFAULT_SESSION_TTL = 300.0         # s a session lives without a connectivity c
 DEFAULT_MAX_SESSIONS = 10000
 DEFAULT_MAX_FLOWS = 10000
 MAX_PENDING_TRANSACTIONS = 64       # per flow: forwarded requests awaiting their response
+MAX_SERVER_PEERS = 16               # per flow: server addresses allowed to send media
 
 # Out.to
 TO_RELAY = 1                        # send `data` to the relay address `dest` (already sealed)
@@ -92,7 +93,7 @@ class Session:
 class Flow:
     """One client (as the relay saw it) and the server peer it talks to."""
 
-    __slots__ = ("key", "client", "inbound", "relay", "server", "session", "pending", "last", "upstream")
+    __slots__ = ("key", "client", "inbound", "relay", "server", "peers", "session", "pending", "last", "upstream")
 
     def __init__(self, key, inbound, relay, session, mono):
         self.key = key                      # octets 6..25 of the header: the client block
@@ -100,6 +101,7 @@ class Flow:
         self.inbound = inbound              # the latest TO_TRANSCEIVER (for sealing TO_CLIENT)
         self.relay = relay                  # relay address last heard from for this client
         self.server = session.server        # where DTLS/SRTP go
+        self.peers = {session.server}       # server addresses proven by MESSAGE-INTEGRITY (or from the answer)
         self.session = session              # latest ICE generation seen on this flow
         self.pending = {}                   # txid -> (Session, direction, reply address)
         self.last = mono
@@ -387,6 +389,8 @@ class Adapter:
             if data is None:
                 return None
         elif kind == stun.DTLS or kind == stun.RTP:
+            if src not in flow.peers:
+                return self._drop(Drop.NOT_TRANSCEIVER)     # not an address the server proved it has
             flow.server = src          # follow the server's selected pair
             data = datagram
             self.counts["server_to_client"] += 1
@@ -406,6 +410,7 @@ class Adapter:
             if not stun.check_integrity(buf, msg, session.client_pwd):
                 return self._drop(Drop.STUN_INTEGRITY)
             self._remember(flow, msg.transaction_id, session, src, TO_RELAY)
+            self._peer(flow, src)
             self.counts["checks_from_server"] += 1
             return resign(buf, msg, session.client_pwd, username=session.client_ufrag + b":" + session.token)
         if mtype == stun.BINDING_SUCCESS:
@@ -415,6 +420,7 @@ class Adapter:
             session = t[0]
             if not stun.check_integrity(buf, msg, session.server_pwd):
                 return self._drop(Drop.STUN_INTEGRITY)
+            self._peer(flow, src)
             if session.serial >= flow.session.serial:
                 flow.session, flow.server = session, src
             self.counts["responses_to_client"] += 1
@@ -422,9 +428,16 @@ class Adapter:
         if mtype == stun.BINDING_ERROR:
             return self._drop(Drop.STUN_ERROR_RESPONSE)    # never toward the relay (PROTOCOL.md 7)
         if mtype == stun.BINDING_INDICATION:
+            if src not in flow.peers:
+                return self._drop(Drop.NOT_TRANSCEIVER)
             self.counts["server_to_client"] += 1
             return bytes(buf)
         return self._drop(Drop.STUN_NOT_BINDING_REQUEST)
+
+    @staticmethod
+    def _peer(flow, src):
+        if src not in flow.peers and len(flow.peers) < MAX_SERVER_PEERS:
+            flow.peers.add(src)
 
     # -- timers
     def expire(self, mono, wall):

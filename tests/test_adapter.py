@@ -137,11 +137,17 @@ def test_dtls_and_rtp_pass_unchanged_both_ways():
     assert c.ad.drop_counts() == {}
 
 
-def test_media_follows_the_server_source():
+def test_media_follows_the_server_source_once_it_proved_itself():
     c = Call()
     flow = c.connect()
-    c.server_in(flow, b"\x80" + bytes(40), src=("10.0.0.3", 41002))
-    assert c.relay_in(b"\x80" + bytes(40)).dest == ("10.0.0.3", 41002)
+    other = ("10.0.0.3", 41002)
+    assert c.server_in(flow, b"\x80" + bytes(40), src=other) is None       # not proven: no hijack
+    assert c.ad.drop_counts() == {"NOT_TRANSCEIVER": 1}
+    assert c.relay_in(b"\x80" + bytes(40)).dest == SERVER
+    payload, _ = from_adapter(c.server_in(flow, c.server.check(), src=other))   # a valid check proves it
+    c.relay_in(c.client.answer(payload, PUBLIC[0]))
+    assert c.server_in(flow, b"\x80" + bytes(40), src=other) is not None
+    assert c.relay_in(b"\x80" + bytes(40)).dest == other
 
 
 def test_each_client_gets_its_own_flow():
@@ -237,6 +243,8 @@ def _drop_case(name):
     elif name == "server check with wrong password":
         c.server.remote_pwd = b"z" * 24
         out, reason = c.server_in(flow, c.server.check()), Drop.STUN_INTEGRITY
+    elif name == "media from an unproven server address":
+        out, reason = c.server_in(flow, b"\x16" + bytes(20), src=("10.9.9.9", 9)), Drop.NOT_TRANSCEIVER
     elif name == "server garbage":
         out, reason = c.server_in(flow, b"\xff" * 10), Drop.NOT_WEBRTC
     elif name == "server stun non-binding":
@@ -259,7 +267,7 @@ DROP_CASES = ["bad header", "unknown token", "wrong client ufrag", "wrong passwo
               "not webrtc", "empty", "dtls without flow", "unmatched response from client",
               "unmatched response from server", "server error response", "client error response",
               "forged server response", "server check with unknown ufrags",
-              "server check with wrong password", "server garbage", "server stun non-binding",
+              "server check with wrong password", "media from an unproven server address", "server garbage", "server stun non-binding",
               "flow forgotten", "flow table full"]
 
 
