@@ -13,6 +13,8 @@ import os
 import selectors
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -21,7 +23,7 @@ import pytest
 
 import relayproc
 from adapterkit import ANSWER, OFFER, IcePeer
-from edge_relay import adapter, adapter_run, stun, transceiver
+from edge_relay import adapter, adapter_run, keys, stun, transceiver
 
 pytestmark = pytest.mark.slow
 
@@ -243,3 +245,26 @@ def test_probes_answered_only_while_server_health_check_passes(tmp_path):
     finally:
         shell.close()
         proc.kill()
+
+
+def cli_adapter(tmp_path, listen, *extra):
+    key_dir = tmp_path / "keys"
+    key_dir.mkdir(mode=0o700)
+    keys.write_key_file(key_dir, 1)
+    args = [sys.executable, "-m", "edge_relay", "adapter", "--listen", listen, "--id", "3",
+            "--public", "192.0.2.1:3478", "--hook", "127.0.0.1:0", "--keys", str(key_dir), *extra]
+    return subprocess.run(args, capture_output=True, text=True, timeout=30, cwd=relayproc.ROOT,
+                          env=dict(os.environ, PYTHONPATH=relayproc.ROOT))
+
+
+def test_cli_adapter_prints_ready_line_and_stops(tmp_path):
+    proc = cli_adapter(tmp_path, "127.0.0.1:0", "--duration", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    ready = json.loads(proc.stdout.splitlines()[0])
+    assert ready["adapter"] == 3 and ready["public"] == ["192.0.2.1:3478"] and ready["hook"].startswith("http://")
+
+
+def test_cli_adapter_unbindable_address_is_one_line_error(tmp_path):
+    proc = cli_adapter(tmp_path, "192.0.2.1:5000")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("edge-relay adapter: cannot bind 192.0.2.1:5000")

@@ -201,7 +201,9 @@ def check_media(report):
     assert codec["mimeType"].lower() == "audio/opus", codec
     assert out_rtp["packetsSent"] > 50 and in_rtp["packetsReceived"] > 50, (out_rtp, in_rtp)
     assert in_rtp["totalAudioEnergy"] > 0 and report["maxLevel"] > 0, (in_rtp, report["maxLevel"])
-    return {"connected_ms": report["connectedMs"], "rtp_sent": out_rtp["packetsSent"],
+    log = dict((what, ms) for ms, what in reversed(report["log"]))          # first time of each note
+    setup = log["connected"] - log["offer"] if "offer" in log else None      # caller: offer sent -> connected
+    return {"connected_ms": report["connectedMs"], "offer_to_connected_ms": setup, "rtp_sent": out_rtp["packetsSent"],
             "rtp_received": in_rtp["packetsReceived"], "max_audio_level": round(report["maxLevel"], 4),
             "total_audio_energy": round(in_rtp["totalAudioEnergy"], 4), "srtp": transport["srtpCipher"],
             "remote": f"{remote.get('address')}:{remote.get('port')}", "remote_type": remote["candidateType"],
