@@ -20,12 +20,11 @@ Theory of operation
     GET  /v1/stats    200, JSON counters, drops by reason, sessions, flows
   A bad SDP is 400 and a full session table 503, each with a one-line reason.
 
-  Health (failover): with `health` = (host, port) the loop tries a TCP
-  connect to it once a second, and the adapter answers relay probes only
-  while that works; without it the server counts as up.
+  Health (failover): with `health` = (host, port) a thread of its own tries
+  a TCP connect to it once a second, and the adapter answers relay probes
+  only while that works; without it the server counts as up.
 """
 
-import errno
 import http.server
 import json
 import selectors
@@ -37,6 +36,7 @@ from . import adapter as adapter_mod
 from .drops import Drop
 
 TICK = 1.0
+HEALTH_TIMEOUT = 0.5
 RECV_SIZE = 65535
 
 
@@ -111,6 +111,7 @@ class AdapterShell:
         self.httpd.shell = self
         self._http_thread = None
         self._next_tick = 0.0
+        self._stopping = threading.Event()
 
     @property
     def listen_address(self):
@@ -128,26 +129,31 @@ class AdapterShell:
 
     # -- sending
     def _send(self, out):
-        if out.to == adapter_mod.TO_RELAY:
-            sock = self.sock
-        else:
-            sock = out.flow.upstream
-            if sock is None:
-                fam = socket.AF_INET6 if ":" in out.dest[0] else socket.AF_INET
-                bind = self.server_bind if (":" in self.server_bind) == (fam == socket.AF_INET6) else \
-                    ("::" if fam == socket.AF_INET6 else "0.0.0.0")
-                sock = socket.socket(fam, socket.SOCK_DGRAM)
-                sock.bind((bind, 0))
-                sock.setblocking(False)
-                out.flow.upstream = sock
-                self.sel.register(sock, selectors.EVENT_READ, out.flow)
         try:
+            if out.to == adapter_mod.TO_RELAY:
+                sock = self.sock
+            else:
+                sock = out.flow.upstream or self._upstream(out.flow, out.dest)
             sock.sendto(out.data, out.dest)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED, errno.EHOSTUNREACH,
-                                 errno.ENETUNREACH, errno.EINVAL, errno.EAFNOSUPPORT):
-                raise
+        except OSError:         # ENOBUFS, EPERM from a firewall, EMFILE for a new socket, ...
             self.adapter.drops[Drop.SEND_FAILED] += 1
+
+    def _upstream(self, flow, dest):
+        """The flow's own socket toward the server (bound on first use)."""
+        fam = socket.AF_INET6 if ":" in dest[0] else socket.AF_INET
+        bind = self.server_bind
+        if (":" in bind) != (fam == socket.AF_INET6):
+            bind = "::" if fam == socket.AF_INET6 else "0.0.0.0"
+        sock = socket.socket(fam, socket.SOCK_DGRAM)
+        try:
+            sock.bind((bind, 0))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        flow.upstream = sock
+        self.sel.register(sock, selectors.EVENT_READ, flow)
+        return sock
 
     # -- receiving
     def _pump(self, sock, flow):
@@ -167,25 +173,32 @@ class AdapterShell:
                 self._send(out)
 
     def _tick(self, mono):
-        if self.health is not None:
+        for flow in self.adapter.expire(mono, time.time()):
+            if flow.upstream is not None:
+                self.sel.unregister(flow.upstream)
+                flow.upstream.close()
+
+    def _health_loop(self):
+        """Own thread: a connect can take its whole timeout, which the datagram loop must not wait for."""
+        while not self._stopping.is_set():
             try:
-                with socket.create_connection(self.health, timeout=0.5):
+                with socket.create_connection(self.health, timeout=HEALTH_TIMEOUT):
                     up = True
             except OSError:
                 up = False
             if up != self.adapter.server_up and self.log is not None:
                 self.log.notice("adapter-health", "server %s:%d is %s", self.health[0], self.health[1],
                                 "up" if up else "down: not answering relay probes")
-            self.adapter.server_up = up
-        for flow in self.adapter.expire(mono, time.time()):
-            if flow.upstream is not None:
-                self.sel.unregister(flow.upstream)
-                flow.upstream.close()
+            self.adapter.server_up = up         # one attribute store: no lock needed
+            self._stopping.wait(TICK)
 
     def start_hook(self):
+        """Start the hook's HTTP thread (and the health check's, with `health`)."""
         self._http_thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                              daemon=True, name="adapter-hook")
         self._http_thread.start()
+        if self.health is not None:
+            threading.Thread(target=self._health_loop, daemon=True, name="adapter-health").start()
 
     def run_once(self, timeout):
         for key, _ in self.sel.select(timeout):
@@ -206,7 +219,9 @@ class AdapterShell:
             self.close()
 
     def close(self):
-        self.httpd.shutdown() if self._http_thread is not None else None
+        self._stopping.set()
+        if self._http_thread is not None:
+            self.httpd.shutdown()
         self.httpd.server_close()
         for key in list(self.sel.get_map().values()):
             key.fileobj.close()

@@ -268,3 +268,17 @@ def test_cli_adapter_unbindable_address_is_one_line_error(tmp_path):
     proc = cli_adapter(tmp_path, "192.0.2.1:5000")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("edge-relay adapter: cannot bind 192.0.2.1:5000")
+
+
+def test_a_refused_send_is_counted_not_raised(tmp_path):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    ad = adapter.Adapter(transceiver.Endpoint(keys.KeyRing({1: bytes(32)}), 1), [("192.0.2.1", 3478)])
+    shell = adapter_run.AdapterShell(ad, None, ("127.0.0.1", 0), sock=sock)
+    try:
+        flow = type("F", (), {"upstream": None})()
+        # broadcast without SO_BROADCAST: the kernel refuses it (EACCES), nothing leaves
+        shell._send(adapter.Out(adapter.TO_SERVER, flow, ("255.255.255.255", 9), b"\x80" + bytes(11)))
+        assert ad.drop_counts() == {"SEND_FAILED": 1} and flow.upstream is not None
+    finally:
+        shell.close()
