@@ -74,7 +74,8 @@ class StockServer:
         self.bad = []
 
     def answer_sdp(self):
-        return ANSWER.replace("10.0.0.2 41000", "%s %d" % self.addr).replace("a=candidate:9", "a=x-no:9")
+        return (ANSWER.replace("10.0.0.2 41000", "%s %d" % self.addr).replace("a=candidate:9", "a=x-no:9")
+                .replace("a=ice-ufrag:SRVR", "a=ice-ufrag:" + self.peer.ufrag.decode()))
 
     def pump(self):
         while True:
@@ -282,3 +283,98 @@ def test_a_refused_send_is_counted_not_raised(tmp_path):
         assert ad.drop_counts() == {"SEND_FAILED": 1} and flow.upstream is not None
     finally:
         shell.close()
+
+
+FAILOVER_CONFIG = """\
+[relay]
+workers = 1
+
+[[listeners]]
+address = "127.0.0.1"
+port = {public_port}
+
+[internal]
+address = "127.0.0.1"
+port = {internal_port}
+
+[keys]
+dir = "{key_dir}"
+
+[[transceivers]]
+id = 1
+address = "127.0.0.1"
+port = {primary}
+backup = 2
+
+[[transceivers]]
+id = 2
+address = "127.0.0.1"
+port = {backup}
+
+[probes]
+interval = 0.1
+down_after = 3
+
+[management]
+address = "127.0.0.1"
+port = {management_port}
+"""
+
+
+def test_failover_to_a_backup_adapter_needs_an_ice_restart(tmp_path):
+    """docs/ADAPTER.md section 7: the primary's server goes away, its adapter stops answering
+    probes, the relay sends the flow to the backup adapter, which cannot resume the call (it
+    drops what it does not know, counted); an ICE restart through the backup's hook resumes it."""
+    setup = relayproc.Setup(tmp_path, workers=1)
+    backup_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    backup_sock.bind(("127.0.0.1", 0))
+    with open(setup.path, "w") as f:
+        f.write(FAILOVER_CONFIG.format(key_dir=setup.key_dir, primary=setup.ports["transceiver_port"],
+                                       backup=backup_sock.getsockname()[1], public_port=setup.ports["public_port"],
+                                       internal_port=setup.ports["internal_port"],
+                                       management_port=setup.ports["management_port"]))
+    health = socket.socket()
+    health.bind(("127.0.0.1", 0))
+    health.listen(128)
+    proc = relayproc.Relay(setup)
+    primary = Shell(setup, health=health.getsockname())
+    backup_setup = type("S", (), {"keyring": setup.keyring, "public": setup.public, "tx_sock": backup_sock})()
+    backup = Shell(backup_setup)
+    backup.shell.adapter.endpoint = transceiver.Endpoint(setup.keyring, 2)
+    try:
+        relayproc.wait_for(lambda: relayproc.http_get(setup.url + "/metrics")[0] == 200, 15, what="relay up")
+        server1 = StockServer()
+        client = Client(setup.public, negotiate(primary, server1)["answer"])
+        client.check()
+        assert run([client, server1], 10, lambda: client.mapped and client.checks_answered)
+        client.rtp(0)
+        assert run([client, server1], 5, lambda: client.media_in == 1)
+
+        health.close()          # the primary's server is gone
+        relayproc.wait_for(lambda: relayproc.value(relayproc.metrics(setup), "edge_relay_transceiver_up",
+                                                   transceiver="tx1") == 0, 15, what="primary marked down")
+        client.rtp(1)
+        client.check()
+        relayproc.wait_for(lambda: sum(backup.shell.stats()["drops"].values()) >= 2, 5, what="backup drops")
+        assert backup.shell.stats()["drops"] == {"UNKNOWN_FLOW": 1, "STUN_NO_USERNAME": 1}
+        assert client.media_in == 1                 # nothing came back: the backup cannot resume
+
+        # ICE restart: a new offer/answer through the backup's hook, a new server behind it
+        server2 = StockServer(ufrag="SRV2")
+        offer2 = OFFER.replace("CLNT", "CLN2")
+        server2.peer.remote_ufrag = b"CLN2"
+        doc = negotiate(backup, server2, offer2)
+        client.peer = IcePeer("CLN2", "clientpassword0123456789", controlling=True)
+        tok, pwd = adapter.ice_credentials(doc["answer"])
+        client.peer.remote_ufrag, client.peer.remote_pwd = tok.encode(), pwd.encode()
+        client.check()
+        assert run([client, server1, server2], 10, lambda: len(client.mapped) == 2 and server2.mapped)
+        client.rtp(2)
+        assert run([client, server1, server2], 5, lambda: client.media_in == 2)
+        assert server2.echoed == 1 and server1.echoed == 1 and client.bad == [] and server2.bad == []
+        relayproc.wait_for(lambda: relayproc.value(relayproc.metrics(setup), "edge_relay_flow_events_total",
+                                                   event="failed_over") >= 1, 5, what="failed_over counted")
+    finally:
+        primary.close()
+        backup.close()
+        proc.kill()
