@@ -38,10 +38,11 @@ def post(url, body, ctype):
 
 
 class Shell:
-    def __init__(self, setup, idle_timeout=30.0, health=None, public=None):
-        ad = adapter.Adapter(transceiver.Endpoint(setup.keyring, 1), public or [setup.public],
-                             idle_timeout=idle_timeout)
-        self.shell = adapter_run.AdapterShell(ad, None, ("127.0.0.1", 0), sock=setup.tx_sock, health=health)
+    """An in-process adapter for transceiver `tx_id` on `sock` (default: the relay setup's transceiver socket)."""
+
+    def __init__(self, setup, health=None, sock=None, tx_id=1):
+        ad = adapter.Adapter(transceiver.Endpoint(setup.keyring, tx_id), [setup.public])
+        self.shell = adapter_run.AdapterShell(ad, None, ("127.0.0.1", 0), sock=sock or setup.tx_sock, health=health)
         self.stop = threading.Event()
         self.shell.start_hook()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -285,39 +286,17 @@ def test_a_refused_send_is_counted_not_raised(tmp_path):
         shell.close()
 
 
-FAILOVER_CONFIG = """\
-[relay]
-workers = 1
-
-[[listeners]]
-address = "127.0.0.1"
-port = {public_port}
-
-[internal]
-address = "127.0.0.1"
-port = {internal_port}
-
-[keys]
-dir = "{key_dir}"
-
-[[transceivers]]
-id = 1
-address = "127.0.0.1"
-port = {primary}
-backup = 2
-
+# transceiver 1 (relayproc's) is the backup of transceiver 2, the primary
+FAILOVER_EXTRA = """
 [[transceivers]]
 id = 2
 address = "127.0.0.1"
-port = {backup}
+port = {primary}
+backup = 1
 
 [probes]
 interval = 0.1
 down_after = 3
-
-[management]
-address = "127.0.0.1"
-port = {management_port}
 """
 
 
@@ -325,22 +304,15 @@ def test_failover_to_a_backup_adapter_needs_an_ice_restart(tmp_path):
     """docs/ADAPTER.md section 7: the primary's server goes away, its adapter stops answering
     probes, the relay sends the flow to the backup adapter, which cannot resume the call (it
     drops what it does not know, counted); an ICE restart through the backup's hook resumes it."""
-    setup = relayproc.Setup(tmp_path, workers=1)
-    backup_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    backup_sock.bind(("127.0.0.1", 0))
-    with open(setup.path, "w") as f:
-        f.write(FAILOVER_CONFIG.format(key_dir=setup.key_dir, primary=setup.ports["transceiver_port"],
-                                       backup=backup_sock.getsockname()[1], public_port=setup.ports["public_port"],
-                                       internal_port=setup.ports["internal_port"],
-                                       management_port=setup.ports["management_port"]))
+    primary_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    primary_sock.bind(("127.0.0.1", 0))
+    setup = relayproc.Setup(tmp_path, workers=1, extra=FAILOVER_EXTRA.format(primary=primary_sock.getsockname()[1]))
     health = socket.socket()
     health.bind(("127.0.0.1", 0))
     health.listen(128)
     proc = relayproc.Relay(setup)
-    primary = Shell(setup, health=health.getsockname())
-    backup_setup = type("S", (), {"keyring": setup.keyring, "public": setup.public, "tx_sock": backup_sock})()
-    backup = Shell(backup_setup)
-    backup.shell.adapter.endpoint = transceiver.Endpoint(setup.keyring, 2)
+    backup = Shell(setup)                                   # transceiver 1 on relayproc's socket
+    primary = Shell(setup, health=health.getsockname(), sock=primary_sock, tx_id=2)
     try:
         relayproc.wait_for(lambda: relayproc.http_get(setup.url + "/metrics")[0] == 200, 15, what="relay up")
         server1 = StockServer()
@@ -352,7 +324,7 @@ def test_failover_to_a_backup_adapter_needs_an_ice_restart(tmp_path):
 
         health.close()          # the primary's server is gone
         relayproc.wait_for(lambda: relayproc.value(relayproc.metrics(setup), "edge_relay_transceiver_up",
-                                                   transceiver="tx1") == 0, 15, what="primary marked down")
+                                                   transceiver="tx2") == 0, 15, what="primary marked down")
         client.rtp(1)
         client.check()
         relayproc.wait_for(lambda: sum(backup.shell.stats()["drops"].values()) >= 2, 5, what="backup drops")
