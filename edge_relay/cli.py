@@ -400,6 +400,14 @@ def cmd_render_nft(args):
     return EXIT_OK
 
 
+def cmd_adapter(args):
+    from . import adapter_run
+    keyring, _ = _keyring_for(args)
+    return adapter_run.main(keyring, args.id, args.listen, args.hook, args.public, server_bind=args.server_bind,
+                            health=args.health_tcp, idle_timeout=args.idle_timeout,
+                            session_ttl=args.session_ttl, duration=args.duration)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="edge-relay",
@@ -522,6 +530,24 @@ def build_parser():
     s.add_argument("--clients", type=int, default=4)
     s.add_argument("--workers", type=int, default=1)
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("adapter", help="put a stock WebRTC server behind the relay (transceiver adapter)")
+    s.add_argument("--listen", type=_hostport, required=True,
+                   help="HOST:PORT the relays send to (this transceiver's configured address)")
+    s.add_argument("--id", type=int, required=True, help="the transceiver id the tokens name")
+    s.add_argument("--public", type=_hostport, action="append", required=True,
+                   help="a relay public HOST:PORT for the answer's candidates (repeatable)")
+    s.add_argument("--hook", type=_hostport, default=("127.0.0.1", 8479),
+                   help="HOST:PORT of the signaling hook (HTTP; default 127.0.0.1:8479)")
+    s.add_argument("--server-bind", default="0.0.0.0", help="address of the per-flow sockets toward the server")
+    s.add_argument("--health-tcp", type=_hostport, default=None,
+                   help="answer relay probes only while a TCP connect to HOST:PORT works")
+    s.add_argument("--idle-timeout", type=float, default=30.0, help="forget a flow after this many idle seconds")
+    s.add_argument("--session-ttl", type=float, default=300.0,
+                   help="forget a session after this many seconds without a check")
+    s.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    key_source(s)
+    s.set_defaults(func=cmd_adapter)
     return p
 
 

@@ -66,6 +66,9 @@ class Drop(enum.IntEnum):
     # ICE restart (router._same_owner; docs/SECURITY.md "ICE restart")
     RESTART_HELD = 41         # new owner's answer while the old owner may still serve the flow
     RESTART_RATE = 42         # restart request on a flow whose last restart was refused recently
+    # transceiver adapter (adapter.py, docs/ADAPTER.md)
+    STUN_ERROR_RESPONSE = 43  # a Binding error response: never sent on toward the relay
+    STUN_UNMATCHED = 44       # a Binding success whose transaction id matches no check the adapter forwarded
 
     @property
     def label(self):
