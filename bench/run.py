@@ -40,7 +40,7 @@ from pathlib import Path
 
 from edge_relay import demo, keys, sockets
 
-from . import roles
+from . import roles, vs_coturn
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -508,6 +508,7 @@ def summarize(results):
         vals = [2 * r["two"]["capacity_pps"] / r["one"]["capacity_pps"] for r in w
                 if r["direction"] == direction and r["one"].get("capacity_pps") and r["two"].get("capacity_pps")]
         s[f"two_vs_one_worker_capacity_{direction}"] = ratio_summary(vals)
+    s.update(vs_coturn.summarize(results))
     return s
 
 
@@ -543,6 +544,7 @@ def verdicts(results, s):
     for d in ("c2t", "t2c"):
         add(f"2 workers >= 1.4x one worker, measured ({d})", med(f"two_vs_one_worker_{d}"), 1.4)
         add(f"2 workers >= 1.4x one, per-CPU extrapolation ({d})", med(f"two_vs_one_worker_capacity_{d}"), 1.4)
+    vs_coturn.verdicts(s, add)
     return v
 
 
@@ -614,6 +616,7 @@ def table(results, s, v):
                     P(f"  {int(rate):6d} pps {name:7s} {med([l['p50'] for l in ls]):7.1f} {med([l['p99'] for l in ls]):7.1f}"
                       f" {med([l['p999'] for l in ls]):8.1f}")
         P("")
+    lines += vs_coturn.table(results)
     m = results.get("micro", {})
     if m and "error" not in m:
         P("Router, sans-IO (bench/micro.py, pinned): ns per packet by live flows (median of rounds)")
@@ -648,7 +651,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK", "") not in ("", "0"))
     ap.add_argument("--out", default=str(HERE / "results.json"))
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e,workers,micro")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e,coturn,workers,micro")
     ap.add_argument("--table-only", action="store_true", help="re-read --out, recompute ratios, print the table")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -677,6 +680,8 @@ def main(argv=None):
         try:
             if "e2e" not in skip:
                 run_e2e(b, p, results, log)
+            if "coturn" not in skip:
+                vs_coturn.run(b, args.quick, results, log)
             if "workers" not in skip:
                 run_workers(b, p, results, log)
         finally:
