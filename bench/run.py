@@ -634,6 +634,11 @@ def table(results, s, v):
                   f"top by own time (ns/pkt under cProfile, which inflates small calls):")
                 P("    " + ", ".join(f"{r['function'].replace('<built-in method ', '').replace('<method ', '').rstrip('>')}"
                                      f" {r['tottime_ns_per_packet']:.0f}" for r in prof["top"][:10]))
+        wk = m.get("wakeups")
+        if wk:
+            P("  one loop wake-up (Worker.turn, in-process) with b datagrams queued: ns per packet by b")
+            for d in ("c2t", "t2c"):
+                P(f"    {d}: " + "  ".join(f"b={b} {ns:6.0f}" for b, ns in wk[d].items()))
         nf = m.get("new_flows", {})
         P(f"  new flows: {nf.get('us_per_flow'):.2f} us router CPU each = {nf.get('flows_per_s_router'):.0f}/s; "
           f"with measured I/O cost {nf.get('io_us_per_packet', 0):.2f} us/pkt -> {nf.get('flows_per_s_with_io', 0):.0f}/s")
