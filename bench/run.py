@@ -154,9 +154,10 @@ class Target:
         self.pids = list(pids)            # whose CPU counts as the forwarder's
 
 
-def relay_config(key_dir, port, sink_port, workers=1):
+def relay_config(key_dir, port, sink_port, workers=1, coalesce_us=0):
     return {
-        "relay": {"io": "mmsg", "batch_size": 32, "drain_seconds": 0.0, "workers": workers},
+        "relay": {"io": "mmsg", "batch_size": 32, "drain_seconds": 0.0, "workers": workers,
+                  "coalesce_us": coalesce_us},
         "listeners": [{"address": "127.0.0.1", "port": port}],
         "internal": {"address": "127.0.0.1", "port": 0},
         "keys": {"dir": str(key_dir)},
@@ -222,13 +223,13 @@ class Bench:
 
     # -- forwarders ---------------------------------------------------------
 
-    def start_relay(self):
+    def start_relay(self, name="relay", coalesce_us=0):
         pub, internal = udp(reuseport=True), udp()
-        cfg = relay_config(self.key_dir, pub.getsockname()[1], self.sink_addr[1])
-        proc = self.ctx.Process(target=roles.relay_main, name="bench-relay", daemon=True,
+        cfg = relay_config(self.key_dir, pub.getsockname()[1], self.sink_addr[1], coalesce_us=coalesce_us)
+        proc = self.ctx.Process(target=roles.relay_main, name=f"bench-{name}", daemon=True,
                                 args=(cfg, str(self.tmp), str(self.key_dir), [pub], internal, self.fwd_cpu))
         proc.start()
-        self.targets["relay"] = Target("relay", pub.getsockname(), internal.getsockname(), [proc], [proc.pid])
+        self.targets[name] = Target(name, pub.getsockname(), internal.getsockname(), [proc], [proc.pid])
         pub.close()
         internal.close()
 

@@ -38,15 +38,16 @@ from . import roles, turn
 
 HERE = Path(__file__).resolve().parent
 ID_AT = roles.RTP.size                  # payload octet where the datagram's index goes
+COALESCE_US = 200        # the second relay's [relay] coalesce_us in the fixed-rate rounds ("relay_c")
 TARGETS = {"capacity": 1.0, "capacity_stretch": 1.2, "cpu_per_packet_20k": 1.0, "latency_p50_added_20k_us": 100.0}
 
 
 def params(quick):
     if quick:
         return dict(pairs=2, duration=0.8, warm=0.2, lat_duration=1.0, rates=(5000, 20000, 50000),
-                    rounds={5000: 1, 20000: 1, 50000: 1}, window=1024, per_sock=8)
+                    rounds={5000: 1, 20000: 1, 50000: 1}, window=1024, per_sock=8, coalesce_us=COALESCE_US)
     return dict(pairs=5, duration=2.5, warm=0.5, lat_duration=2.5, rates=(5000, 20000, 50000),
-                rounds={5000: 1, 20000: 3, 50000: 1}, window=1024, per_sock=8)
+                rounds={5000: 1, 20000: 3, 50000: 1}, window=1024, per_sock=8, coalesce_us=COALESCE_US)
 
 
 def build_cgen(build_dir):
@@ -125,8 +126,8 @@ class SideBySide:
         reps = 1 if paced else self.cp["per_sock"]
         msgs = []
         if direction == "c2t":
-            if name == "relay":
-                dst, wrap, off = b.targets["relay"].public, None, header.HEADER_LEN + ID_AT
+            if name.startswith("relay"):
+                dst, wrap, off = b.targets[name].public, None, header.HEADER_LEN + ID_AT
             elif name == "coturn":
                 dst, wrap, off = b.targets["coturn"].public, turn.channel_data, ID_AT
             else:
@@ -140,8 +141,8 @@ class SideBySide:
         key = b.keyring.signing
         for i, (host, port) in enumerate(b.client_addrs):
             p = payload(i, 0x4000)
-            if name == "relay":
-                dst = b.targets["relay"].internal
+            if name.startswith("relay"):
+                dst = b.targets[name].internal
                 head = header.encode(key, header.TO_CLIENT, p, route=0, family=header.FAMILY_V4, port=port,
                                      address=_v4(host), timestamp_ms=wall_ms)
                 data, off = head + p, ID_AT
@@ -244,6 +245,10 @@ def run(b, quick, results, log):
             time.sleep(0.5)
         if "relay" not in b.sink_flows_known:
             out["relay_setup"] = b.setup("relay")
+        if cp["coalesce_us"]:
+            b.start_relay("relay_c", coalesce_us=cp["coalesce_us"])
+            time.sleep(0.5)
+            out["relay_c_setup"] = b.setup("relay_c")
         out["setup"] = side.start_coturn()
         log(f"coturn: {out['setup']}")
         cap = {}
@@ -261,11 +266,14 @@ def run(b, quick, results, log):
         for rate in cp["rates"]:
             for i in range(cp["rounds"][rate]):
                 for d in ("c2t", "t2c"):
-                    rd = {n: side.measure(n, d, rate=rate) for n in ("direct", "relay", "coturn")}
+                    names = ("direct", "relay", "coturn") + (("relay_c",) if cp["coalesce_us"] else ())
+                    rd = {n: side.measure(n, d, rate=rate) for n in names}
                     fixed.setdefault(str(rate), {}).setdefault(d, []).append(rd)
                     log(f"  vs coturn {rate} pps {d} round {i}: us/pkt relay {rd['relay']['cpu_per_packet_us']:.1f}"
                         f" coturn {rd['coturn']['cpu_per_packet_us']:.1f}; p50 us direct {rd['direct']['latency_us']['p50']:.0f}"
-                        f" relay {rd['relay']['latency_us']['p50']:.0f} coturn {rd['coturn']['latency_us']['p50']:.0f}")
+                        f" relay {rd['relay']['latency_us']['p50']:.0f} coturn {rd['coturn']['latency_us']['p50']:.0f}"
+                        + (f"; relay_c us/pkt {rd['relay_c']['cpu_per_packet_us']:.1f} p50 {rd['relay_c']['latency_us']['p50']:.0f}"
+                           if "relay_c" in rd else ""))
         out["fixed_rate_rounds"] = fixed
     except RuntimeError as exc:
         out["error"] = str(exc)
@@ -299,6 +307,13 @@ def summarize(results):
             s[f"relay_minus_coturn_added_p50_us_{rate}_{d}"] = _ratio_summary(
                 [rd["relay"]["latency_us"]["p50"] - rd["coturn"]["latency_us"]["p50"] for rd in rounds
                  if rd["relay"]["latency_us"]["n"] and rd["coturn"]["latency_us"]["n"]])
+            if all("relay_c" in rd for rd in rounds):      # the same relay with [relay] coalesce_us
+                s[f"relay_c_vs_coturn_cpu_per_packet_{rate}_{d}"] = _ratio_summary(
+                    [rd["relay_c"]["cpu_per_packet_us"] / rd["coturn"]["cpu_per_packet_us"] for rd in rounds
+                     if rd["coturn"].get("cpu_per_packet_us")])
+                s[f"relay_c_minus_coturn_added_p50_us_{rate}_{d}"] = _ratio_summary(
+                    [rd["relay_c"]["latency_us"]["p50"] - rd["coturn"]["latency_us"]["p50"] for rd in rounds
+                     if rd["relay_c"]["latency_us"]["n"] and rd["coturn"]["latency_us"]["n"]])
     return s
 
 
@@ -315,6 +330,11 @@ def verdicts(s, add):
             TARGETS["cpu_per_packet_20k"], False)
         add(f"added latency p50 at 20k pps <= coturn + 100 us ({d})",
             med(f"relay_minus_coturn_added_p50_us_20000_{d}"), TARGETS["latency_p50_added_20k_us"], False)
+        if s.get(f"relay_c_vs_coturn_cpu_per_packet_20000_{d}"):
+            add(f"with coalesce_us: CPU per packet at 20k pps <= 1.0x coturn ({d})",
+                med(f"relay_c_vs_coturn_cpu_per_packet_20000_{d}"), TARGETS["cpu_per_packet_20k"], False)
+            add(f"with coalesce_us: added latency p50 at 20k <= coturn + 100 us ({d})",
+                med(f"relay_c_minus_coturn_added_p50_us_20000_{d}"), TARGETS["latency_p50_added_20k_us"], False)
 
 
 def table(results):
@@ -348,5 +368,11 @@ def table(results):
               f"{l['direct']:13.1f} {l['relay']:6.1f} {l['coturn']:6.1f} {l['relay'] - l['coturn']:9.1f}"
               f"  {med([rd['relay']['cpu']['forwarder'] for rd in rounds]):5.2f}/{med([rd['coturn']['cpu']['forwarder'] for rd in rounds]):.2f}"
               f" {med([rd['relay']['cpu']['cgen'] for rd in rounds]):4.2f}/{med([rd['coturn']['cpu']['cgen'] for rd in rounds]):.2f}")
+            if all("relay_c" in rd for rd in rounds):
+                cc = med([rd["relay_c"]["cpu_per_packet_us"] for rd in rounds])
+                lc = med([rd["relay_c"]["latency_us"]["p50"] for rd in rounds])
+                P(f"  {'':10s} {d:4s} {cc:12.2f} {'':7s} {cc / cpp if cpp else 0:6.2f}   {'':13s} {lc:6.1f} {'':6s}"
+                  f" {lc - l['coturn']:9.1f}  {med([rd['relay_c']['cpu']['forwarder'] for rd in rounds]):5.2f}"
+                  f"       (relay with coalesce_us = {c['params'].get('coalesce_us')})")
     P("")
     return lines

@@ -190,6 +190,7 @@ class Worker:
         self._sel = None
         self._redis_fd = None
         self._redis_fdno = -1
+        self._coalesce = 0.0
         self._redis_events = 0
         self._tags = {}
         self.stopping = False
@@ -368,6 +369,7 @@ class Worker:
             self.log.warning("reload", "[directory] changes take effect at the next restart")
         router.configure(keyring, transceiver_addrs(cfg), policy_of(cfg), backups_of(cfg))
         self.log.set_level(cfg.log.level)
+        self._coalesce = cfg.relay.coalesce_us / 1e6
         self.reloads += 1
         self.log.notice("reload", "reloaded: %d transceivers, signing key %d",
                         len(cfg.transceivers), keyring.signing.key_id)
@@ -459,6 +461,7 @@ class Worker:
                       os.getpid(), len(self.listeners), self.io_name)
         self._next_publish = self.clock() + PUBLISH_INTERVAL
         self._now = self.clock()
+        self._coalesce = self.cfg.relay.coalesce_us / 1e6
         self._publish()         # the first heartbeat: this worker serves
 
     def turn(self):
@@ -468,6 +471,9 @@ class Worker:
         serves every batch moved and every timer check of this turn.
         """
         tags = self._tags
+        coalesce = self._coalesce
+        if coalesce:
+            before = self.clock()
         events = self._ep.poll(self._timeout(self._now, self._next_publish))
         self._now = now = self.clock()
         wall_ms = int(self.wall() * 1000)
@@ -486,6 +492,10 @@ class Worker:
                 if tag() is False:
                     self._ep.unregister(fd)
                     del tags[fd]
+        if coalesce and events and now - before < coalesce:
+            # datagrams come closer together than the window: let the next ones
+            # queue up for one batch (bounded: one sleep per wake-up; [relay] coalesce_us)
+            time.sleep(coalesce)
         router = self.router
         deadline = router.flows.next_deadline()
         if deadline is not None and now >= deadline:
