@@ -175,7 +175,8 @@ class Worker:
         self.internal = internal
         batch = cfg.relay.batch_size
         mode = cfg.relay.io
-        self.listener_io = [batchio.open_io(s, batch, mode=mode) for s in listeners]
+        # GSO runs (same destination and size) happen toward transceivers, not toward clients
+        self.listener_io = [batchio.open_io(s, batch, mode=mode, gso=False) for s in listeners]
         self.internal_io = batchio.open_io(internal, batch, mode=mode)
         directory = directory_of(cfg)
         self.router = Router(flows or flow_table(cfg), keyring, transceiver_addrs(cfg),
