@@ -659,6 +659,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(HERE / "results.json"))
     ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e,coturn,workers,micro")
     ap.add_argument("--table-only", action="store_true", help="re-read --out, recompute ratios, print the table")
+    ap.add_argument("--coalesce-us", type=int, default=vs_coturn.COALESCE_US,
+                    help="[relay] coalesce_us of the second relay in the coturn fixed-rate rounds (0: none)")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     if args.table_only:
@@ -687,7 +689,7 @@ def main(argv=None):
             if "e2e" not in skip:
                 run_e2e(b, p, results, log)
             if "coturn" not in skip:
-                vs_coturn.run(b, args.quick, results, log)
+                vs_coturn.run(b, args.quick, results, log, coalesce_us=args.coalesce_us)
             if "workers" not in skip:
                 run_workers(b, p, results, log)
         finally:

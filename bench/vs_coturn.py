@@ -228,8 +228,8 @@ def roles_target(name, public, procs, pids):
 # ---------------------------------------------------------------------------
 # the run
 
-def run(b, quick, results, log):
-    cp = params(quick)
+def run(b, quick, results, log, coalesce_us=COALESCE_US):
+    cp = dict(params(quick), coalesce_us=coalesce_us)
     out = {"params": {k: v for k, v in cp.items() if k != "rounds"},
            "rounds_per_rate": {str(k): v for k, v in cp["rounds"].items()},
            "unit_before": turn.ensure_unit_off()}
