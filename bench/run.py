@@ -104,13 +104,18 @@ def machine():
             "loadavg_at_start": os.getloadavg()}
 
 
-def build_cfwd(build_dir=BUILD):
-    """Compile bench/cfwd.c with gcc -O2; returns the executable's path."""
+def build_c(name, build_dir=BUILD):
+    """Compile bench/<name>.c with gcc -O2 into build_dir; returns the executable's path."""
     build_dir = Path(build_dir)
     build_dir.mkdir(exist_ok=True)
-    exe = build_dir / "cfwd"
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(HERE / "cfwd.c")], check=True)
+    exe = build_dir / name
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(HERE / f"{name}.c")], check=True)
     return exe
+
+
+def build_cfwd(build_dir=BUILD):
+    """Compile bench/cfwd.c; returns the executable's path."""
+    return build_c("cfwd", build_dir)
 
 
 # ---------------------------------------------------------------------------

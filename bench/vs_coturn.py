@@ -32,11 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from edge_relay import demo, header, sockaddr
+from edge_relay import header, sockaddr
 
 from . import roles, turn
 
-HERE = Path(__file__).resolve().parent
 ID_AT = roles.RTP.size                  # payload octet where the datagram's index goes
 COALESCE_US = 200        # the second relay's [relay] coalesce_us in the fixed-rate rounds ("relay_c")
 TARGETS = {"capacity": 1.0, "capacity_stretch": 1.2, "cpu_per_packet_20k": 1.0, "latency_p50_added_20k_us": 100.0}
@@ -51,11 +50,8 @@ def params(quick):
 
 
 def build_cgen(build_dir):
-    build_dir = Path(build_dir)
-    build_dir.mkdir(exist_ok=True)
-    exe = build_dir / "cgen"
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(HERE / "cgen.c")], check=True)
-    return exe
+    from .run import build_c        # run imports this module
+    return build_c("cgen", build_dir)
 
 
 def cpu_ns(pid):
@@ -212,12 +208,8 @@ def _json(out):
 
 
 def _free_port():
-    import socket
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    from .run import free_port      # run imports this module
+    return free_port()
 
 
 def roles_target(name, public, procs, pids):
@@ -285,11 +277,8 @@ def run(b, quick, results, log, coalesce_us=COALESCE_US):
 
 
 def _ratio_summary(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
-            "values": values}
+    from .run import ratio_summary
+    return ratio_summary(values)
 
 
 def summarize(results):

@@ -103,6 +103,29 @@ _GSO_MAX_BYTES = 65000                  # under the 64 KiB IP datagram limit wit
 _GSO_UNSUPPORTED = frozenset((errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP))
 
 
+def _sendmsg_retrying(sendmsg, bufs, cmsg, dest):
+    """One socket.sendmsg under the send policy; None when sent, else the errno that stopped it.
+
+    Retries (each with its own budget, so the loop is bounded) EAGAIN/ENOBUFS
+    a few times and ECONNREFUSED (a pending error left by an earlier
+    datagram) once; EINTR is retried inside sendmsg (PEP 475).
+    """
+    busy = 0
+    refused = False
+    while True:
+        try:
+            sendmsg(bufs, cmsg, MSG_DONTWAIT, dest)
+            return None
+        except OSError as exc:
+            if exc.errno in _SEND_BUSY and busy < _SEND_BUSY_RETRIES:
+                busy += 1
+                continue
+            if exc.errno == errno.ECONNREFUSED and not refused:
+                refused = True
+                continue
+            return exc.errno
+
+
 def _size(msg):
     """Octets of the datagram a send() message makes."""
     if len(msg) == 2:
@@ -459,22 +482,12 @@ class MmsgIO:
             return None
         data = b"".join(parts)
         cmsg = [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))]
-        busy = 0
-        refused = False
-        while True:                         # bounded: each retry spends a budget
-            try:
-                self._sendmsg((data,), cmsg, MSG_DONTWAIT, dest)
-                return j - i
-            except OSError as exc:          # EINTR is retried inside sendmsg (PEP 475)
-                if exc.errno in _SEND_BUSY and busy < _SEND_BUSY_RETRIES:
-                    busy += 1
-                    continue
-                if exc.errno == errno.ECONNREFUSED and not refused:
-                    refused = True
-                    continue
-                if exc.errno in _GSO_UNSUPPORTED:
-                    self.gso = False
-                return None
+        err = _sendmsg_retrying(self._sendmsg, (data,), cmsg, dest)
+        if err is None:
+            return j - i
+        if err in _GSO_UNSUPPORTED:
+            self.gso = False
+        return None
 
     def _send_mmsg(self, msgs):
         total = len(msgs)
@@ -636,22 +649,10 @@ class PlainIO:
                 self.send_failed += 1
                 continue
             bufs = msg[1:3] if len(msg) < 4 else (msg[2],) if msg[1] is None else msg[1:3]
-            busy = 0
-            refused = False
-            while True:                            # bounded: each retry spends a budget
-                try:
-                    sendmsg(bufs, (), MSG_DONTWAIT, dest)
-                except OSError as exc:             # EINTR is retried inside sendmsg (PEP 475)
-                    if exc.errno in _SEND_BUSY and busy < _SEND_BUSY_RETRIES:
-                        busy += 1
-                        continue
-                    if exc.errno == errno.ECONNREFUSED and not refused:
-                        refused = True
-                        continue
-                    self.send_failed += 1
-                else:
-                    sent += 1
-                break
+            if _sendmsg_retrying(sendmsg, bufs, (), dest) is None:
+                sent += 1
+            else:
+                self.send_failed += 1
         return sent
 
     def _destination(self, sa):

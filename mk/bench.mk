@@ -19,7 +19,7 @@ CLEAN += bench/.build
 bench: ## benchmark the relay vs null/naive/C forwarders and coturn (BENCH_QUICK=1: ~2 min); writes bench/results.json
 	scripts/bootstrap --apt coturn gcc libc6-dev
 	@# the package enables its unit on install: keep it off (the bench runs turnserver itself)
-	-@systemctl disable --now coturn >/dev/null 2>&1; echo "coturn unit: $$(systemctl is-enabled coturn 2>/dev/null || echo absent)"
+	-@systemctl disable --now coturn >/dev/null 2>&1; state=$$(systemctl is-enabled coturn 2>/dev/null); echo "coturn unit: $${state:-absent}"
 	@py=$(VENV)/bin/python; [ -x "$$py" ] || py=/usr/bin/python3; \
 	echo "BENCH_QUICK=$(BENCH_QUICK) $$py -m bench.run $(BENCH_ARGS)"; \
 	BENCH_QUICK=$(BENCH_QUICK) "$$py" -m bench.run $(BENCH_ARGS)
