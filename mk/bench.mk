@@ -3,7 +3,7 @@
 # in the same run, then side by side with Debian's coturn (turnserver run
 # directly, never its unit, which stays disabled; bench/turn.py) driven by a C
 # generator (bench/cgen.c). Prints a table and writes bench/results.json.
-#   make bench                 full run, under ~10 minutes
+#   make bench                 full run, about 10 minutes
 #   make bench BENCH_QUICK=1   about two minutes, same figures with fewer samples
 
 BENCH_QUICK ?=
