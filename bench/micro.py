@@ -15,6 +15,9 @@ Theory of operation
              the RSS delta of the same procedure without tracemalloc.
   new_flows  Binding Requests from fresh addresses, 32 per batch: router CPU
              per new flow (STUN parse, token MAC and expiry, flow open, seal).
+  wakeups    Worker.turn() (one wake-up of the loop) with 1, 2, 4 ... 32
+             datagrams queued: ns per packet by batch size, i.e. the fixed
+             cost of a wake-up against the cost of its packets.
   profile    a Worker on real loopback sockets driven in-process
              (pump_listener / pump_internal) under cProfile; ns per packet
              for each function, plus the same loop timed without the profiler.
@@ -298,55 +301,122 @@ def new_flows(n, wall_ms):
 # ---------------------------------------------------------------------------
 # profile: a real Worker on loopback, driven in-process
 
-def profile(packets, n_clients=16):
-    tmp = Path(tempfile.mkdtemp(prefix="edge-relay-prof-"))
-    key_dir = tmp / "keys"
-    key_dir.mkdir(mode=0o700)
-    keys.write_key_file(key_dir, 1)
-    keyring = keys.load_dir(key_dir)
+class Rig:
+    """A Worker on real loopback sockets (one listener, its internal socket), clients and a sink.
 
-    def udp(host="127.0.0.1"):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        s.bind((host, 0))
-        return s
-    sink, pub, internal = udp(), udp(), udp()
-    clients = [udp(f"127.2.0.{i + 1}") for i in range(n_clients)]
-    cfg = config.parse({
-        "relay": {"io": "mmsg", "batch_size": BATCH},
-        "listeners": [{"address": "127.0.0.1", "port": pub.getsockname()[1]}],
-        "internal": {"address": "127.0.0.1", "port": 0},
-        "keys": {"dir": str(key_dir)},
-        "transceivers": [{"id": TX_ID, "address": "127.0.0.1", "port": sink.getsockname()[1]}],
-        "limits": {"idle_timeout": 3600.0}, "management": {"port": 0},
-    }, tmp)
-    w = Worker(cfg, keyring, [pub], internal, Log(level="err", stream=open(os.devnull, "w")))
-    router = w.router
-    # 16 clients at full speed would trip the per-flow packet limit (1000 pps);
-    # raise it so every packet takes the forwarding path (the check still runs).
-    router.configure(keyring, {TX_ID: sockaddr.from_tuple(sink.getsockname())}, bench_policy())
-    now = time.monotonic()
-    client_sas = []
-    for c in clients:
-        sa = sockaddr.from_tuple(c.getsockname())
-        router.flows.confirm(router.flows.open(0, sa, TX_ID, now), now)
-        client_sas.append(sa)
-    sink_io = batchio.open_io(sink, 64, mode="mmsg")
-    client_ios = [batchio.open_io(c, 64, 512, mode="mmsg") for c in clients]
-    pub_sa = sockaddr.from_tuple(pub.getsockname())
-    internal_sa = sockaddr.from_tuple(internal.getsockname())
+    Every client's flow is confirmed; the per-flow packet cap is raised so
+    every packet takes the forwarding path (the check still runs).
+    """
+
+    def __init__(self, n_clients=16):
+        tmp = Path(tempfile.mkdtemp(prefix="edge-relay-prof-"))
+        key_dir = tmp / "keys"
+        key_dir.mkdir(mode=0o700)
+        keys.write_key_file(key_dir, 1)
+        self.keyring = keyring = keys.load_dir(key_dir)
+
+        def udp(host="127.0.0.1"):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            s.bind((host, 0))
+            return s
+        self.sink, self.pub, self.internal = sink, pub, internal = udp(), udp(), udp()
+        self.clients = clients = [udp(f"127.2.0.{i + 1}") for i in range(n_clients)]
+        cfg = config.parse({
+            "relay": {"io": "mmsg", "batch_size": BATCH},
+            "listeners": [{"address": "127.0.0.1", "port": pub.getsockname()[1]}],
+            "internal": {"address": "127.0.0.1", "port": 0},
+            "keys": {"dir": str(key_dir)},
+            "transceivers": [{"id": TX_ID, "address": "127.0.0.1", "port": sink.getsockname()[1]}],
+            "limits": {"idle_timeout": 3600.0}, "management": {"port": 0},
+            "probes": {"enabled": False},
+        }, tmp)
+        self.w = w = Worker(cfg, keyring, [pub], internal, Log(level="err", stream=open(os.devnull, "w")))
+        router = w.router
+        router.configure(keyring, {TX_ID: sockaddr.from_tuple(sink.getsockname())}, bench_policy())
+        now = time.monotonic()
+        self.client_sas = []
+        for c in clients:
+            sa = sockaddr.from_tuple(c.getsockname())
+            router.flows.confirm(router.flows.open(0, sa, TX_ID, now), now)
+            self.client_sas.append(sa)
+        self.sink_io = batchio.open_io(sink, 64, mode="mmsg")
+        self.client_ios = [batchio.open_io(c, 64, 512, mode="mmsg") for c in clients]
+        self.pub_sa = sockaddr.from_tuple(pub.getsockname())
+        self.internal_sa = sockaddr.from_tuple(internal.getsockname())
+
+    def sealed(self, count, wall_ms):
+        """`count` TO_CLIENT datagrams (header + PAYLOAD) to the clients in turn."""
+        out = []
+        for j in range(count):
+            sa = self.client_sas[j % len(self.client_sas)]
+            fam, port, addr = sockaddr.client_fields(sa)
+            out.append((self.internal_sa, header.encode(self.keyring.signing, header.TO_CLIENT, PAYLOAD, route=0,
+                                                        family=fam, port=int.from_bytes(port, "big"),
+                                                        address=addr, timestamp_ms=wall_ms) + PAYLOAD))
+        return out
+
+    def drain(self):
+        while self.sink_io.recv():
+            pass
+        for io in self.client_ios:
+            while io.recv():
+                pass
+
+    def close(self):
+        for s in (self.sink, self.pub, self.internal, *self.clients):
+            s.close()
+
+
+def wakeups(sizes=(1, 2, 4, 8, 16, 32), turns=2000, rounds=3):
+    """Worker.turn() (one loop wake-up: poll, batches, timer checks) with `b` datagrams queued.
+
+    Returns {direction: {b: ns per packet}} (median of rounds), timed
+    in-process with perf_counter around turn() only: the fixed cost of a
+    wake-up divides by b. Excludes the scheduler's wake-up of a sleeping
+    process, which the end-to-end fixed-rate figures include.
+    """
+    rig = Rig(16)
+    w = rig.w
+    w._open_loop(False, None)
+    clock = time.perf_counter_ns
+    out = {"c2t": {}, "t2c": {}}
+    try:
+        for direction in ("c2t", "t2c"):
+            raw = {b: [] for b in sizes}
+            for _ in range(rounds):
+                for b in sizes:
+                    spent = 0
+                    t2c = rig.sealed(b, int(time.time() * 1000))
+                    c2t = [(rig.pub_sa, PAYLOAD)]
+                    for k in range(turns):
+                        if direction == "c2t":
+                            for j in range(b):
+                                rig.client_ios[(k + j) % len(rig.client_ios)].send(c2t)
+                        else:
+                            rig.sink_io.send(t2c)
+                        t = clock()
+                        w.turn()
+                        spent += clock() - t
+                        rig.drain()
+                    raw[b].append(spent / (turns * b))
+            out[direction] = {b: statistics.median(v) for b, v in raw.items()}
+    finally:
+        w._close_loop()
+        rig.close()
+    return out
+
+
+def profile(packets, n_clients=16):
+    rig = Rig(n_clients)
+    w, router = rig.w, rig.w.router
+    sink_io, client_ios, pub_sa = rig.sink_io, rig.client_ios, rig.pub_sa
+    clients = rig.clients
     per = BATCH // 8
     c2t_batches = [[(pub_sa, PAYLOAD)] * per for _ in clients]
 
     def sealed_batch(wall_ms):
-        out = []
-        for j in range(BATCH):
-            sa = client_sas[j % len(client_sas)]
-            fam, port, addr = sockaddr.client_fields(sa)
-            out.append((internal_sa, header.encode(keyring.signing, header.TO_CLIENT, PAYLOAD, route=0,
-                                                   family=fam, port=int.from_bytes(port, "big"), address=addr,
-                                                   timestamp_ms=wall_ms) + PAYLOAD))
-        return out
+        return rig.sealed(BATCH, wall_ms)
 
     def drive(direction, npk, prof=None):
         spent = 0
@@ -403,8 +473,7 @@ def profile(packets, n_clients=16):
         total = sum(r["tottime_ns_per_packet"] for r in rows)
         out[direction] = {"ns_per_packet_unprofiled": plain, "ns_per_packet_profiled": total,
                           "top": rows[:18], "drops": {i: c for i, c in enumerate(router.drops) if c}}
-    for s in (sink, pub, internal, *clients):
-        s.close()
+    rig.close()
     return out
 
 
@@ -412,11 +481,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cpu", type=int, default=None)
-    ap.add_argument("--only", default="", help="comma list: cost,memory,new_flows,profile")
+    ap.add_argument("--only", default="", help="comma list: cost,memory,new_flows,profile,wakeups")
     args = ap.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    only = set(filter(None, args.only.split(","))) or {"cost", "memory", "new_flows", "profile"}
+    only = set(filter(None, args.only.split(","))) or {"cost", "memory", "new_flows", "profile", "wakeups"}
     wall_ms = int(time.time() * 1000)
     out = {}
     t = time.time()
@@ -438,6 +507,8 @@ def main(argv=None):
         out["new_flows"] = new_flows(10_000 if args.quick else 50_000, int(time.time() * 1000))
     if "profile" in only:
         out["profile"] = profile(20_000 if args.quick else 100_000)
+    if "wakeups" in only:
+        out["wakeups"] = wakeups(turns=500 if args.quick else 2000)
     out["elapsed_s"] = time.time() - t
     json.dump(out, sys.stdout, indent=1)
     print()

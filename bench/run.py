@@ -40,7 +40,7 @@ from pathlib import Path
 
 from edge_relay import demo, keys, sockets
 
-from . import roles
+from . import roles, vs_coturn
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -104,13 +104,18 @@ def machine():
             "loadavg_at_start": os.getloadavg()}
 
 
-def build_cfwd(build_dir=BUILD):
-    """Compile bench/cfwd.c with gcc -O2; returns the executable's path."""
+def build_c(name, build_dir=BUILD):
+    """Compile bench/<name>.c with gcc -O2 into build_dir; returns the executable's path."""
     build_dir = Path(build_dir)
     build_dir.mkdir(exist_ok=True)
-    exe = build_dir / "cfwd"
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(HERE / "cfwd.c")], check=True)
+    exe = build_dir / name
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(HERE / f"{name}.c")], check=True)
     return exe
+
+
+def build_cfwd(build_dir=BUILD):
+    """Compile bench/cfwd.c; returns the executable's path."""
+    return build_c("cfwd", build_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -154,9 +159,10 @@ class Target:
         self.pids = list(pids)            # whose CPU counts as the forwarder's
 
 
-def relay_config(key_dir, port, sink_port, workers=1):
+def relay_config(key_dir, port, sink_port, workers=1, coalesce_us=0):
     return {
-        "relay": {"io": "mmsg", "batch_size": 32, "drain_seconds": 0.0, "workers": workers},
+        "relay": {"io": "mmsg", "batch_size": 32, "drain_seconds": 0.0, "workers": workers,
+                  "coalesce_us": coalesce_us},
         "listeners": [{"address": "127.0.0.1", "port": port}],
         "internal": {"address": "127.0.0.1", "port": 0},
         "keys": {"dir": str(key_dir)},
@@ -222,13 +228,13 @@ class Bench:
 
     # -- forwarders ---------------------------------------------------------
 
-    def start_relay(self):
+    def start_relay(self, name="relay", coalesce_us=0):
         pub, internal = udp(reuseport=True), udp()
-        cfg = relay_config(self.key_dir, pub.getsockname()[1], self.sink_addr[1])
-        proc = self.ctx.Process(target=roles.relay_main, name="bench-relay", daemon=True,
+        cfg = relay_config(self.key_dir, pub.getsockname()[1], self.sink_addr[1], coalesce_us=coalesce_us)
+        proc = self.ctx.Process(target=roles.relay_main, name=f"bench-{name}", daemon=True,
                                 args=(cfg, str(self.tmp), str(self.key_dir), [pub], internal, self.fwd_cpu))
         proc.start()
-        self.targets["relay"] = Target("relay", pub.getsockname(), internal.getsockname(), [proc], [proc.pid])
+        self.targets[name] = Target(name, pub.getsockname(), internal.getsockname(), [proc], [proc.pid])
         pub.close()
         internal.close()
 
@@ -508,6 +514,7 @@ def summarize(results):
         vals = [2 * r["two"]["capacity_pps"] / r["one"]["capacity_pps"] for r in w
                 if r["direction"] == direction and r["one"].get("capacity_pps") and r["two"].get("capacity_pps")]
         s[f"two_vs_one_worker_capacity_{direction}"] = ratio_summary(vals)
+    s.update(vs_coturn.summarize(results))
     return s
 
 
@@ -543,6 +550,7 @@ def verdicts(results, s):
     for d in ("c2t", "t2c"):
         add(f"2 workers >= 1.4x one worker, measured ({d})", med(f"two_vs_one_worker_{d}"), 1.4)
         add(f"2 workers >= 1.4x one, per-CPU extrapolation ({d})", med(f"two_vs_one_worker_capacity_{d}"), 1.4)
+    vs_coturn.verdicts(s, add)
     return v
 
 
@@ -614,6 +622,7 @@ def table(results, s, v):
                     P(f"  {int(rate):6d} pps {name:7s} {med([l['p50'] for l in ls]):7.1f} {med([l['p99'] for l in ls]):7.1f}"
                       f" {med([l['p999'] for l in ls]):8.1f}")
         P("")
+    lines += vs_coturn.table(results)
     m = results.get("micro", {})
     if m and "error" not in m:
         P("Router, sans-IO (bench/micro.py, pinned): ns per packet by live flows (median of rounds)")
@@ -631,6 +640,11 @@ def table(results, s, v):
                   f"top by own time (ns/pkt under cProfile, which inflates small calls):")
                 P("    " + ", ".join(f"{r['function'].replace('<built-in method ', '').replace('<method ', '').rstrip('>')}"
                                      f" {r['tottime_ns_per_packet']:.0f}" for r in prof["top"][:10]))
+        wk = m.get("wakeups")
+        if wk:
+            P("  one loop wake-up (Worker.turn, in-process) with b datagrams queued: ns per packet by b")
+            for d in ("c2t", "t2c"):
+                P(f"    {d}: " + "  ".join(f"b={b} {ns:6.0f}" for b, ns in wk[d].items()))
         nf = m.get("new_flows", {})
         P(f"  new flows: {nf.get('us_per_flow'):.2f} us router CPU each = {nf.get('flows_per_s_router'):.0f}/s; "
           f"with measured I/O cost {nf.get('io_us_per_packet', 0):.2f} us/pkt -> {nf.get('flows_per_s_with_io', 0):.0f}/s")
@@ -648,8 +662,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK", "") not in ("", "0"))
     ap.add_argument("--out", default=str(HERE / "results.json"))
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e,workers,micro")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e,coturn,workers,micro")
     ap.add_argument("--table-only", action="store_true", help="re-read --out, recompute ratios, print the table")
+    ap.add_argument("--coalesce-us", type=int, default=vs_coturn.COALESCE_US,
+                    help="[relay] coalesce_us of the second relay in the coturn fixed-rate rounds (0: none)")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     if args.table_only:
@@ -677,6 +693,8 @@ def main(argv=None):
         try:
             if "e2e" not in skip:
                 run_e2e(b, p, results, log)
+            if "coturn" not in skip:
+                vs_coturn.run(b, args.quick, results, log, coalesce_us=args.coalesce_us)
             if "workers" not in skip:
                 run_workers(b, p, results, log)
         finally:

@@ -37,14 +37,25 @@ left by an earlier datagram, once), then counted in `send_failed` and
 skipped: the rest of the batch still goes. Per-datagram errors never raise
 and no loop is unbounded.
 
+GSO. MmsgIO sends each run of two or more consecutive messages with the same
+sockaddr and the same datagram size (voice toward one transceiver) as one
+sendmsg with UDP_SEGMENT (Linux 4.18): the header and body of every message
+are joined into one buffer (one copy) and the kernel cuts it into the same
+datagrams, in order, for about a third of sendmmsg's CPU per datagram
+(measured on loopback: 0.45 vs 1.7 us). The rest goes through sendmmsg, in
+order. A refused GSO send is retried through sendmmsg, which applies the
+per-datagram policy below; a refusal saying the socket cannot segment
+(EIO, ENOPROTOOPT, EOPNOTSUPP) turns GSO off for that object. open_io(...,
+gso=False) skips the look for runs (a socket sending to many destinations).
+
 Errors: recv() raises OSError only for an error that is not about a datagram
 (EBADF: a bug). send() never raises OSError; a dead socket shows up as every
 datagram counted in `send_failed`.
 
 Invariants: buffers, iovecs and headers are allocated in the constructor and
 reused; MmsgIO makes one foreign call, the system call, per batch of up to
-`batch_size` datagrams; an object is used by one thread (a worker owns its
-sockets).
+`batch_size` datagrams (or one sendmsg per GSO run, which joins that run's
+buffers); an object is used by one thread (a worker owns its sockets).
 """
 
 import array
@@ -81,13 +92,56 @@ _SEND_BUSY = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS))
 
 MODES = ("auto", "mmsg", "plain")
 
+# UDP generic segmentation offload (<linux/udp.h>): one sendmsg carries many
+# datagrams of one size to one destination; the kernel cuts them (late, in
+# one pass), which costs far less per datagram than sendmmsg's one by one.
+_SOL_UDP = 17
+_UDP_SEGMENT = 103
+_GSO_SIZE = struct.Struct("=H")
+_GSO_MAX_SEGMENTS = 64                  # UDP_MAX_SEGMENTS
+_GSO_MAX_BYTES = 65000                  # under the 64 KiB IP datagram limit with headers
+_GSO_UNSUPPORTED = frozenset((errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP))
 
-def open_io(sock, batch_size=32, bufsize=2048, mode="auto"):
+
+def _sendmsg_retrying(sendmsg, bufs, cmsg, dest):
+    """One socket.sendmsg under the send policy; None when sent, else the errno that stopped it.
+
+    Retries (each with its own budget, so the loop is bounded) EAGAIN/ENOBUFS
+    a few times and ECONNREFUSED (a pending error left by an earlier
+    datagram) once; EINTR is retried inside sendmsg (PEP 475).
+    """
+    busy = 0
+    refused = False
+    while True:
+        try:
+            sendmsg(bufs, cmsg, MSG_DONTWAIT, dest)
+            return None
+        except OSError as exc:
+            if exc.errno in _SEND_BUSY and busy < _SEND_BUSY_RETRIES:
+                busy += 1
+                continue
+            if exc.errno == errno.ECONNREFUSED and not refused:
+                refused = True
+                continue
+            return exc.errno
+
+
+def _size(msg):
+    """Octets of the datagram a send() message makes."""
+    if len(msg) == 2:
+        return len(msg[1])
+    head = msg[1]
+    return (len(head) if head is not None else 0) + len(msg[2])
+
+
+def open_io(sock, batch_size=32, bufsize=2048, mode="auto", gso=True):
     """Wrap a bound datagram socket for batched I/O and set it non-blocking.
 
     Parameters: `batch_size` datagrams per recv() and per system call;
     `bufsize` the largest datagram accepted; `mode` "auto" (MmsgIO when
-    available, else PlainIO), "mmsg" or "plain".
+    available, else PlainIO), "mmsg" or "plain"; `gso` False keeps MmsgIO
+    from looking for same-destination runs (a socket that sends to many
+    destinations, one datagram each, saves the look).
     Returns: a MmsgIO or PlainIO; its `name` says which.
     Raises: StartupError for mode "mmsg" without recvmmsg/sendmmsg;
     ValueError for an unknown mode or a size below 1.
@@ -102,7 +156,7 @@ def open_io(sock, batch_size=32, bufsize=2048, mode="auto"):
     if not mmsg_available():
         raise StartupError("io mode 'mmsg': recvmmsg/sendmmsg are not available "
                            "(they need libc on 64-bit Linux); use io mode 'auto' or 'plain'")
-    return MmsgIO(sock, batch_size, bufsize)
+    return MmsgIO(sock, batch_size, bufsize, gso=gso)
 
 
 # ---------------------------------------------------------------------------
@@ -228,7 +282,7 @@ class MmsgIO:
 
     name = "mmsg"
 
-    def __init__(self, sock, batch_size=32, bufsize=2048):
+    def __init__(self, sock, batch_size=32, bufsize=2048, gso=True):
         libc = _load_libc()
         if libc is None:
             raise StartupError("recvmmsg/sendmmsg are not available in libc")
@@ -239,6 +293,11 @@ class MmsgIO:
         self._recvmmsg = libc.recvmmsg
         self._sendmmsg = libc.sendmmsg
         self._sock = sock                  # keeps the fd open while we use it
+        self._sendmsg = sock.sendmsg       # the GSO path (one call per run)
+        self._family = sock.family
+        # UDP_SEGMENT (Linux 4.18): runs of same-destination, same-size datagrams leave
+        # as one GSO send. Off for other socket types, and turned off at the first refusal.
+        self.gso = gso and sock.type == socket.SOCK_DGRAM and sock.family in (socket.AF_INET, socket.AF_INET6)
         self._fd = sock.fileno()
         self.batch_size = batch_size
         self.bufsize = bufsize
@@ -362,6 +421,76 @@ class MmsgIO:
 
     def send(self, msgs):
         """Send (sockaddr, buf) or (sockaddr, head, body) tuples; return how many the kernel accepted."""
+        if self.gso and len(msgs) > 1:
+            return self._send_runs(msgs)
+        return self._send_mmsg(msgs)
+
+    def _send_runs(self, msgs):
+        """send() with UDP_SEGMENT: each run of >= 2 consecutive datagrams to one sockaddr with
+        one size leaves as one GSO sendmsg; the rest through sendmmsg, in order."""
+        sent = 0
+        start = 0
+        total = len(msgs)
+        i = 0
+        while i < total:
+            m = msgs[i]
+            sa = m[0]
+            j = i + 1
+            if j == total or msgs[j][0] != sa:         # the common case to many destinations: no run
+                i = j
+                continue
+            size = _size(m)
+            limit = min(total, i + _GSO_MAX_SEGMENTS, i + _GSO_MAX_BYTES // max(1, size))
+            while j < limit and msgs[j][0] == sa and _size(msgs[j]) == size:
+                j += 1
+            if j - i < 2 or size == 0:
+                i = j
+                continue
+            if start < i:
+                sent += self._send_mmsg(msgs[start:i])
+            n = self._send_gso(msgs, i, j, sa, size)
+            if n is None:                   # refused as one: sendmmsg counts it datagram by datagram
+                n = self._send_mmsg(msgs[i:j])
+                if not self.gso:
+                    return sent + n + self._send_mmsg(msgs[j:])
+            sent += n
+            i = start = j
+        if start < total:
+            sent += self._send_mmsg(msgs[start:])
+        return sent
+
+    def _send_gso(self, msgs, i, j, sa, size):
+        """msgs[i:j] (same sockaddr, `size` octets each) in one sendmsg with UDP_SEGMENT.
+
+        Returns how many were sent, or None when the kernel refused the send
+        (the caller then sends the run through sendmmsg, which applies the
+        per-datagram error policy). When the refusal says the socket or
+        device cannot segment (EIO, as wireguard-go treats it, ENOPROTOOPT,
+        EOPNOTSUPP), `gso` is turned off for good.
+        """
+        parts = []
+        for k in range(i, j):
+            m = msgs[k]
+            if len(m) == 2:
+                parts.append(m[1])
+            else:
+                if m[1] is not None:
+                    parts.append(m[1])
+                parts.append(m[2])
+        try:
+            dest = _destination(sa, self._family)
+        except (ValueError, struct.error):
+            return None
+        data = b"".join(parts)
+        cmsg = [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))]
+        err = _sendmsg_retrying(self._sendmsg, (data,), cmsg, dest)
+        if err is None:
+            return j - i
+        if err in _GSO_UNSUPPORTED:
+            self.gso = False
+        return None
+
+    def _send_mmsg(self, msgs):
         total = len(msgs)
         sent = 0
         for start in range(0, total, self.batch_size):
@@ -524,38 +653,31 @@ class PlainIO:
                 self.send_errno = errno.EAFNOSUPPORT
                 continue
             bufs = msg[1:3] if len(msg) < 4 else (msg[2],) if msg[1] is None else msg[1:3]
-            busy = 0
-            refused = False
-            while True:                            # bounded: each retry spends a budget
-                try:
-                    sendmsg(bufs, (), MSG_DONTWAIT, dest)
-                except OSError as exc:             # EINTR is retried inside sendmsg (PEP 475)
-                    if exc.errno in _SEND_BUSY and busy < _SEND_BUSY_RETRIES:
-                        busy += 1
-                        continue
-                    if exc.errno == errno.ECONNREFUSED and not refused:
-                        refused = True
-                        continue
-                    self.send_failed += 1
-                    self.send_errno = exc.errno or 0
-                else:
-                    sent += 1
-                break
+            err = _sendmsg_retrying(sendmsg, bufs, (), dest)
+            if err is None:
+                sent += 1
+            else:
+                self.send_failed += 1
+                self.send_errno = err or 0
         return sent
 
     def _destination(self, sa):
-        """The socket-module address for raw sockaddr bytes, as the kernel would read them.
+        return _destination(sa, self._family)
 
-        Keeps the IPv6 flow info and scope id (a link-local peer needs the
-        latter) and maps an IPv4 sockaddr for an IPv6 socket, as the kernel
-        does for MmsgIO.
-        """
-        host, port = sockaddr.to_tuple(sa)
-        if sockaddr.family_of(sa) == socket.AF_INET6:
-            if self._family != socket.AF_INET6:
-                raise ValueError("IPv6 destination for an IPv4 socket")   # the kernel says EAFNOSUPPORT
-            sa = bytes(sa)
-            return (host, port, int.from_bytes(sa[4:8], "big"), int.from_bytes(sa[24:28], sys.byteorder))
-        if self._family == socket.AF_INET6:
-            return ("::ffff:" + host, port, 0, 0)
-        return (host, port)
+
+def _destination(sa, family):
+    """The socket-module address for raw sockaddr bytes, as the kernel would read them.
+
+    Keeps the IPv6 flow info and scope id (a link-local peer needs the
+    latter) and maps an IPv4 sockaddr for an IPv6 socket, as the kernel
+    does for MmsgIO.
+    """
+    host, port = sockaddr.to_tuple(sa)
+    if sockaddr.family_of(sa) == socket.AF_INET6:
+        if family != socket.AF_INET6:
+            raise ValueError("IPv6 destination for an IPv4 socket")   # the kernel says EAFNOSUPPORT
+        sa = bytes(sa)
+        return (host, port, int.from_bytes(sa[4:8], "big"), int.from_bytes(sa[24:28], sys.byteorder))
+    if family == socket.AF_INET6:
+        return ("::ffff:" + host, port, 0, 0)
+    return (host, port)

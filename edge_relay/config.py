@@ -291,6 +291,7 @@ class Relay:
     drain_seconds: float = _key(_number(0, inclusive=True), 10.0)
     recv_buffer_bytes: int = _key(_integer(65536, _C_INT_MAX), 4194304)   # SO_RCVBUF
     send_buffer_bytes: int = _key(_integer(65536, _C_INT_MAX), 4194304)   # SO_SNDBUF
+    coalesce_us: int = _key(_integer(0, 1000), 0)        # wait after a busy wake-up; 0 = off
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

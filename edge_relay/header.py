@@ -23,8 +23,10 @@ bytes that identify a client in both directions.
 `Header` or the `Drop` reason for the first rule that failed; it never raises
 for any input and never copies the payload (it is a memoryview slice). The
 relay's hot path seals with a per-flow prefix (octets 0..25, built once per
-flow) and a per-batch timestamp, so a packet costs one HMAC state copy and
-two updates.
+flow) and a per-batch timestamp, so a packet costs two hash state copies
+(the key's pre-keyed inner and outer SHA-256 states, keys.split_hmac), three
+updates and two digests: HMAC-SHA256 exactly, ~20 % cheaper than copying an
+HMAC object.
 
 `decode_to_client` is the relay's fast path for the same rules: what
 `decode(..., accept=RELAY_ACCEPTS)` does, returning a plain tuple instead of
@@ -93,11 +95,20 @@ def prefix(key_id, msg_type, flags, route, family, port, address):
 def seal(mac_state, head26, ts6, payload):
     """The 48-octet header for `payload`: `head26` + `ts6` + tag.
 
-    `mac_state` is the key's pre-keyed HMAC, keys.Key.header_cmac (fastest)
-    or header_mac; it is copied, never updated in place. Octets 0..31 are joined once: that bytes
+    `mac_state` is the key's pre-keyed HMAC: keys.Key.header_split (the
+    (inner, outer) SHA-256 pair, fastest), header_cmac or header_mac; it is
+    copied, never updated in place. Octets 0..31 are joined once: that bytes
     object is both the first MAC input and the start of the header.
     """
     head32 = head26 + ts6
+    if mac_state.__class__ is tuple:
+        inner, outer = mac_state
+        mac = inner.copy()
+        mac.update(head32)
+        mac.update(payload)
+        tag = outer.copy()
+        tag.update(mac.digest())
+        return head32 + tag.digest()[:TAG_LEN]
     mac = mac_state.copy()
     mac.update(head32)
     mac.update(payload)
@@ -118,7 +129,7 @@ def encode(key, msg_type, payload, *, route=0, family=0, port=0, address=ZERO_AD
     elif len(address) != 16:
         raise ValueError(f"address must be 4 or 16 octets, got {len(address)}")
     head = prefix(key.key_id, msg_type, flags, route, family, port, bytes(address))
-    return seal(key.header_cmac, head, timestamp_bytes(timestamp_ms), payload)
+    return seal(key.header_split, head, timestamp_bytes(timestamp_ms), payload)
 
 
 def decode(datagram, keyring, now_ms, window_ms, accept=RELAY_ACCEPTS):
@@ -149,11 +160,14 @@ def decode(datagram, keyring, now_ms, window_ms, accept=RELAY_ACCEPTS):
     elif family != FAMILY_V4 and family != FAMILY_V6:
         return Drop.HEADER_FAMILY
     view = datagram if isinstance(datagram, memoryview) else memoryview(datagram)
-    mac = key.header_cmac.copy()
+    inner, outer = key.header_split
+    mac = inner.copy()
     mac.update(view[:MAC_INPUT_LEN])
     payload = view[HEADER_LEN:]
     mac.update(payload)
-    if not hmac.compare_digest(mac.digest()[:TAG_LEN], tag):
+    check = outer.copy()
+    check.update(mac.digest())
+    if not hmac.compare_digest(check.digest()[:TAG_LEN], tag):
         return Drop.HEADER_MAC
     ts = (ts_hi << 32) | ts_lo
     if ts > now_ms + window_ms or ts < now_ms - window_ms:
@@ -192,11 +206,14 @@ def decode_to_client(datagram, keyring, now_ms, window_ms):
     elif family != FAMILY_NONE:
         return Drop.HEADER_FAMILY
     view = datagram if datagram.__class__ is memoryview else memoryview(datagram)
-    mac = key.header_cmac.copy()
+    inner, outer = key.header_split
+    mac = inner.copy()
     mac.update(view[:MAC_INPUT_LEN])
     payload = view[HEADER_LEN:]
     mac.update(payload)
-    if not hmac.compare_digest(mac.digest()[:TAG_LEN], tag):
+    check = outer.copy()
+    check.update(mac.digest())
+    if not hmac.compare_digest(check.digest()[:TAG_LEN], tag):
         return Drop.HEADER_MAC
     ts = (ts_hi << 32) | ts_lo
     if ts > now_ms + window_ms or ts < now_ms - window_ms:

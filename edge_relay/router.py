@@ -267,7 +267,7 @@ class Router:
         flows = self.flows.by_listener[listener]
         drops = self.drops
         out = self.to_transceivers
-        mac = self.keyring.signing.header_cmac
+        mac = self.keyring.signing.header_split
         ts6 = header.timestamp_bytes(wall_ms)
         sent = sent_bytes = in_bytes = 0
         if ptrs is None:

@@ -1,4 +1,4 @@
-"""One worker: a selectors loop that moves bytes between sockets and the Router.
+"""One worker: an epoll loop that moves bytes between sockets and the Router.
 
 Theory of operation
   The worker owns (or is handed) its share of the public listener sockets, its
@@ -7,7 +7,14 @@ Theory of operation
   before the next receive because payloads are views into receive buffers.
   Nothing here decides anything about a packet: that is router.py.
 
-  Timers are computed, never polled: the select timeout is the nearest of the
+  One wake-up is `turn()`: one epoll wait (select.epoll directly: its fixed
+  cost is what a batch of one datagram pays on top of the datagram), then
+  one reading of each clock, which every batch and timer check of the turn
+  uses. With [relay] coalesce_us set, a turn that found datagrams closer
+  together than the window sleeps that long afterwards, so the next turn
+  moves a batch (bounded: one sleep per turn).
+
+  Timers are computed, never polled: the epoll timeout is the nearest of the
   flow table's next expiry, the stats publication tick, the drain deadline,
   the router's own timer (probes due or timed out, directory lookups timed
   out) and the Redis client's timer when the flow directory is configured.
@@ -15,11 +22,11 @@ Theory of operation
   Probes (probes.Prober, inside the Router) leave from the internal socket
   like any forwarded datagram, so the answers come back to this worker.
   Health transitions are logged here, once each. The flow directory's Redis
-  connection (resp.Client) is one more non-blocking socket in the selector:
+  connection (resp.Client) is one more non-blocking socket in the epoll set:
   lookups are pipelined, never awaited; their callbacks hand the answer to
   the router, and whatever it queued is sent at once.
 
-  Signals arrive through `signal.set_wakeup_fd`, so a signal wakes the select
+  Signals arrive through `signal.set_wakeup_fd`, so a signal wakes the wait
   and is handled in the loop, never inside a handler:
     SIGHUP   reload config and keys; on error keep the old ones, log one line
     SIGTERM  drain: refuse new flows, keep forwarding, exit after drain_seconds
@@ -29,6 +36,7 @@ Theory of operation
 
 import ipaddress
 import os
+import select
 import selectors
 import signal
 import socket
@@ -48,6 +56,76 @@ BATCHES_PER_WAKEUP = 8          # bounded work per readiness event keeps sockets
 # the public receive buffers hold it, the internal ones it plus the header.
 MAX_DATAGRAM = 2048
 PUBLISH_INTERVAL = 0.5          # seconds between counter publications
+
+# The loop's fd tags (listeners are tagged by their index, extra fds by their callback).
+_INTERNAL, _REDIS, _SIGNAL = object(), object(), object()
+_READ = getattr(select, "EPOLLIN", selectors.EVENT_READ)
+_WRITE = getattr(select, "EPOLLOUT", selectors.EVENT_WRITE)
+
+
+def _epoll_mask(events):
+    """selectors EVENT_READ/EVENT_WRITE (what resp.Client asks for) as the poller's mask."""
+    return (_READ if events & selectors.EVENT_READ else 0) | (_WRITE if events & selectors.EVENT_WRITE else 0)
+
+
+def _selector_mask(mask):
+    """A poller's event mask as selectors EVENT_* (as selectors.EpollSelector reports errors: both)."""
+    events = 0
+    if mask & ~_WRITE:
+        events |= selectors.EVENT_READ
+    if mask & ~_READ:
+        events |= selectors.EVENT_WRITE
+    return events
+
+
+def _fine_timer_slack():
+    """prctl(PR_SET_TIMERSLACK, 1000 ns) for this process; a no-op where libc has no prctl."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _Poller:
+    """select.epoll with fds, or (no epoll) the selectors layer behind the same four calls.
+
+    The loop's fixed cost per wake-up is paid here: epoll.poll returns
+    (fd, mask) pairs with no per-event key objects, which the selectors
+    layer builds on every select.
+    """
+
+    def __init__(self):
+        self._ep = select.epoll() if hasattr(select, "epoll") else None
+        self._sel = None if self._ep is not None else selectors.DefaultSelector()
+
+    def register(self, fileobj, mask):
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if self._ep is not None:
+            self._ep.register(fd, mask)
+        else:
+            self._sel.register(fd, mask)
+        return fd
+
+    def modify(self, fd, mask):
+        if self._ep is not None:
+            self._ep.modify(fd, mask)
+        else:
+            self._sel.modify(fd, mask)
+
+    def unregister(self, fd):
+        if self._ep is not None:
+            self._ep.unregister(fd)
+        else:
+            self._sel.unregister(fd)
+
+    def poll(self, timeout):
+        if self._ep is not None:
+            return self._ep.poll(timeout)
+        return [(key.fd, mask) for key, mask in self._sel.select(timeout)]
+
+    def close(self):
+        (self._ep or self._sel).close()
 
 
 def policy_of(cfg):
@@ -139,7 +217,9 @@ class Worker:
         self.internal = internal
         batch = cfg.relay.batch_size
         mode = cfg.relay.io
-        self.listener_io = [batchio.open_io(s, batch, MAX_DATAGRAM, mode=mode) for s in listeners]
+        # GSO runs (same destination and size) happen toward transceivers, not toward clients;
+        # the public receive buffers hold MAX_DATAGRAM, the internal ones it plus the header
+        self.listener_io = [batchio.open_io(s, batch, MAX_DATAGRAM, mode=mode, gso=False) for s in listeners]
         self.internal_io = batchio.open_io(internal, batch, MAX_DATAGRAM + header.HEADER_LEN, mode=mode)
         directory = directory_of(cfg)
         self.router = Router(flows or flow_table(cfg), keyring, transceiver_addrs(cfg),
@@ -153,8 +233,11 @@ class Worker:
                                      max_pending=65536, now=clock())
         self._sel = None
         self._redis_fd = None
+        self._redis_fdno = -1
+        self._coalesce = 0.0
         self._redis_events = 0
         self._redis_failures = 0
+        self._tags = {}
         self.stopping = False
         self.drain_deadline = None
         self.reloads = 0
@@ -168,14 +251,23 @@ class Worker:
 
     # -- one batch each way -------------------------------------------------
 
-    def pump_listener(self, index):
+    def pump_listener(self, index, now=None, wall_ms=None):
+        """Up to BATCHES_PER_WAKEUP batches from listener `index`.
+
+        `now` and `wall_ms` are read once per wake-up by the loop (a batch
+        takes microseconds; the clocks' resolution that matters here is
+        flow ages in seconds and header timestamps in milliseconds). When
+        not given they are read here, once.
+        """
         io = self.listener_io[index]
         router = self.router
+        if now is None:
+            now, wall_ms = self.clock(), int(self.wall() * 1000)
         for _ in range(BATCHES_PER_WAKEUP):
             n = io.recv()
             if n == 0:
                 return
-            router.from_clients(index, io.views, io.addrs, n, self.clock(), int(self.wall() * 1000), io.ptrs)
+            router.from_clients(index, io.views, io.addrs, n, now, wall_ms, io.ptrs)
             if router.to_transceivers:
                 self.internal_io.send(router.to_transceivers)
                 router.to_transceivers.clear()
@@ -184,14 +276,17 @@ class Worker:
             if n < io.batch_size:
                 return
 
-    def pump_internal(self):
+    def pump_internal(self, now=None, wall_ms=None):
+        """Up to BATCHES_PER_WAKEUP batches from the internal socket (clocks: see pump_listener)."""
         io = self.internal_io
         router = self.router
+        if now is None:
+            now, wall_ms = self.clock(), int(self.wall() * 1000)
         for _ in range(BATCHES_PER_WAKEUP):
             n = io.recv()
             if n == 0:
                 return
-            router.from_transceivers(io.views, io.addrs, n, self.clock(), int(self.wall() * 1000), io.ptrs)
+            router.from_transceivers(io.views, io.addrs, n, now, wall_ms, io.ptrs)
             for index, out in enumerate(router.to_clients):
                 if out:
                     self.listener_io[index].send(out)
@@ -260,16 +355,18 @@ class Worker:
         sock, events = self.redis.sock, self.redis.events()
         if sock is not self._redis_fd:
             if self._redis_fd is not None:
+                self._tags.pop(self._redis_fdno, None)
                 try:
-                    sel.unregister(self._redis_fd)
+                    sel.unregister(self._redis_fdno)
                 except (KeyError, ValueError, OSError):
                     pass
             self._redis_fd = None
             if sock is not None and events:
-                sel.register(sock, events, "redis")
+                self._redis_fdno = sel.register(sock, _epoll_mask(events))
+                self._tags[self._redis_fdno] = _REDIS
                 self._redis_fd, self._redis_events = sock, events
         elif sock is not None and events != self._redis_events:
-            sel.modify(sock, events, "redis")
+            sel.modify(self._redis_fdno, _epoll_mask(events))
             self._redis_events = events
 
     def _redis_ready(self, mask):
@@ -326,6 +423,7 @@ class Worker:
         router.configure(keyring, transceiver_addrs(cfg), policy_of(cfg), backups_of(cfg), **sources_of(cfg))
         router.flows.set_limits(**flow_limits(cfg))     # the live table, not just the next one
         self.log.set_level(cfg.log.level)
+        self._set_coalesce(cfg.relay.coalesce_us)
         self.reloads += 1
         self.log.verdict("notice", "reloaded: %d transceivers, signing key %d",
                         len(cfg.transceivers), keyring.signing.key_id)
@@ -415,79 +513,115 @@ class Worker:
 
         A callback that returns False is unregistered (its peer is gone).
         """
-        sel = selectors.DefaultSelector()
-        wake_r = wake_w = None
-        old_wakeup = None
-        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
-        old_handlers = {}
+        self._open_loop(handle_signals, extra)
+        try:
+            while not self.stopping:
+                self.turn()
+        finally:
+            self._close_loop()
+
+    def _open_loop(self, handle_signals, extra):
+        """Register every fd with one epoll set (or a selectors one where epoll is missing)."""
+        self._ep = _Poller()
+        self._tags = tags = {}
+        self._wake = None
+        self._old_wakeup = None
+        self._old_handlers = {}
         if handle_signals:
             wake_r, wake_w = socket.socketpair()
             wake_r.setblocking(False)
             wake_w.setblocking(False)
-            old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-            for sig in handled:
-                old_handlers[sig] = signal.signal(sig, lambda *_: None)
-            sel.register(wake_r, selectors.EVENT_READ, "signal")
+            self._wake = (wake_r, wake_w)
+            self._old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                self._old_handlers[sig] = signal.signal(sig, lambda *_: None)
+            tags[self._ep.register(wake_r, _READ)] = _SIGNAL
         for index, sock in enumerate(self.listeners):
-            sel.register(sock, selectors.EVENT_READ, index)
-        sel.register(self.internal, selectors.EVENT_READ, "internal")
-        self._sel = sel
+            tags[self._ep.register(sock, _READ)] = index
+        tags[self._ep.register(self.internal, _READ)] = _INTERNAL
+        self._sel = self._ep
         self._redis_register()
         for fileobj, callback in (extra or {}).items():
-            sel.register(fileobj, selectors.EVENT_READ, callback)
+            tags[self._ep.register(fileobj, _READ)] = callback
         self.log.info("start", "worker %d serving %d listeners with %s I/O",
                       os.getpid(), len(self.listeners), self.io_name)
-        next_publish = self.clock() + PUBLISH_INTERVAL
+        self._next_publish = self.clock() + PUBLISH_INTERVAL
+        self._now = self.clock()
+        self._set_coalesce(self.cfg.relay.coalesce_us)
         self._publish()         # the first heartbeat: this worker serves
-        try:
-            while not self.stopping:
-                now = self.clock()
-                for key, mask in sel.select(self._timeout(now, next_publish)):
-                    tag = key.data
-                    if tag == "internal":
-                        self.pump_internal()
-                    elif tag == "redis":
-                        self._redis_ready(mask)
-                    elif tag == "signal":
-                        for signum in wake_r.recv(64):
-                            self.handle_signal(signum)
-                    elif callable(tag):
-                        if tag() is False:
-                            sel.unregister(key.fileobj)
-                    else:
-                        self.pump_listener(tag)
-                now = self.clock()
-                deadline = self.router.flows.next_deadline()
-                if deadline is not None and now >= deadline:
-                    self.router.expire(now)
-                deadline = self.router.next_deadline()
-                if deadline is not None and now >= deadline:
-                    self.run_timers(now)
-                if self.redis is not None and self.redis.sock is not None:
-                    deadline = self.redis.next_deadline()
-                    if deadline is not None and now >= deadline:
-                        self.redis.handle_timer(now)
-                        self.flush_to_transceivers()
-                        self._redis_register()
-                if now >= next_publish:
-                    self._periodic(now)
-                    self._publish()
-                    next_publish = now + PUBLISH_INTERVAL
-                if self.drain_deadline is not None and (now >= self.drain_deadline or not len(self.router.flows)):
-                    self.stopping = True
-        finally:
+
+    def _set_coalesce(self, us):
+        """[relay] coalesce_us; when on, timer slack 1 us so the wait is the window, not window + 50 us."""
+        self._coalesce = us / 1e6
+        if us:
+            _fine_timer_slack()
+
+    def turn(self):
+        """One wake-up: wait for readiness or the nearest timer, move the batches, run what is due.
+
+        The clocks are read once per wake-up, after the wait; that reading
+        serves every batch moved and every timer check of this turn.
+        """
+        tags = self._tags
+        coalesce = self._coalesce
+        if coalesce:
+            before = self.clock()
+        events = self._ep.poll(self._timeout(self._now, self._next_publish))
+        self._now = now = self.clock()
+        wall_ms = int(self.wall() * 1000)
+        for fd, mask in events:
+            tag = tags.get(fd)
+            if tag is _INTERNAL:
+                self.pump_internal(now, wall_ms)
+            elif tag.__class__ is int:
+                self.pump_listener(tag, now, wall_ms)
+            elif tag is _REDIS:
+                self._redis_ready(_selector_mask(mask))
+            elif tag is _SIGNAL:
+                for signum in self._wake[0].recv(64):
+                    self.handle_signal(signum)
+            elif tag is not None:
+                if tag() is False:
+                    self._ep.unregister(fd)
+                    del tags[fd]
+        if coalesce and events and now - before < coalesce:
+            # datagrams come closer together than the window: let the next ones
+            # queue up for one batch (bounded: one sleep per wake-up; [relay] coalesce_us)
+            time.sleep(coalesce)
+        router = self.router
+        deadline = router.flows.next_deadline()
+        if deadline is not None and now >= deadline:
+            router.expire(now)
+        deadline = router.next_deadline()
+        if deadline is not None and now >= deadline:
+            self.run_timers(now)
+        if self.redis is not None and self.redis.sock is not None:
+            deadline = self.redis.next_deadline()
+            if deadline is not None and now >= deadline:
+                self.redis.handle_timer(now)
+                self.flush_to_transceivers()
+                self._redis_register()
+        if now >= self._next_publish:
+            self._periodic(now)
             self._publish()
-            self._sel = None
-            if self.redis is not None:
-                self.redis.close()
-                self._redis_fd = None
-            sel.close()
-            if handle_signals:
-                signal.set_wakeup_fd(old_wakeup if old_wakeup is not None else -1)
-                for sig, handler in old_handlers.items():
-                    signal.signal(sig, handler)
-                wake_r.close()
-                wake_w.close()
+            self._next_publish = now + PUBLISH_INTERVAL
+        if self.drain_deadline is not None and (now >= self.drain_deadline or not len(router.flows)):
+            self.stopping = True
+
+    def _close_loop(self):
+        self._publish()
+        self._sel = None
+        if self.redis is not None:
+            self.redis.close()
+            self._redis_fd = None
+        self._ep.close()
+        if self._wake is not None:
+            signal.set_wakeup_fd(self._old_wakeup if self._old_wakeup is not None else -1)
+            for sig, handler in self._old_handlers.items():
+                signal.signal(sig, handler)
+            for s in self._wake:
+                s.close()
+            self._wake = None
         self.log.info("stop", "worker %d stopped with %d flows", os.getpid(), len(self.router.flows))
 
 

@@ -388,3 +388,60 @@ def test_unexpected_recv_error_raises(make_io):
     with pytest.raises(OSError) as info:
         io.recv()
     assert info.value.errno == errno.EBADF
+
+
+# --- UDP_SEGMENT (GSO) runs ------------------------------------------------------
+
+def test_same_size_runs_arrive_as_the_same_datagrams_in_order(make_io, sockets, mode):
+    io, sock = make_io(batch_size=8)
+    peer, other = sockets(), sockets()
+    msgs = []
+    for i in range(40):                     # runs longer than batch_size, broken by size and by destination
+        if i in (7, 23):
+            msgs.append((sa(peer), b"odd-size-%02d" % i))
+        elif i in (12, 13):
+            msgs.append((sa(other), b"H%03d" % i, b"-other-"))
+        else:
+            msgs.append((sa(peer), b"H%03d" % i, memoryview(bytearray(b"body-%02d" % i))))
+    assert io.send(msgs) == 40
+    assert io.send_failed == 0
+    to_peer = [b"".join(bytes(x) for x in m[1:]) for m in msgs if m[0] == sa(peer)]
+    assert recv_datagrams(peer, len(to_peer)) == to_peer
+    assert recv_datagrams(other, 2) == [b"H012-other-", b"H013-other-"]
+    assert_nothing_more(peer)
+    assert_nothing_more(other)
+    if mode == "mmsg":
+        assert io.gso                       # the kernel took the runs as GSO sends
+
+
+def test_a_socket_that_cannot_segment_falls_back_to_sendmmsg(sockets):
+    if not batchio.mmsg_available():
+        pytest.skip("recvmmsg/sendmmsg not available")
+    sock, peer = sockets(), sockets()
+    io = batchio.open_io(sock, batch_size=8, mode="mmsg")
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(errno.EIO, "no segmentation here")
+    io._sendmsg = refuse
+    msgs = [(sa(peer), b"same-%02d" % i) for i in range(12)]
+    assert io.send(msgs) == 12 and io.send_failed == 0
+    assert recv_datagrams(peer, 12) == [m[1] for m in msgs]
+    assert len(calls) == 1 and not io.gso   # turned off for good after one refusal
+    assert io.send(msgs) == 12 and len(calls) == 1
+    assert recv_datagrams(peer, 12) == [m[1] for m in msgs]
+
+
+def test_a_refused_run_is_counted_per_datagram_and_gso_stays_on(make_io, sockets, mode):
+    io, sock = make_io(batch_size=8)
+    peer = sockets()
+    host, _ = sockaddr.to_tuple(sa(peer))
+    port0 = sockaddr.from_tuple((host, 0))          # EINVAL for every datagram
+    msgs = [(port0, b"x%02d" % i) for i in range(5)] + [(sa(peer), b"y%02d" % i) for i in range(5)]
+    assert io.send(msgs) == 5
+    assert io.send_failed == 5
+    assert recv_datagrams(peer, 5) == [m[1] for m in msgs[5:]]
+    assert_nothing_more(peer)
+    if mode == "mmsg":
+        assert io.gso

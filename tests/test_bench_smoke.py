@@ -99,3 +99,53 @@ def test_sans_io_figures_at_tiny_scale():
 def test_rtp_payload_is_voice_shaped():
     p = roles.rtp_payload(7)
     assert len(p) == 160 and p[0] == 0x80
+
+
+@pytest.fixture(scope="module")
+def side(bench, tmp_path_factory):
+    from bench import turn, vs_coturn
+    if not turn.available():
+        pytest.skip("coturn is missing (make bench installs it: scripts/bootstrap --apt coturn)")
+    if "relay" not in bench.sink_flows_known:
+        bench.setup("relay", timeout=5.0)
+    cp = dict(vs_coturn.params(True), duration=0.4, warm=0.1, lat_duration=0.4, window=64)
+    s = vs_coturn.SideBySide(bench, cp, vs_coturn.build_cgen(tmp_path_factory.mktemp("cgen")), lambda m: None)
+    try:
+        setup = s.start_coturn()
+        assert setup["allocations"] == TINY["flows"]
+        yield s
+    finally:
+        s.close()
+        bench.targets.pop("coturn", None)
+    assert "enabled=enabled" not in turn.ensure_unit_off()    # the package's unit never left on
+
+
+@pytest.mark.parametrize("name", ["relay", "coturn"])
+@pytest.mark.parametrize("direction", ["c2t", "t2c"])
+def test_c_generator_drives_both_relays_both_ways(side, name, direction):
+    # paced first: a closed loop over 4 flows spends the relay's per-flow allowance
+    # (limits.flow_packets_burst per 2 s window), after which it drops c2t by design
+    p = side.measure(name, direction, rate=2000)
+    lat = p["latency_us"]
+    assert 0 < p["received"] <= p["sent"] and p["cpu"]["forwarder"] > 0
+    assert lat["n"] > 0 and 0 < lat["p50"] <= lat["p99"] <= lat["max"]
+    m = side.measure(name, direction)
+    assert 0 < m["received"] <= m["sent"] and m["pps"] >= 0 and m["cpu"]["cgen"] > 0
+
+
+def test_coturn_summary_and_targets_from_a_tiny_result():
+    from bench import vs_coturn
+    r = {"capacity_pps": 200.0, "cpu_per_packet_us": 5.0, "cpu": {"forwarder": 0.5, "cgen": 0.2},
+         "latency_us": {"n": 10, "p50": 50.0}}
+    c = dict(r, capacity_pps=100.0, cpu_per_packet_us=10.0, latency_us={"n": 10, "p50": 40.0})
+    d = dict(r, latency_us={"n": 10, "p50": 5.0})
+    results = {"coturn": {"capacity_pairs": {"c2t": [(r, c)]},
+                          "fixed_rate_rounds": {"20000": {"c2t": [{"direct": d, "relay": r, "coturn": c}]}}}}
+    s = vs_coturn.summarize(results)
+    assert s["relay_vs_coturn_capacity_c2t"]["median"] == pytest.approx(2.0)
+    assert s["relay_vs_coturn_cpu_per_packet_20000_c2t"]["median"] == pytest.approx(0.5)
+    assert s["relay_minus_coturn_added_p50_us_20000_c2t"]["median"] == pytest.approx(10.0)
+    v = {}
+    vs_coturn.verdicts(s, lambda name, value, target, hib=True: v.__setitem__(name, (value, target, hib)))
+    assert v["edge-relay >= 1.0x coturn, capacity pps/CPU-s (c2t)"][0] == pytest.approx(2.0)
+    assert any("coturn" in line for line in vs_coturn.table(results))

@@ -260,10 +260,10 @@ def test_browser_call_through_relay_and_adapter(netns_factory, tmp_path):
 
 
 def test_browser_call_outlives_relay_idle_timeout(netns_factory, tmp_path):
-    """Both sides send no media for 3 relay idle timeouts; consent checks keep the flow; media resumes."""
-    idle = 4.0
+    """Both sides send no media for 2 relay idle timeouts; consent checks keep the flow; media resumes."""
+    idle = 6.0          # the smallest idle_timeout check-config accepts (RFC 7675 consent interval)
     bench = CallBench(netns_factory, tmp_path, idle_timeout=idle)
-    out = bench.call(f"dur={3 * idle + 6}&mute={3 * idle}")
+    out = bench.call(f"dur={2 * idle + 6}&mute={2 * idle}")
     caller, server = check_media(out["caller"]), check_media(out["server"])
     for role in ("caller", "server"):
         rep = out[role]

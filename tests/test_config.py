@@ -182,6 +182,7 @@ INT_RULES = [
     ("relay.batch_size", [0, 1025, False], "must be an integer in 1..1024"),
     ("relay.recv_buffer_bytes", [65535, 2**31, "4M"], "must be an integer in 65536..2147483647"),
     ("relay.send_buffer_bytes", [0, 1.5e6], "must be an integer in 65536..2147483647"),
+    ("relay.coalesce_us", [-1, 1001, "50", True], "must be an integer in 0..1000"),
     ("listeners[0].port", [0, 65536, "3478", True], "must be a port in 1..65535"),
     ("internal.port", [-1, 65536, "4478"], "must be a port in 0..65535 (0 = ephemeral)"),
     ("keys.signing_key_id", [-1, 256, "1", True], "must be an integer in 0..255"),

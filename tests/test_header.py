@@ -411,3 +411,21 @@ def test_seal_same_with_either_mac_state():
         assert header.seal(py_state, head26, ts6, payload).hex() == vec["header"]
         assert header.seal(key.header_mac, head26, ts6, payload).hex() == vec["header"]
         assert header.seal(key.header_cmac, head26, ts6, payload).hex() == vec["header"]
+        assert header.seal(key.header_split, head26, ts6, payload).hex() == vec["header"]
+        assert header.seal(key.header_split, head26, ts6, bytes(payload)).hex() == vec["header"]
+
+
+@pytest.mark.parametrize("key_len", [0, 1, 32, 63, 64, 65, 200])
+def test_split_hmac_is_hmac_sha256(key_len):
+    """keys.split_hmac's (inner, outer) states give HMAC-SHA256 exactly, for any key length,
+    and copying them leaves them as they were (they are shared by every packet)."""
+    rnd = random.Random(key_len)
+    key = bytes(rnd.randrange(256) for _ in range(key_len))
+    inner, outer = keys.split_hmac(key)
+    for size in (0, 1, 55, 56, 64, 208, 1500):
+        msg = bytes(rnd.randrange(256) for _ in range(size))
+        h = inner.copy()
+        h.update(msg)
+        o = outer.copy()
+        o.update(h.digest())
+        assert o.digest() == hmac.new(key, msg, hashlib.sha256).digest()

@@ -430,3 +430,41 @@ def test_config_rate_limits_reach_the_router(make):
     h.settle()
     assert_silent(h, second)
     assert h.drops() == {"RATE_SOURCE_NEW_FLOWS": 1}
+
+
+# -- the event loop (Worker.turn) -------------------------------------------
+
+@pytest.mark.parametrize("coalesce_us", [0, 300])
+def test_event_loop_forwards_both_ways_with_and_without_coalescing(make, io_mode, coalesce_us):
+    """Worker.turn(): one wake-up moves what is queued each way, with [relay] coalesce_us off or on."""
+    h = make(transceivers={1: "sink"}, sections={"relay": {"io": io_mode, "batch_size": 8,
+                                                            "coalesce_us": coalesce_us}})
+    client = h.client()
+    inb, ep = open_flow(h, client)
+    w = h.worker
+    w._open_loop(False, None)
+    try:
+        assert w._coalesce == coalesce_us / 1e6
+        for i in range(3):
+            client.sendto(bytes([0x80, 111]) + bytes(158), h.public)
+        deadline = time.monotonic() + 5
+        got = []
+        while len(got) < 3 and time.monotonic() < deadline:
+            w.turn()
+            got += drain(h.sinks[1])
+        assert len(got) == 3
+        sink = h.sinks[1]
+        reply = ep.to_client(inb, b"\x80\x6f" + bytes(30), now_ms())
+        sink.sendto(reply, h.internal)
+        client.settimeout(0.05)
+        back = None
+        while back is None and time.monotonic() < deadline:
+            w.turn()
+            try:
+                back = client.recv(2048)
+            except socket.timeout:
+                pass
+        assert back == b"\x80\x6f" + bytes(30)
+    finally:
+        w._close_loop()
+
