@@ -12,6 +12,7 @@ Prints demo.client_report() as JSON; exit 0 when every client connected.
 """
 
 import json
+import os
 import selectors
 import socket
 import sys
@@ -32,6 +33,8 @@ def main(argv):
     probe.connect(addr)                 # no packet sent: only picks the route
     local = probe.getsockname()[0]
     probe.close()
+    # the e2e gives callers their own address: the transceiver's is not a client's (SOURCE_INTERNAL)
+    local = os.environ.get("VOICE_BIND") or local
     keyring = keys.load_dir(key_dir)
     clients = []
     for _ in range(n):
