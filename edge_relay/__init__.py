@@ -10,7 +10,7 @@ Layers (tests/test_layers.py reads this table and enforces it)
   policy    flows router ratelimit quality probes directory
   io        batchio worker sockets httpd supervisor sdnotify resp adapter*
   operator  config cli log metrics nft effective __main__
-  demo      demo demo_run demo_state
+  demo      demo
 
   codec     bytes <-> values: parse, build, seal, verify. Pure functions and
             small classes.

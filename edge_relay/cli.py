@@ -375,8 +375,8 @@ def cmd_reload(args):
 
 
 def cmd_demo(args):
-    from . import demo_run
-    return demo_run.main(duration=args.duration, clients=args.clients, workers=args.workers)
+    from .demo import run
+    return run.main(duration=args.duration, clients=args.clients, workers=args.workers)
 
 
 def cmd_render_nft(args):

@@ -200,10 +200,10 @@ def test_two_relays_share_flows_through_redis(tmp_path):
         b_client.close()
 
 
-# -- demo_state.py: the demo transceiver's shared session state ------------------------
+# -- demo/state.py: the demo transceiver's shared session state ------------------------
 
 def test_demo_state_primary_and_backup_share_a_session(tmp_path):
-    from edge_relay.demo_state import DemoState, MediaCounters
+    from edge_relay.demo.state import DemoState, MediaCounters
     with redis_server(tmp_path) as server:
         primary = DemoState(server.address, ttl=60)
         backup = DemoState(server.address, ttl=60)
