@@ -330,8 +330,3 @@ class Limits:
                                         max_sources)
         self.total = Bucket(new_flows_rate, new_flows_burst, now)
         self.per_flow = FlowMeter(flow_packets_rate, flow_packets_burst)
-
-    @classmethod
-    def from_config(cls, lim, now=0.0):
-        """From a config.Limits section."""
-        return cls(**{name: getattr(lim, name) for name in CONFIG_KEYS}, now=now)

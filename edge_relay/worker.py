@@ -222,7 +222,7 @@ class Worker:
         self.listener_io = [batchio.open_io(s, batch, MAX_DATAGRAM, mode=mode, gso=False) for s in listeners]
         self.internal_io = batchio.open_io(internal, batch, MAX_DATAGRAM + header.HEADER_LEN, mode=mode)
         directory = directory_of(cfg)
-        self.router = Router(flows or flow_table(cfg), keyring, transceiver_addrs(cfg),
+        self.router = Router(flow_table(cfg) if flows is None else flows, keyring, transceiver_addrs(cfg),
                              [s.family for s in listeners], policy_of(cfg), backups=backups_of(cfg),
                              prober=prober_of(cfg, clock()), quality=quality_of(cfg),
                              directory=directory, **sources_of(cfg))
