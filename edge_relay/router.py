@@ -415,7 +415,7 @@ class Router:
         # forward this request to the new owner; everything else keeps going to the old one
         out = self.to_transceivers
         tx_sa, head = self.transceivers[tx_id], self._prefix(flow, cache=False)
-        out.append((tx_sa, header.seal(self.keyring.signing.header_cmac, head,
+        out.append((tx_sa, header.seal(self.keyring.signing.header_openssl_mac, head,
                                        header.timestamp_bytes(wall_ms), data), data))
         self.stats[TO_TX_PACKETS] += 1
         self.stats[TO_TX_BYTES] += len(data) + header.HEADER_LEN
@@ -647,7 +647,7 @@ class Router:
             drops[Drop.UNKNOWN_TRANSCEIVER] += n
             return
         head = flow.route or self._prefix(flow)
-        mac = self.keyring.signing.header_cmac
+        mac = self.keyring.signing.header_openssl_mac
         ts6 = header.timestamp_bytes(wall_ms)
         out = self.to_transceivers
         size = 0
@@ -685,7 +685,7 @@ class Router:
                         continue
                     head = header.prefix(key.key_id, header.PROBE, 0, 0, header.FAMILY_NONE, 0,
                                          header.ZERO_ADDRESS)
-                    self.to_transceivers.append((tx_sa, header.seal(key.header_cmac, head, ts, payload),
+                    self.to_transceivers.append((tx_sa, header.seal(key.header_openssl_mac, head, ts, payload),
                                                  payload))
                     self.stats[PROBES_SENT] += 1
             events = prober.take_events()

@@ -14,7 +14,7 @@ import socket
 from .errors import StartupError
 
 
-def family_of(address):
+def family_of_ip_text(address):
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
@@ -29,7 +29,7 @@ def udp_socket(address, port, *, reuseport=False, rcvbuf=None, sndbuf=None, what
 
     An IPv6 socket is IPV6_V6ONLY unless `dual_stack`.
     """
-    family = family_of(address)
+    family = family_of_ip_text(address)
     shown = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
     try:
         sock = socket.socket(family, socket.SOCK_DGRAM)

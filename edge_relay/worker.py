@@ -232,7 +232,7 @@ class Worker:
             self.redis = resp.Client(config_mod.redis_target(d.address), timeout=d.timeout,
                                      max_pending=65536, now=clock())
         self._sel = None
-        self._redis_fd = None
+        self._redis_sock = None
         self._redis_fdno = -1
         self._coalesce = 0.0
         self._redis_events = 0
@@ -353,18 +353,18 @@ class Worker:
         if sel is None or self.redis is None:
             return
         sock, events = self.redis.sock, self.redis.events()
-        if sock is not self._redis_fd:
-            if self._redis_fd is not None:
+        if sock is not self._redis_sock:
+            if self._redis_sock is not None:
                 self._tags.pop(self._redis_fdno, None)
                 try:
                     sel.unregister(self._redis_fdno)
                 except (KeyError, ValueError, OSError):
                     pass
-            self._redis_fd = None
+            self._redis_sock = None
             if sock is not None and events:
                 self._redis_fdno = sel.register(sock, _epoll_mask(events))
                 self._tags[self._redis_fdno] = _REDIS
-                self._redis_fd, self._redis_events = sock, events
+                self._redis_sock, self._redis_events = sock, events
         elif sock is not None and events != self._redis_events:
             sel.modify(self._redis_fdno, _epoll_mask(events))
             self._redis_events = events
@@ -613,7 +613,7 @@ class Worker:
         self._sel = None
         if self.redis is not None:
             self.redis.close()
-            self._redis_fd = None
+            self._redis_sock = None
         self._ep.close()
         if self._wake is not None:
             signal.set_wakeup_fd(self._old_wakeup if self._old_wakeup is not None else -1)
