@@ -33,7 +33,9 @@ Theory of operation
     A transceiver goes DOWN after `down_after` consecutive misses and UP again
     after `up_after` consecutive successes; a success resets the miss count and
     a miss resets the success count. Every transition is appended to a list of
-    `Event`s that the worker takes with `take_events()` and logs.
+    `Event`s (its `state` a `State`) that the worker takes with
+    `take_events()` and logs. `Health.up` holds the same state as a bool, which
+    the per-packet `is_up` reads.
 
   Initial state: UP. A worker that starts (or restarts after a crash) routes
   immediately instead of blackholing every call until the first probes come
@@ -57,6 +59,7 @@ Theory of operation
   the last sample, and a fixed-bucket histogram.Histogram (RTT_BUCKETS).
 """
 
+import enum
 import hmac
 import math
 import os
@@ -78,14 +81,18 @@ CLOCK_GRANULARITY = 0.001
 
 RTT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
-UP = "up"
-DOWN = "down"
+
+
+class State(enum.StrEnum):
+    """A transceiver's probe state, as `Event.state` reports it (and the log prints it)."""
+    UP = "up"
+    DOWN = "down"
 
 
 class Event(NamedTuple):
     """A state change of one transceiver, for the worker's log and counters."""
     transceiver: int
-    state: str          # UP or DOWN: the new state
+    state: State        # the new state
     at: float           # `now` when it happened
     reason: str         # e.g. "3 probes missed", "2 probes answered"
     srtt: float | None  # smoothed RTT in seconds at the time, None if no sample yet
@@ -272,7 +279,7 @@ class Prober:
             h.misses = 0
         else:
             h.successes = 0
-        self._events.append(Event(h.tid, UP if up else DOWN, now, reason, h.srtt))
+        self._events.append(Event(h.tid, State.UP if up else State.DOWN, now, reason, h.srtt))
 
     # -- queries ----------------------------------------------------------------
 

@@ -601,10 +601,10 @@ class Router:
     def _hold(self, listener, sa, data, now):
         """DTLS/RTP from an unknown address: hold it while the directory is asked (or count why not)."""
         outcome, lookup = self.directory.hold(listener, sa, data, now)
-        if outcome == directory_mod.LOOKUP:
+        if outcome == directory_mod.Hold.LOOKUP:
             self.dir_lookups.append(lookup)
-        elif outcome != directory_mod.HELD:
-            self.drops[Drop.UNKNOWN_FLOW if outcome == directory_mod.DROP_NEGATIVE
+        elif outcome != directory_mod.Hold.HELD:
+            self.drops[Drop.UNKNOWN_FLOW if outcome == directory_mod.Hold.DROP_NEGATIVE
                        else Drop.DIRECTORY_FULL] += 1
 
     def dir_resolved(self, lookup, reply, now, wall_ms):

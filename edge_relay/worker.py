@@ -47,7 +47,7 @@ from .directory import Directory
 from .drops import Drop
 from .errors import reason
 from .flows import FlowTable
-from .probes import Prober
+from .probes import Prober, State as ProbeState
 from .quality import QualityMonitor
 from .router import Policy, Router, failed_over
 
@@ -315,7 +315,7 @@ class Worker:
                 srtt = "-" if ev.srtt is None else f"{ev.srtt * 1000:.2f} ms"
                 backup = router.redirect.get(ev.transceiver)
                 note = f"; its flows go to {names.get(backup, backup)}" if backup is not None else ""
-                (self.log.warning if ev.state == "down" else self.log.notice)(
+                (self.log.warning if ev.state == ProbeState.DOWN else self.log.notice)(
                     "transceiver", "transceiver %s is %s (%s, srtt %s)%s",
                     names.get(ev.transceiver, ev.transceiver), ev.state, ev.reason, srtt, note)
         router.events.clear()
