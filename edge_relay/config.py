@@ -36,7 +36,7 @@ import stat
 import tomllib
 from dataclasses import dataclass, field
 
-from . import keys as keys_mod
+from . import defaults, keys as keys_mod
 from .errors import ConfigError
 
 DEFAULT_PATH = "/etc/edge-relay/edge-relay.toml"
@@ -330,21 +330,22 @@ class Transceiver:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
+    # The defaults router.Policy and ratelimit.RateLimiters share are in defaults.py.
     max_flows: int = _key(_integer(1), 200000)
     max_pending_per_source: int = _key(_integer(1), 16)
     pending_ttl: float = _key(_number(0, inclusive=False, floor=PENDING_TTL_FLOOR), 5.0)
     idle_timeout: float = _key(_number(0, inclusive=False, floor=IDLE_TIMEOUT_FLOOR), 30.0)
     max_flows_per_session: int = _key(_integer(0), 16)          # flows per routing token, 0 = no cap
     max_flows_per_transceiver: int = _key(_integer(0), 0)       # 0 = no cap beyond max_flows
-    header_window: float = _key(_number(0, inclusive=False), 2.0)
-    token_max_lifetime: float = _key(_number(0, inclusive=False), 86400.0)
-    clock_skew: float = _key(_number(0, inclusive=True), 5.0)
-    new_flows_per_source_rate: float = _key(_number(0, inclusive=False), 20.0)
-    new_flows_per_source_burst: int = _key(_integer(1), 40)
-    new_flows_rate: float = _key(_number(0, inclusive=False), 20000.0)
-    new_flows_burst: int = _key(_integer(1), 40000)
-    flow_packets_rate: float = _key(_number(0, inclusive=False), 1000.0)
-    flow_packets_burst: int = _key(_integer(1), 2000)
+    header_window: float = _key(_number(0, inclusive=False), defaults.HEADER_WINDOW)
+    token_max_lifetime: float = _key(_number(0, inclusive=False), defaults.TOKEN_MAX_LIFETIME)
+    clock_skew: float = _key(_number(0, inclusive=True), defaults.CLOCK_SKEW)
+    new_flows_per_source_rate: float = _key(_number(0, inclusive=False), defaults.NEW_FLOWS_PER_SOURCE_RATE)
+    new_flows_per_source_burst: int = _key(_integer(1), defaults.NEW_FLOWS_PER_SOURCE_BURST)
+    new_flows_rate: float = _key(_number(0, inclusive=False), defaults.NEW_FLOWS_RATE)
+    new_flows_burst: int = _key(_integer(1), defaults.NEW_FLOWS_BURST)
+    flow_packets_rate: float = _key(_number(0, inclusive=False), defaults.FLOW_PACKETS_RATE)
+    flow_packets_burst: int = _key(_integer(1), defaults.FLOW_PACKETS_BURST)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -72,7 +72,7 @@ opens, a header's MAC before a flow is confirmed or moved.
 
 import ipaddress
 
-from . import directory as directory_mod, header, ratelimit, sockaddr, stun, token
+from . import defaults, directory as directory_mod, header, ratelimit, sockaddr, stun, token
 from .drops import N_DROPS, Drop
 from .flows import CONFIRMED, PENDING, REMOVED
 
@@ -121,18 +121,19 @@ def mark_failed_over(flow):
 class Policy:
     """The numbers the router needs from config.limits (plain attributes, read per batch).
 
-    `rates` holds the app-level rate limits (ratelimit.Limits keyword
-    arguments); the defaults are config.Limits' defaults. Build a Policy
+    `rates` holds the app-level rate limits (ratelimit.RateLimiters keyword
+    arguments); the defaults are config.Limits' (defaults.py). Build a Policy
     from a config with `Policy.from_limits(cfg.limits)` so they follow it.
     """
 
     __slots__ = ("header_window_ms", "token_max_lifetime", "clock_skew", "rates")
 
-    def __init__(self, header_window=2.0, token_max_lifetime=86400.0, clock_skew=5.0, **rates):
+    def __init__(self, header_window=defaults.HEADER_WINDOW, token_max_lifetime=defaults.TOKEN_MAX_LIFETIME,
+                 clock_skew=defaults.CLOCK_SKEW, **rates):
         self.header_window_ms = int(header_window * 1000)
         self.token_max_lifetime = token_max_lifetime
         self.clock_skew = clock_skew
-        ratelimit.Limits(**rates)           # refuse unknown names or bad values now, not at configure
+        ratelimit.RateLimiters(**rates)     # refuse unknown names or bad values now, not at configure
         self.rates = rates
 
     @classmethod
@@ -187,7 +188,7 @@ class Router:
         old = getattr(self, "policy", None)
         if old is None or old.rates != policy.rates:
             # New buckets only when the numbers change, so a reload does not refill them.
-            self.limits = ratelimit.Limits(**policy.rates)
+            self.limits = ratelimit.RateLimiters(**policy.rates)
         self.policy = policy
         self.transceivers = dict(transceivers)
         by_addr = {}
