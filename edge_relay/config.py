@@ -20,7 +20,9 @@ Contract:
 
 Theory of operation: each section is a dataclass whose fields carry their
 validator in `metadata["check"]`, so a key's name, type, default and rule are
-declared on one line. `Config`'s own fields declare the sections in the same
+declared on one line; a default that a sans-IO class also takes as a keyword
+argument is named from defaults.py (`defaults.HEADER_WINDOW`), so that the
+two cannot disagree. `Config`'s own fields declare the sections in the same
 way. Adding a section is one dataclass plus one line in `Config`; rules that
 span several keys live in the `_CROSS_CHECKS` functions at the end.
 """
@@ -330,7 +332,6 @@ class Transceiver:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
-    # The defaults router.Policy and ratelimit.RateLimiters share are in defaults.py.
     max_flows: int = _key(_integer(1), 200000)
     max_pending_per_source: int = _key(_integer(1), 16)
     pending_ttl: float = _key(_number(0, inclusive=False, floor=PENDING_TTL_FLOOR), 5.0)
@@ -411,28 +412,28 @@ def _probe_timeout(value, base_dir):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Probes:
     enabled: bool = _key(_bool, True)
-    interval: float = _key(_number(0.01, inclusive=True), 0.25)      # seconds per transceiver
-    timeout: float = _key(_probe_timeout, 0.0)                       # 0 = adaptive (RFC 6298)
-    down_after: int = _key(_integer(1, 100), 3)                      # consecutive misses
-    up_after: int = _key(_integer(1, 100), 2)                        # consecutive answers
+    interval: float = _key(_number(0.01, inclusive=True), defaults.PROBE_INTERVAL)  # seconds per transceiver
+    timeout: float = _key(_probe_timeout, 0.0)                          # 0 = adaptive (RFC 6298)
+    down_after: int = _key(_integer(1, 100), defaults.PROBE_DOWN_AFTER)  # consecutive misses
+    up_after: int = _key(_integer(1, 100), defaults.PROBE_UP_AFTER)      # consecutive answers
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Quality:
-    sample_every: int = _key(_integer(0, 1000000), 16)               # 0 = off
-    max_sampled: int = _key(_integer(0, 1000000), 1024)
-    report_interval: float = _key(_number(0.1, inclusive=True), 5.0)
+    sample_every: int = _key(_integer(0, 1000000), defaults.QUALITY_SAMPLE_EVERY)   # 0 = off
+    max_sampled: int = _key(_integer(0, 1000000), defaults.QUALITY_MAX_SAMPLED)
+    report_interval: float = _key(_number(0.1, inclusive=True), defaults.QUALITY_REPORT_INTERVAL)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Directory:
     address: str = _key(_redis_address, "")                          # "" = off
-    ttl: int = _key(_integer(1, 86400), 30)
-    timeout: float = _key(_number(0.001, inclusive=True), 0.1)
-    max_held_per_flow: int = _key(_integer(1, 1024), 8)
-    max_held_total: int = _key(_integer(1, 1000000), 2048)
-    max_lookups: int = _key(_integer(1, 100000), 256)
-    negative_ttl: float = _key(_number(0, inclusive=True), 1.0)
+    ttl: int = _key(_integer(1, 86400), defaults.DIRECTORY_TTL)
+    timeout: float = _key(_number(0.001, inclusive=True), defaults.DIRECTORY_TIMEOUT)
+    max_held_per_flow: int = _key(_integer(1, 1024), defaults.DIRECTORY_MAX_HELD_PER_FLOW)
+    max_held_total: int = _key(_integer(1, 1000000), defaults.DIRECTORY_MAX_HELD_TOTAL)
+    max_lookups: int = _key(_integer(1, 100000), defaults.DIRECTORY_MAX_LOOKUPS)
+    negative_ttl: float = _key(_number(0, inclusive=True), defaults.DIRECTORY_NEGATIVE_TTL)
 
     @property
     def enabled(self):

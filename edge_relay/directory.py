@@ -61,6 +61,7 @@ import collections
 import enum
 from typing import NamedTuple
 
+from . import defaults
 from .sockaddr import client_fields
 
 KEY_PREFIX = b"edge-relay:flow:"
@@ -137,8 +138,10 @@ class Directory:
       prefix             key prefix (bytes)
     """
 
-    def __init__(self, *, ttl=30, timeout=0.1, max_held_per_flow=8, max_held_total=2048,
-                 max_lookups=256, negative_ttl=1.0, max_negative=4096, prefix=KEY_PREFIX):
+    def __init__(self, *, ttl=defaults.DIRECTORY_TTL, timeout=defaults.DIRECTORY_TIMEOUT,
+                 max_held_per_flow=defaults.DIRECTORY_MAX_HELD_PER_FLOW,
+                 max_held_total=defaults.DIRECTORY_MAX_HELD_TOTAL, max_lookups=defaults.DIRECTORY_MAX_LOOKUPS,
+                 negative_ttl=defaults.DIRECTORY_NEGATIVE_TTL, max_negative=4096, prefix=KEY_PREFIX):
         if ttl < 1 or timeout <= 0 or max_held_per_flow < 1 or max_lookups < 1:
             raise ValueError("bad directory parameters")
         self.ttl = int(ttl)

@@ -66,6 +66,7 @@ import os
 import struct
 from typing import NamedTuple
 
+from . import defaults
 from .histogram import Histogram, header
 
 PAYLOAD_LEN = 24
@@ -141,7 +142,8 @@ class Prober:
       random           callable n -> n random bytes (tests may pass their own)
     """
 
-    def __init__(self, transceiver_ids, interval=0.25, timeout=None, down_after=3, up_after=2,
+    def __init__(self, transceiver_ids, interval=defaults.PROBE_INTERVAL, timeout=None,
+                 down_after=defaults.PROBE_DOWN_AFTER, up_after=defaults.PROBE_UP_AFTER,
                  min_timeout=0.05, max_timeout=1.0, now=0.0, random=os.urandom):
         if not (interval > 0 and down_after >= 1 and up_after >= 1
                 and 0 < min_timeout <= max_timeout):

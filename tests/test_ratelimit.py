@@ -271,19 +271,6 @@ def test_policy_from_limits_carries_every_rate_key():
         Policy(2.0, 1.0, 1.0, no_such_rate=1)
 
 
-def test_policy_and_rate_limiters_built_without_a_config_get_the_configs_defaults():
-    """What tests and the bench build bare is what an empty [limits] section gives (defaults.py)."""
-    from edge_relay import config
-    bare, configured = Policy(), Policy.from_limits(config.Limits())
-    assert (bare.header_window_ms, bare.token_max_lifetime, bare.clock_skew) == \
-        (configured.header_window_ms, configured.token_max_lifetime, configured.clock_skew)
-
-    def numbers(lim):
-        return (lim.per_source.rate, lim.per_source.burst, lim.total.rate, lim.total.burst,
-                lim.per_flow.window, lim.per_flow.burst)
-    assert numbers(ratelimit.RateLimiters()) == numbers(ratelimit.RateLimiters(**configured.rates))
-
-
 # -- wired into the router: each refusal counted, nothing sent ----------------
 
 @pytest.fixture(params=["mmsg", "plain"])
