@@ -1,5 +1,11 @@
 """A demo transceiver and a synthetic voice client, for demos, tests and smoke tests.
 
+The edge_relay.demo package is never imported by the relay (tests/test_layers.py
+checks it; cli imports it inside the demo subcommands only). It holds this
+module, run.py (`edge-relay demo`: relay, transceiver and callers on
+loopback), state.py (session state in Redis, for failover demos) and
+blocking_resp.py (the blocking Redis client state.py uses).
+
 Demo transceiver: an ICE-lite agent built only on edge_relay.transceiver. It
 answers connectivity checks for any session whose ufrag is a valid token for
 its transceiver id, and echoes every other WebRTC datagram (DTLS, RTP) back to
