@@ -7,21 +7,23 @@ Runtime code is the Python standard library only.
 
 Layers (tests/test_layers.py reads this table and enforces it)
   codec     stun token header keys sockaddr drops errors histogram transceiver
-  policy    flows router ratelimit quality probes directory
+  policy    flows router ratelimit quality probes directory defaults
   io        batchio worker sockets httpd supervisor sdnotify resp adapter*
   operator  config cli log metrics nft effective __main__
-  demo      demo demo_run demo_state
+  demo      demo
 
   codec     bytes <-> values: parse, build, seal, verify. Pure functions and
             small classes.
   policy    what to do with a datagram or a flow: routing, the flow table,
-            rate limits, quality, probes, the flow directory's logic. Takes
-            `now` as an argument.
+            rate limits, quality, probes, the flow directory's logic, and the
+            defaults they share with the config. Takes `now` as an argument.
   io        the only modules that touch sockets, selectors, ctypes, signals
             and the clock: the event loop, batched I/O, the supervisor.
   operator  the config, the command line, logs, metrics, the firewall.
-  demo      the demo transceiver, voice callers and `edge-relay demo`
-            (the edge_relay.demo subpackage): never imported by the relay.
+  demo      the demo transceiver, voice callers, `edge-relay demo` and the
+            blocking Redis client of the demo's shared state: the
+            edge_relay.demo subpackage (its modules take its layer), never
+            imported by the relay.
 
 Rules
   * codec and policy modules import only codec and policy modules and the

@@ -673,7 +673,7 @@ def _destination(sa, family):
     does for MmsgIO.
     """
     host, port = sockaddr.to_tuple(sa)
-    if sockaddr.family_of(sa) == socket.AF_INET6:
+    if sockaddr.family_of_sa(sa) == socket.AF_INET6:
         if family != socket.AF_INET6:
             raise ValueError("IPv6 destination for an IPv4 socket")   # the kernel says EAFNOSUPPORT
         sa = bytes(sa)

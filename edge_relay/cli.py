@@ -29,11 +29,6 @@ SERVICE_GROUP = "edge-relay"             # the group edge-relay.service runs as 
 DEFAULT_KEY_DIR = "/etc/edge-relay/keys"
 
 
-def _log(args_level="info"):
-    from .log import Log
-    return Log(level=args_level)
-
-
 def cmd_run(args):
     cfg = config_mod.load(args.config)
     from . import supervisor
@@ -375,8 +370,8 @@ def cmd_reload(args):
 
 
 def cmd_demo(args):
-    from . import demo_run
-    return demo_run.main(duration=args.duration, clients=args.clients, workers=args.workers)
+    from .demo import run
+    return run.main(duration=args.duration, clients=args.clients, workers=args.workers)
 
 
 def cmd_render_nft(args):

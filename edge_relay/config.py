@@ -20,7 +20,9 @@ Contract:
 
 Theory of operation: each section is a dataclass whose fields carry their
 validator in `metadata["check"]`, so a key's name, type, default and rule are
-declared on one line. `Config`'s own fields declare the sections in the same
+declared on one line; a default that a sans-IO class also takes as a keyword
+argument is named from defaults.py (`defaults.HEADER_WINDOW`), so that the
+two cannot disagree. `Config`'s own fields declare the sections in the same
 way. Adding a section is one dataclass plus one line in `Config`; rules that
 span several keys live in the `_CROSS_CHECKS` functions at the end.
 """
@@ -36,7 +38,7 @@ import stat
 import tomllib
 from dataclasses import dataclass, field
 
-from . import keys as keys_mod
+from . import defaults, keys as keys_mod
 from .errors import ConfigError
 
 DEFAULT_PATH = "/etc/edge-relay/edge-relay.toml"
@@ -336,15 +338,15 @@ class Limits:
     idle_timeout: float = _key(_number(0, inclusive=False, floor=IDLE_TIMEOUT_FLOOR), 30.0)
     max_flows_per_session: int = _key(_integer(0), 16)          # flows per routing token, 0 = no cap
     max_flows_per_transceiver: int = _key(_integer(0), 0)       # 0 = no cap beyond max_flows
-    header_window: float = _key(_number(0, inclusive=False), 2.0)
-    token_max_lifetime: float = _key(_number(0, inclusive=False), 86400.0)
-    clock_skew: float = _key(_number(0, inclusive=True), 5.0)
-    new_flows_per_source_rate: float = _key(_number(0, inclusive=False), 20.0)
-    new_flows_per_source_burst: int = _key(_integer(1), 40)
-    new_flows_rate: float = _key(_number(0, inclusive=False), 20000.0)
-    new_flows_burst: int = _key(_integer(1), 40000)
-    flow_packets_rate: float = _key(_number(0, inclusive=False), 1000.0)
-    flow_packets_burst: int = _key(_integer(1), 2000)
+    header_window: float = _key(_number(0, inclusive=False), defaults.HEADER_WINDOW)
+    token_max_lifetime: float = _key(_number(0, inclusive=False), defaults.TOKEN_MAX_LIFETIME)
+    clock_skew: float = _key(_number(0, inclusive=True), defaults.CLOCK_SKEW)
+    new_flows_per_source_rate: float = _key(_number(0, inclusive=False), defaults.NEW_FLOWS_PER_SOURCE_RATE)
+    new_flows_per_source_burst: int = _key(_integer(1), defaults.NEW_FLOWS_PER_SOURCE_BURST)
+    new_flows_rate: float = _key(_number(0, inclusive=False), defaults.NEW_FLOWS_RATE)
+    new_flows_burst: int = _key(_integer(1), defaults.NEW_FLOWS_BURST)
+    flow_packets_rate: float = _key(_number(0, inclusive=False), defaults.FLOW_PACKETS_RATE)
+    flow_packets_burst: int = _key(_integer(1), defaults.FLOW_PACKETS_BURST)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -410,28 +412,28 @@ def _probe_timeout(value, base_dir):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Probes:
     enabled: bool = _key(_bool, True)
-    interval: float = _key(_number(0.01, inclusive=True), 0.25)      # seconds per transceiver
-    timeout: float = _key(_probe_timeout, 0.0)                       # 0 = adaptive (RFC 6298)
-    down_after: int = _key(_integer(1, 100), 3)                      # consecutive misses
-    up_after: int = _key(_integer(1, 100), 2)                        # consecutive answers
+    interval: float = _key(_number(0.01, inclusive=True), defaults.PROBE_INTERVAL)  # seconds per transceiver
+    timeout: float = _key(_probe_timeout, 0.0)                          # 0 = adaptive (RFC 6298)
+    down_after: int = _key(_integer(1, 100), defaults.PROBE_DOWN_AFTER)  # consecutive misses
+    up_after: int = _key(_integer(1, 100), defaults.PROBE_UP_AFTER)      # consecutive answers
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Quality:
-    sample_every: int = _key(_integer(0, 1000000), 16)               # 0 = off
-    max_sampled: int = _key(_integer(0, 1000000), 1024)
-    report_interval: float = _key(_number(0.1, inclusive=True), 5.0)
+    sample_every: int = _key(_integer(0, 1000000), defaults.QUALITY_SAMPLE_EVERY)   # 0 = off
+    max_sampled: int = _key(_integer(0, 1000000), defaults.QUALITY_MAX_SAMPLED)
+    report_interval: float = _key(_number(0.1, inclusive=True), defaults.QUALITY_REPORT_INTERVAL)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Directory:
     address: str = _key(_redis_address, "")                          # "" = off
-    ttl: int = _key(_integer(1, 86400), 30)
-    timeout: float = _key(_number(0.001, inclusive=True), 0.1)
-    max_held_per_flow: int = _key(_integer(1, 1024), 8)
-    max_held_total: int = _key(_integer(1, 1000000), 2048)
-    max_lookups: int = _key(_integer(1, 100000), 256)
-    negative_ttl: float = _key(_number(0, inclusive=True), 1.0)
+    ttl: int = _key(_integer(1, 86400), defaults.DIRECTORY_TTL)
+    timeout: float = _key(_number(0.001, inclusive=True), defaults.DIRECTORY_TIMEOUT)
+    max_held_per_flow: int = _key(_integer(1, 1024), defaults.DIRECTORY_MAX_HELD_PER_FLOW)
+    max_held_total: int = _key(_integer(1, 1000000), defaults.DIRECTORY_MAX_HELD_TOTAL)
+    max_lookups: int = _key(_integer(1, 100000), defaults.DIRECTORY_MAX_LOOKUPS)
+    negative_ttl: float = _key(_number(0, inclusive=True), defaults.DIRECTORY_NEGATIVE_TTL)
 
     @property
     def enabled(self):

@@ -29,10 +29,11 @@ Theory of operation
 
   Lookups: `hold(listener, sa, packet, now)` for a DTLS/SRTP packet of an
   unknown flow. It returns one of
-      (LOOKUP, lookup)  first packet for this address: send lookup.command
-                        and hand the reply to `resolved(lookup, reply, now)`
-      (HELD, None)      queued behind a lookup already in flight
-      (<drop reason>, None) not held; the caller counts the drop:
+      (Hold.LOOKUP, lookup) first packet for this address: send
+                            lookup.command and hand the reply to
+                            `resolved(lookup, reply, now)`
+      (Hold.HELD, None)     queued behind a lookup already in flight
+      (Hold.DROP_*, None)   not held; the caller counts the drop:
           DROP_NEGATIVE     the directory said "unknown" less than
                             negative_ttl ago
           DROP_FLOW_FULL    max_held_per_flow packets already held
@@ -51,25 +52,38 @@ Theory of operation
   bounded (in-flight cap, held-packet caps, negative cache) and never block.
 
   All counters are in `stats` (a Counter): "published", "lookups", "held",
-  "late_replies", one per resolution reason (HIT, MISS, ERROR, INVALID,
-  TIMEOUT) and one per drop reason (DROP_*).
+  "late_replies", one per resolution reason (`Result`) and one per drop
+  reason (`Hold.DROP_*`). Hold and Result are StrEnums: their values are the
+  keys, so the stats serialize as plain strings (metrics.ExtraShared).
 """
 
 import collections
+import enum
 from typing import NamedTuple
 
+from . import defaults
 from .sockaddr import client_fields
 
 KEY_PREFIX = b"edge-relay:flow:"
 
-LOOKUP = "lookup"
-HELD = "held"
-DROP_NEGATIVE = "directory_negative"
-DROP_FLOW_FULL = "directory_flow_full"
-DROP_TOTAL_FULL = "directory_total_full"
-DROP_LOOKUPS_FULL = "directory_lookups_full"
 
-HIT, MISS, ERROR, INVALID, TIMEOUT = "hit", "miss", "error", "invalid", "timeout"
+class Hold(enum.StrEnum):
+    """What `hold` did with a packet. The DROP_* values are also `stats` keys."""
+    LOOKUP = "lookup"                           # a new lookup: send its command
+    HELD = "held"                               # queued behind a lookup in flight
+    DROP_NEGATIVE = "directory_negative"        # the directory said "unknown" recently
+    DROP_FLOW_FULL = "directory_flow_full"      # max_held_per_flow reached
+    DROP_TOTAL_FULL = "directory_total_full"    # max_held_total reached
+    DROP_LOOKUPS_FULL = "directory_lookups_full"  # max_lookups in flight
+
+
+class Result(enum.StrEnum):
+    """How a lookup ended (`Resolution.reason`); each value is also a `stats` key."""
+    HIT = "hit"             # the directory named a transceiver
+    MISS = "miss"           # no entry
+    ERROR = "error"         # Redis error or connection trouble
+    INVALID = "invalid"     # an entry that is not a transceiver id
+    TIMEOUT = "timeout"     # no answer within `timeout`
 
 
 def flow_key(listener, sa, prefix=KEY_PREFIX):
@@ -107,7 +121,7 @@ class Resolution(NamedTuple):
     sa: bytes
     transceiver: int | None   # None: not found, error or timeout: drop the packets
     packets: list             # held packets (bytes), oldest first
-    reason: str               # HIT, MISS, ERROR, INVALID or TIMEOUT
+    reason: Result
 
 
 class Directory:
@@ -124,8 +138,10 @@ class Directory:
       prefix             key prefix (bytes)
     """
 
-    def __init__(self, *, ttl=30, timeout=0.1, max_held_per_flow=8, max_held_total=2048,
-                 max_lookups=256, negative_ttl=1.0, max_negative=4096, prefix=KEY_PREFIX):
+    def __init__(self, *, ttl=defaults.DIRECTORY_TTL, timeout=defaults.DIRECTORY_TIMEOUT,
+                 max_held_per_flow=defaults.DIRECTORY_MAX_HELD_PER_FLOW,
+                 max_held_total=defaults.DIRECTORY_MAX_HELD_TOTAL, max_lookups=defaults.DIRECTORY_MAX_LOOKUPS,
+                 negative_ttl=defaults.DIRECTORY_NEGATIVE_TTL, max_negative=4096, prefix=KEY_PREFIX):
         if ttl < 1 or timeout <= 0 or max_held_per_flow < 1 or max_lookups < 1:
             raise ValueError("bad directory parameters")
         self.ttl = int(ttl)
@@ -186,24 +202,24 @@ class Directory:
             expiry = self.negative.get(key)
             if expiry is not None:
                 if now < expiry:
-                    return self._drop(DROP_NEGATIVE)
+                    return self._drop(Hold.DROP_NEGATIVE)
                 del self.negative[key]
             if len(self.lookups) >= self.max_lookups:
-                return self._drop(DROP_LOOKUPS_FULL)
+                return self._drop(Hold.DROP_LOOKUPS_FULL)
         elif len(lookup.packets) >= self.max_held_per_flow:
-            return self._drop(DROP_FLOW_FULL)
+            return self._drop(Hold.DROP_FLOW_FULL)
         if self.held_total >= self.max_held_total:
-            return self._drop(DROP_TOTAL_FULL)
+            return self._drop(Hold.DROP_TOTAL_FULL)
         self.held_total += 1
         self.stats["held"] += 1
         if lookup is not None:
             lookup.packets.append(bytes(packet))
-            return HELD, None
+            return Hold.HELD, None
         lookup = Lookup(key, listener, bytes(sa), now + self.timeout)
         lookup.packets.append(bytes(packet))
         self.lookups[key] = lookup
         self.stats["lookups"] += 1
-        return LOOKUP, lookup
+        return Hold.LOOKUP, lookup
 
     def _drop(self, reason):
         self.stats[reason] += 1
@@ -214,12 +230,12 @@ class Directory:
         del self.lookups[lookup.key]
         self.held_total -= len(lookup.packets)
         self.stats[reason] += 1
-        if tid is None and reason != TIMEOUT:
+        if tid is None and reason != Result.TIMEOUT:
             self._remember_unknown(lookup.key, reason)
         return Resolution(lookup.listener, lookup.sa, tid, lookup.packets, reason)
 
     def _remember_unknown(self, key, reason):
-        if reason != MISS and reason != INVALID:
+        if reason != Result.MISS and reason != Result.INVALID:
             return
         if len(self.negative) >= self.max_negative:
             self.negative.pop(next(iter(self.negative)))
@@ -232,18 +248,18 @@ class Directory:
             return None
         self._now = now
         if reply is None:
-            return self._finish(lookup, None, MISS)
+            return self._finish(lookup, None, Result.MISS)
         if isinstance(reply, Exception):
-            return self._finish(lookup, None, ERROR)
+            return self._finish(lookup, None, Result.ERROR)
         tid = decode_value(reply)
         if tid is None:
-            return self._finish(lookup, None, INVALID)
-        return self._finish(lookup, tid, HIT)
+            return self._finish(lookup, None, Result.INVALID)
+        return self._finish(lookup, tid, Result.HIT)
 
     def expire(self, now):
         """Resolutions (transceiver None) of lookups past their timeout; forgets stale negatives."""
         self._now = now
-        out = [self._finish(lk, None, TIMEOUT)
+        out = [self._finish(lk, None, Result.TIMEOUT)
                for lk in [lk for lk in self.lookups.values() if now >= lk.deadline]]
         while self.negative:
             key = next(iter(self.negative))

@@ -96,8 +96,8 @@ def seal(mac_state, head26, ts6, payload):
     """The 48-octet header for `payload`: `head26` + `ts6` + tag.
 
     `mac_state` is the key's pre-keyed HMAC: keys.Key.header_split (the
-    (inner, outer) SHA-256 pair, fastest), header_cmac or header_mac; it is
-    copied, never updated in place. Octets 0..31 are joined once: that bytes
+    (inner, outer) SHA-256 pair, fastest), header_openssl_mac or header_mac;
+    it is copied, never updated in place. Octets 0..31 are joined once: that bytes
     object is both the first MAC input and the start of the header.
     """
     head32 = head26 + ts6

@@ -18,12 +18,12 @@ Contract
 
 Each Key keeps pre-keyed HMAC states: `copy()` of a keyed state skips the
 two key-block compressions that a fresh `hmac.new` pays on every packet.
-`token_mac` and `header_mac` are `hmac.HMAC` objects; `header_cmac` is the
-same keyed state as OpenSSL's own HMAC object (`_hashlib.HMAC`) when Python
-has one, which the per-packet paths use: same `copy`, `update`, `digest`
-and digests, ~300 ns less per packet, since the `hmac.HMAC` wrapper adds a
-Python-level call to each of those methods. Without OpenSSL `header_cmac`
-is `header_mac`. `header_split` is the same HMAC as two pre-keyed SHA-256
+`token_mac` and `header_mac` are `hmac.HMAC` objects; `header_openssl_mac`
+is the same keyed HMAC state as OpenSSL's own HMAC object (`_hashlib.HMAC`)
+when Python has one, which the per-packet paths use: same `copy`, `update`,
+`digest` and digests, ~300 ns less per packet, since the `hmac.HMAC` wrapper
+adds a Python-level call to each of those methods. Without OpenSSL
+`header_openssl_mac` is `header_mac`. `header_split` is the same HMAC as two pre-keyed SHA-256
 states (inner, outer; see split_hmac), cheaper still per packet; header.seal
 takes any of the three, and header.decode* verify with it.
 """
@@ -90,7 +90,7 @@ def split_hmac(key):
 class Key:
     """One key id: its subkeys and their pre-keyed HMAC-SHA256 states."""
 
-    __slots__ = ("key_id", "token_key", "header_key", "token_mac", "header_mac", "header_cmac",
+    __slots__ = ("key_id", "token_key", "header_key", "token_mac", "header_mac", "header_openssl_mac",
                  "header_split")
 
     def __init__(self, key_id, master):
@@ -103,7 +103,7 @@ class Key:
         self.header_key = derive(master, LABEL_HEADER)
         self.token_mac = hmac.new(self.token_key, digestmod=hashlib.sha256)
         self.header_mac = hmac.new(self.header_key, digestmod=hashlib.sha256)
-        self.header_cmac = keyed_hmac(self.header_key)
+        self.header_openssl_mac = keyed_hmac(self.header_key)
         self.header_split = split_hmac(self.header_key)     # what header.py's per-packet paths use
 
 

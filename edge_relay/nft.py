@@ -51,10 +51,6 @@ SET_TIMEOUT = "10s"         # a source's meter is forgotten this long after its 
 PRIORITY = "raw - 10"       # before conntrack (raw is -300)
 
 
-def _version(address):
-    return ipaddress.ip_address(address).version
-
-
 def _daddr(address):
     """nft match for packets to `address` (a wildcard means any local address)."""
     ip = ipaddress.ip_address(address)

@@ -33,7 +33,9 @@ Theory of operation
     A transceiver goes DOWN after `down_after` consecutive misses and UP again
     after `up_after` consecutive successes; a success resets the miss count and
     a miss resets the success count. Every transition is appended to a list of
-    `Event`s that the worker takes with `take_events()` and logs.
+    `Event`s (its `state` a `State`) that the worker takes with
+    `take_events()` and logs. `Health.up` holds the same state as a bool, which
+    the per-packet `is_up` reads.
 
   Initial state: UP. A worker that starts (or restarts after a crash) routes
   immediately instead of blackholing every call until the first probes come
@@ -57,12 +59,14 @@ Theory of operation
   the last sample, and a fixed-bucket histogram.Histogram (RTT_BUCKETS).
 """
 
+import enum
 import hmac
 import math
 import os
 import struct
 from typing import NamedTuple
 
+from . import defaults
 from .histogram import Histogram, header
 
 PAYLOAD_LEN = 24
@@ -78,14 +82,18 @@ CLOCK_GRANULARITY = 0.001
 
 RTT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
-UP = "up"
-DOWN = "down"
+
+
+class State(enum.StrEnum):
+    """A transceiver's probe state, as `Event.state` reports it (and the log prints it)."""
+    UP = "up"
+    DOWN = "down"
 
 
 class Event(NamedTuple):
     """A state change of one transceiver, for the worker's log and counters."""
     transceiver: int
-    state: str          # UP or DOWN: the new state
+    state: State        # the new state
     at: float           # `now` when it happened
     reason: str         # e.g. "3 probes missed", "2 probes answered"
     srtt: float | None  # smoothed RTT in seconds at the time, None if no sample yet
@@ -134,7 +142,8 @@ class Prober:
       random           callable n -> n random bytes (tests may pass their own)
     """
 
-    def __init__(self, transceiver_ids, interval=0.25, timeout=None, down_after=3, up_after=2,
+    def __init__(self, transceiver_ids, interval=defaults.PROBE_INTERVAL, timeout=None,
+                 down_after=defaults.PROBE_DOWN_AFTER, up_after=defaults.PROBE_UP_AFTER,
                  min_timeout=0.05, max_timeout=1.0, now=0.0, random=os.urandom):
         if not (interval > 0 and down_after >= 1 and up_after >= 1
                 and 0 < min_timeout <= max_timeout):
@@ -272,7 +281,7 @@ class Prober:
             h.misses = 0
         else:
             h.successes = 0
-        self._events.append(Event(h.tid, UP if up else DOWN, now, reason, h.srtt))
+        self._events.append(Event(h.tid, State.UP if up else State.DOWN, now, reason, h.srtt))
 
     # -- queries ----------------------------------------------------------------
 

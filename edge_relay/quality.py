@@ -42,6 +42,7 @@ Theory of operation
 
 import struct
 
+from . import defaults
 from .histogram import Histogram, header
 
 # RFC 3550 appendix A.1
@@ -275,8 +276,8 @@ class QualityMonitor:
         if q is not None: monitor.observe(q.client, data, now)
     """
 
-    def __init__(self, sample_every=16, max_sampled=1024, clock_rates=None,
-                 report_interval=5.0):
+    def __init__(self, sample_every=defaults.QUALITY_SAMPLE_EVERY, max_sampled=defaults.QUALITY_MAX_SAMPLED,
+                 clock_rates=None, report_interval=defaults.QUALITY_REPORT_INTERVAL):
         if sample_every < 1 or max_sampled < 0 or report_interval <= 0:
             raise ValueError("bad quality monitor parameters")
         self.sample_every = sample_every

@@ -37,7 +37,7 @@ Memory (bounded whatever an attacker sends)
 import array
 import math
 
-from . import sockaddr
+from . import defaults, sockaddr
 
 
 class Bucket:
@@ -306,13 +306,13 @@ def source_key(sa):
     return ip if len(ip) == 4 else ip[:8]
 
 
-# config.Limits keys that are ratelimit.Limits keyword arguments.
+# config.Limits keys that are RateLimiters keyword arguments.
 CONFIG_KEYS = ("new_flows_per_source_rate", "new_flows_per_source_burst",
                "new_flows_rate", "new_flows_burst", "flow_packets_rate", "flow_packets_burst")
 
 
-class Limits:
-    """The router's app-level limits, built from config.Limits values (or defaults).
+class RateLimiters:
+    """The router's app-level rate limiters, built from config.Limits values (defaults: defaults.py).
 
     Attributes
       per_source   SourceBuckets: new flows per source IP
@@ -322,16 +322,12 @@ class Limits:
 
     __slots__ = ("per_source", "total", "per_flow")
 
-    def __init__(self, *, new_flows_per_source_rate=20.0, new_flows_per_source_burst=40,
-                 new_flows_rate=20000.0, new_flows_burst=40000,
-                 flow_packets_rate=1000.0, flow_packets_burst=2000,
+    def __init__(self, *, new_flows_per_source_rate=defaults.NEW_FLOWS_PER_SOURCE_RATE,
+                 new_flows_per_source_burst=defaults.NEW_FLOWS_PER_SOURCE_BURST,
+                 new_flows_rate=defaults.NEW_FLOWS_RATE, new_flows_burst=defaults.NEW_FLOWS_BURST,
+                 flow_packets_rate=defaults.FLOW_PACKETS_RATE, flow_packets_burst=defaults.FLOW_PACKETS_BURST,
                  max_sources=65536, now=0.0):
         self.per_source = SourceBuckets(new_flows_per_source_rate, new_flows_per_source_burst,
                                         max_sources)
         self.total = Bucket(new_flows_rate, new_flows_burst, now)
         self.per_flow = FlowMeter(flow_packets_rate, flow_packets_burst)
-
-    @classmethod
-    def from_config(cls, lim, now=0.0):
-        """From a config.Limits section."""
-        return cls(**{name: getattr(lim, name) for name in CONFIG_KEYS}, now=now)

@@ -36,8 +36,8 @@ Theory of operation
     * Connecting uses connect_ex; connection errors only ever reach callbacks
       (possibly from inside `call`, when the write fails at once).
 
-  `BlockingClient` is a plain blocking call-and-wait client for tools and the
-  demo transceiver (demo_state.py), never for the relay's loop.
+  A blocking call-and-wait client for the demo lives in
+  edge_relay/demo/blocking_resp.py, on this codec; the relay has none.
 """
 
 import collections
@@ -60,7 +60,7 @@ class ProtocolError(RespError):
 
 
 class ReplyError(RespError):
-    """An error reply ("-ERR ..."); returned as a value, raised only by BlockingClient."""
+    """An error reply ("-ERR ..."); returned as a value, raised only by the demo's BlockingClient."""
 
 
 class Timeout(RespError):
@@ -393,42 +393,3 @@ class Client:
                 self.stats["timeouts"] += 1
                 cb(Timeout("no reply in time"))
 
-
-class BlockingClient:
-    """call-and-wait RESP over a blocking socket with a timeout (tools and the demo only)."""
-
-    def __init__(self, address, timeout=2.0):
-        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET6 \
-            if ":" in address[0] else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(address)
-        except OSError as e:
-            self.sock.close()
-            raise Disconnected(f"connect {address}: {e}") from None
-        self._parser = Parser()
-        self._replies = collections.deque()
-
-    def pipeline(self, commands):
-        """Send several commands at once; return their replies (ReplyError values included)."""
-        try:
-            self.sock.sendall(b"".join(encode_command(*c) for c in commands))
-            while len(self._replies) < len(commands):
-                data = self.sock.recv(65536)
-                if not data:
-                    raise Disconnected("connection closed by server")
-                self._replies.extend(self._parser.feed(data))
-        except OSError as e:
-            raise Disconnected(str(e)) from None
-        return [self._replies.popleft() for _ in commands]
-
-    def call(self, *args):
-        """One command; its reply, or raises ReplyError for an error reply."""
-        reply, = self.pipeline([args])
-        if isinstance(reply, ReplyError):
-            raise reply
-        return reply
-
-    def close(self):
-        self.sock.close()

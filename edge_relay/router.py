@@ -72,7 +72,7 @@ opens, a header's MAC before a flow is confirmed or moved.
 
 import ipaddress
 
-from . import directory as directory_mod, header, ratelimit, sockaddr, stun, token
+from . import defaults, directory as directory_mod, header, ratelimit, sockaddr, stun, token
 from .drops import N_DROPS, Drop
 from .flows import CONFIRMED, PENDING, REMOVED
 
@@ -121,18 +121,19 @@ def mark_failed_over(flow):
 class Policy:
     """The numbers the router needs from config.limits (plain attributes, read per batch).
 
-    `rates` holds the app-level rate limits (ratelimit.Limits keyword
-    arguments); the defaults are config.Limits' defaults. Build a Policy
+    `rates` holds the app-level rate limits (ratelimit.RateLimiters keyword
+    arguments); the defaults are config.Limits' (defaults.py). Build a Policy
     from a config with `Policy.from_limits(cfg.limits)` so they follow it.
     """
 
     __slots__ = ("header_window_ms", "token_max_lifetime", "clock_skew", "rates")
 
-    def __init__(self, header_window=2.0, token_max_lifetime=86400.0, clock_skew=5.0, **rates):
+    def __init__(self, header_window=defaults.HEADER_WINDOW, token_max_lifetime=defaults.TOKEN_MAX_LIFETIME,
+                 clock_skew=defaults.CLOCK_SKEW, **rates):
         self.header_window_ms = int(header_window * 1000)
         self.token_max_lifetime = token_max_lifetime
         self.clock_skew = clock_skew
-        ratelimit.Limits(**rates)           # refuse unknown names or bad values now, not at configure
+        ratelimit.RateLimiters(**rates)     # refuse unknown names or bad values now, not at configure
         self.rates = rates
 
     @classmethod
@@ -187,7 +188,7 @@ class Router:
         old = getattr(self, "policy", None)
         if old is None or old.rates != policy.rates:
             # New buckets only when the numbers change, so a reload does not refill them.
-            self.limits = ratelimit.Limits(**policy.rates)
+            self.limits = ratelimit.RateLimiters(**policy.rates)
         self.policy = policy
         self.transceivers = dict(transceivers)
         by_addr = {}
@@ -415,7 +416,7 @@ class Router:
         # forward this request to the new owner; everything else keeps going to the old one
         out = self.to_transceivers
         tx_sa, head = self.transceivers[tx_id], self._prefix(flow, cache=False)
-        out.append((tx_sa, header.seal(self.keyring.signing.header_cmac, head,
+        out.append((tx_sa, header.seal(self.keyring.signing.header_openssl_mac, head,
                                        header.timestamp_bytes(wall_ms), data), data))
         self.stats[TO_TX_PACKETS] += 1
         self.stats[TO_TX_BYTES] += len(data) + header.HEADER_LEN
@@ -601,10 +602,10 @@ class Router:
     def _hold(self, listener, sa, data, now):
         """DTLS/RTP from an unknown address: hold it while the directory is asked (or count why not)."""
         outcome, lookup = self.directory.hold(listener, sa, data, now)
-        if outcome == directory_mod.LOOKUP:
+        if outcome == directory_mod.Hold.LOOKUP:
             self.dir_lookups.append(lookup)
-        elif outcome != directory_mod.HELD:
-            self.drops[Drop.UNKNOWN_FLOW if outcome == directory_mod.DROP_NEGATIVE
+        elif outcome != directory_mod.Hold.HELD:
+            self.drops[Drop.UNKNOWN_FLOW if outcome == directory_mod.Hold.DROP_NEGATIVE
                        else Drop.DIRECTORY_FULL] += 1
 
     def dir_resolved(self, lookup, reply, now, wall_ms):
@@ -647,7 +648,7 @@ class Router:
             drops[Drop.UNKNOWN_TRANSCEIVER] += n
             return
         head = flow.route or self._prefix(flow)
-        mac = self.keyring.signing.header_cmac
+        mac = self.keyring.signing.header_openssl_mac
         ts6 = header.timestamp_bytes(wall_ms)
         out = self.to_transceivers
         size = 0
@@ -685,7 +686,7 @@ class Router:
                         continue
                     head = header.prefix(key.key_id, header.PROBE, 0, 0, header.FAMILY_NONE, 0,
                                          header.ZERO_ADDRESS)
-                    self.to_transceivers.append((tx_sa, header.seal(key.header_cmac, head, ts, payload),
+                    self.to_transceivers.append((tx_sa, header.seal(key.header_openssl_mac, head, ts, payload),
                                                  payload))
                     self.stats[PROBES_SENT] += 1
             events = prober.take_events()

@@ -96,6 +96,6 @@ def source_ip(sa):
     return bytes(sa[4:8])
 
 
-def family_of(sa):
+def family_of_sa(sa):
     """socket.AF_INET or socket.AF_INET6 for raw sockaddr bytes."""
     return socket.AF_INET6 if sa[:2] == _AF_INET6 else socket.AF_INET

@@ -14,7 +14,7 @@ import socket
 from .errors import StartupError
 
 
-def family_of(address):
+def family_of_ip_text(address):
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
@@ -29,7 +29,7 @@ def udp_socket(address, port, *, reuseport=False, rcvbuf=None, sndbuf=None, what
 
     An IPv6 socket is IPV6_V6ONLY unless `dual_stack`.
     """
-    family = family_of(address)
+    family = family_of_ip_text(address)
     shown = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
     try:
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -75,18 +75,3 @@ def buffer_shortfalls(sock, rcvbuf, sndbuf):
             out.append((key, asked, granted, sysctl))
     return out
 
-
-def listener_sockets(config):
-    """One SO_REUSEPORT socket per configured listener (for one worker)."""
-    r = config.relay
-    return [udp_socket(l.address, l.port, reuseport=True, rcvbuf=r.recv_buffer_bytes,
-                       sndbuf=r.send_buffer_bytes, what=f"listeners[{i}]")
-            for i, l in enumerate(config.listeners)]
-
-
-def internal_socket(config, worker_index):
-    """Worker `worker_index`'s own internal socket: transceivers answer to the address they heard from."""
-    r = config.relay
-    return udp_socket(config.internal.address, config.internal_port_for(worker_index),
-                      rcvbuf=r.recv_buffer_bytes, sndbuf=r.send_buffer_bytes, what="internal",
-                      dual_stack=internal_dual_stack(config.internal.address))

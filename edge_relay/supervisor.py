@@ -126,7 +126,7 @@ def wanted_sockets(cfg, n):
 def socket_matches(sock, address, port, reuseport):
     """True when `sock` is a UDP socket bound where the config wants it."""
     try:
-        if sock.type != socket.SOCK_DGRAM or sock.family != sockets.family_of(address):
+        if sock.type != socket.SOCK_DGRAM or sock.family != sockets.family_of_ip_text(address):
             return False
         host, bound = sock.getsockname()[:2]
         if ipaddress.ip_address(host.split("%")[0]) != ipaddress.ip_address(address):

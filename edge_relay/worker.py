@@ -47,7 +47,7 @@ from .directory import Directory
 from .drops import Drop
 from .errors import reason
 from .flows import FlowTable
-from .probes import Prober
+from .probes import Prober, State as ProbeState
 from .quality import QualityMonitor
 from .router import Policy, Router, failed_over
 
@@ -222,7 +222,7 @@ class Worker:
         self.listener_io = [batchio.open_io(s, batch, MAX_DATAGRAM, mode=mode, gso=False) for s in listeners]
         self.internal_io = batchio.open_io(internal, batch, MAX_DATAGRAM + header.HEADER_LEN, mode=mode)
         directory = directory_of(cfg)
-        self.router = Router(flows or flow_table(cfg), keyring, transceiver_addrs(cfg),
+        self.router = Router(flow_table(cfg) if flows is None else flows, keyring, transceiver_addrs(cfg),
                              [s.family for s in listeners], policy_of(cfg), backups=backups_of(cfg),
                              prober=prober_of(cfg, clock()), quality=quality_of(cfg),
                              directory=directory, **sources_of(cfg))
@@ -232,7 +232,7 @@ class Worker:
             self.redis = resp.Client(config_mod.redis_target(d.address), timeout=d.timeout,
                                      max_pending=65536, now=clock())
         self._sel = None
-        self._redis_fd = None
+        self._redis_sock = None
         self._redis_fdno = -1
         self._coalesce = 0.0
         self._redis_events = 0
@@ -315,7 +315,7 @@ class Worker:
                 srtt = "-" if ev.srtt is None else f"{ev.srtt * 1000:.2f} ms"
                 backup = router.redirect.get(ev.transceiver)
                 note = f"; its flows go to {names.get(backup, backup)}" if backup is not None else ""
-                (self.log.warning if ev.state == "down" else self.log.notice)(
+                (self.log.warning if ev.state == ProbeState.DOWN else self.log.notice)(
                     "transceiver", "transceiver %s is %s (%s, srtt %s)%s",
                     names.get(ev.transceiver, ev.transceiver), ev.state, ev.reason, srtt, note)
         router.events.clear()
@@ -353,18 +353,18 @@ class Worker:
         if sel is None or self.redis is None:
             return
         sock, events = self.redis.sock, self.redis.events()
-        if sock is not self._redis_fd:
-            if self._redis_fd is not None:
+        if sock is not self._redis_sock:
+            if self._redis_sock is not None:
                 self._tags.pop(self._redis_fdno, None)
                 try:
                     sel.unregister(self._redis_fdno)
                 except (KeyError, ValueError, OSError):
                     pass
-            self._redis_fd = None
+            self._redis_sock = None
             if sock is not None and events:
                 self._redis_fdno = sel.register(sock, _epoll_mask(events))
                 self._tags[self._redis_fdno] = _REDIS
-                self._redis_fd, self._redis_events = sock, events
+                self._redis_sock, self._redis_events = sock, events
         elif sock is not None and events != self._redis_events:
             sel.modify(self._redis_fdno, _epoll_mask(events))
             self._redis_events = events
@@ -613,7 +613,7 @@ class Worker:
         self._sel = None
         if self.redis is not None:
             self.redis.close()
-            self._redis_fd = None
+            self._redis_sock = None
         self._ep.close()
         if self._wake is not None:
             signal.set_wakeup_fd(self._old_wakeup if self._old_wakeup is not None else -1)

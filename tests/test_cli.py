@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from edge_relay import cli, keys
-from edge_relay.demo_run import write_demo_setup
+from edge_relay.demo.run import write_demo_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

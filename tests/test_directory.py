@@ -7,8 +7,7 @@ import pytest
 
 from redisserver import redis_server
 from edge_relay import directory, resp, sockaddr
-from edge_relay.directory import (DROP_FLOW_FULL, DROP_LOOKUPS_FULL, DROP_NEGATIVE,
-                                  DROP_TOTAL_FULL, HELD, LOOKUP, Directory, flow_key)
+from edge_relay.directory import Directory, Hold, flow_key
 
 SA1 = sockaddr.from_tuple(("192.0.2.1", 5000))
 SA2 = sockaddr.from_tuple(("192.0.2.2", 5000))
@@ -46,8 +45,8 @@ def test_publish_and_unpublish_commands():
 def test_hold_then_hit_releases_packets_in_order():
     d = Directory(timeout=0.1)
     status, lk = d.hold(0, SA1, memoryview(b"p1"), 1.0)
-    assert status == LOOKUP and lk.command == ("GET", flow_key(0, SA1))
-    assert d.hold(0, SA1, b"p2", 1.01) == (HELD, None)
+    assert status == Hold.LOOKUP and lk.command == ("GET", flow_key(0, SA1))
+    assert d.hold(0, SA1, b"p2", 1.01) == (Hold.HELD, None)
     assert d.held_total == 2 and d.next_deadline() == pytest.approx(1.1)
     r = d.resolved(lk, b"7", 1.02)
     assert r.transceiver == 7 and r.packets == [b"p1", b"p2"] and r.reason == "hit"
@@ -61,21 +60,21 @@ def test_miss_is_remembered_for_negative_ttl():
     _, lk = d.hold(0, SA1, b"x", 0.0)
     r = d.resolved(lk, None, 0.01)
     assert r.transceiver is None and r.reason == "miss" and r.packets == [b"x"]
-    assert d.hold(0, SA1, b"y", 0.5) == (DROP_NEGATIVE, None)
-    assert d.hold(0, SA1, b"y", 1.2)[0] == LOOKUP      # forgotten after negative_ttl
+    assert d.hold(0, SA1, b"y", 0.5) == (Hold.DROP_NEGATIVE, None)
+    assert d.hold(0, SA1, b"y", 1.2)[0] == Hold.LOOKUP      # forgotten after negative_ttl
     # a publish for the address forgets the negative entry at once
     d2 = Directory()
     _, lk = d2.hold(0, SA2, b"x", 0.0)
     d2.resolved(lk, None, 0.0)
     d2.publish(0, SA2, 3)
-    assert d2.hold(0, SA2, b"y", 0.1)[0] == LOOKUP
+    assert d2.hold(0, SA2, b"y", 0.1)[0] == Hold.LOOKUP
 
 
 def test_errors_and_invalid_values():
     d = Directory()
     _, lk = d.hold(0, SA1, b"x", 0.0)
     assert d.resolved(lk, resp.Disconnected("down"), 0.0).reason == "error"
-    assert d.hold(0, SA1, b"x", 0.0)[0] == LOOKUP      # errors are not cached
+    assert d.hold(0, SA1, b"x", 0.0)[0] == Hold.LOOKUP      # errors are not cached
     r = d.resolved(d.lookups[flow_key(0, SA1)], b"not-a-number", 0.0)
     assert r.reason == "invalid" and r.transceiver is None
 
@@ -87,7 +86,7 @@ def test_timeout_drops_and_ignores_late_reply():
     (r,) = d.expire(0.1)
     assert r.reason == "timeout" and r.packets == [b"x"] and d.held_total == 0
     assert d.resolved(lk, b"5", 0.2) is None
-    assert d.stats["late_replies"] == 1 and d.stats[directory.TIMEOUT] == 1
+    assert d.stats["late_replies"] == 1 and d.stats[directory.Result.TIMEOUT] == 1
     # a new lookup for the same address is not confused by the old one's reply
     _, lk2 = d.hold(0, SA1, b"y", 0.3)
     assert d.resolved(lk, b"5", 0.31) is None
@@ -96,16 +95,16 @@ def test_timeout_drops_and_ignores_late_reply():
 
 def test_bounds():
     d = Directory(max_held_per_flow=2, max_held_total=5, max_lookups=3)
-    assert d.hold(0, SA1, b"1", 0)[0] == LOOKUP
-    assert d.hold(0, SA1, b"2", 0)[0] == HELD
-    assert d.hold(0, SA1, b"3", 0)[0] == DROP_FLOW_FULL
-    assert d.hold(0, sa(1), b"1", 0)[0] == LOOKUP
-    assert d.hold(0, sa(2), b"1", 0)[0] == LOOKUP
-    assert d.hold(0, sa(3), b"1", 0)[0] == DROP_LOOKUPS_FULL
-    assert d.hold(0, sa(1), b"2", 0)[0] == HELD
-    assert d.hold(0, sa(2), b"2", 0)[0] == DROP_TOTAL_FULL
+    assert d.hold(0, SA1, b"1", 0)[0] == Hold.LOOKUP
+    assert d.hold(0, SA1, b"2", 0)[0] == Hold.HELD
+    assert d.hold(0, SA1, b"3", 0)[0] == Hold.DROP_FLOW_FULL
+    assert d.hold(0, sa(1), b"1", 0)[0] == Hold.LOOKUP
+    assert d.hold(0, sa(2), b"1", 0)[0] == Hold.LOOKUP
+    assert d.hold(0, sa(3), b"1", 0)[0] == Hold.DROP_LOOKUPS_FULL
+    assert d.hold(0, sa(1), b"2", 0)[0] == Hold.HELD
+    assert d.hold(0, sa(2), b"2", 0)[0] == Hold.DROP_TOTAL_FULL
     assert d.held_total == 5 and len(d.lookups) == 3
-    assert d.stats[DROP_FLOW_FULL] == d.stats[DROP_LOOKUPS_FULL] == d.stats[DROP_TOTAL_FULL] == 1
+    assert d.stats[Hold.DROP_FLOW_FULL] == d.stats[Hold.DROP_LOOKUPS_FULL] == d.stats[Hold.DROP_TOTAL_FULL] == 1
 
 
 def test_negative_cache_is_bounded():
@@ -177,18 +176,18 @@ def test_two_relays_share_flows_through_redis(tmp_path):
         for i in list(range(50)) + [999]:          # 999: unknown to the directory
             for n in range(3):
                 status, lk = b.hold(0, sa(i), b"pkt%d" % n, now)
-                if status == LOOKUP:
+                if status == Hold.LOOKUP:
                     assert b_client.call(lk.command,
                                          lambda r, lk=lk: resolutions.append(b.resolved(lk, r, time.monotonic())),
                                          now)
                 else:
-                    assert status == HELD
+                    assert status == Hold.HELD
         drive(b_client, lambda: len(resolutions) == 51)
         got = {r.sa: (r.transceiver, r.packets) for r in resolutions}
         for i in range(50):
             assert got[sa(i)] == (100 + i, [b"pkt0", b"pkt1", b"pkt2"])
         assert got[sa(999)] == (None, [b"pkt0", b"pkt1", b"pkt2"])
-        assert b.stats[directory.HIT] == 50 and b.stats[directory.MISS] == 1
+        assert b.stats[directory.Result.HIT] == 50 and b.stats[directory.Result.MISS] == 1
         assert b.held_total == 0
 
         # the entry carries the TTL
@@ -200,10 +199,10 @@ def test_two_relays_share_flows_through_redis(tmp_path):
         b_client.close()
 
 
-# -- demo_state.py: the demo transceiver's shared session state ------------------------
+# -- demo/state.py: the demo transceiver's shared session state ------------------------
 
 def test_demo_state_primary_and_backup_share_a_session(tmp_path):
-    from edge_relay.demo_state import DemoState, MediaCounters
+    from edge_relay.demo.state import DemoState, MediaCounters
     with redis_server(tmp_path) as server:
         primary = DemoState(server.address, ttl=60)
         backup = DemoState(server.address, ttl=60)

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from edge_relay import demo, demo_state, header, router as router_mod
+from edge_relay import demo, header, router as router_mod
+from edge_relay.demo import state as demo_state
 from edge_relay.worker import Worker, flow_table
 from relayharness import Harness
 from relayproc import ROOT, Relay, Setup, free_port, http_get, parse_prometheus, wait_for

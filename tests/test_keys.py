@@ -396,12 +396,12 @@ def test_keyed_hmac_is_the_c_object_when_openssl_is_there_and_matches_hmac_new()
     state = keys.keyed_hmac(b"k" * 32)
     assert type(state) is _hashlib.HMAC
     key = keys.Key(2, MASTERS[2])
-    assert type(key.header_cmac) is _hashlib.HMAC
+    assert type(key.header_openssl_mac) is _hashlib.HMAC
     for msg in (b"", b"abc", bytes(range(256)) * 9):
         mac = state.copy()
         mac.update(memoryview(msg))
         assert mac.digest() == hmac.new(b"k" * 32, msg, hashlib.sha256).digest()
-        mac = key.header_cmac.copy()
+        mac = key.header_openssl_mac.copy()
         mac.update(msg)
         assert mac.digest() == hmac.new(key.header_key, msg, hashlib.sha256).digest()
 
@@ -414,5 +414,5 @@ def test_keyed_hmac_without_openssl_falls_back_to_hmac(monkeypatch):
     mac.update(b"abc")
     assert mac.digest() == hmac.new(b"k" * 32, b"abc", hashlib.sha256).digest()
     key = keys.Key(2, MASTERS[2])
-    assert isinstance(key.header_cmac, hmac.HMAC)
-    assert key.header_cmac.copy().digest() == key.header_mac.copy().digest()
+    assert isinstance(key.header_openssl_mac, hmac.HMAC)
+    assert key.header_openssl_mac.copy().digest() == key.header_mac.copy().digest()

@@ -188,7 +188,7 @@ def test_the_checker_sees_what_it_must():
     assert ("time", 1) in v.stdlib
     assert ("socket", 2) in v.socket_names and ("sendto", 6) in v.socket_names
     assert ("worker", 3) in v.internal
-    assert {m for m, _ in v.internal} >= {"worker", "demo"}
+    assert {m for m, _ in v.internal} >= {"worker", "demo.run"}
     table = layer_table()
     assert layer_of("worker", table) == "io" and layer_of("demo.run", table) == "demo"
     assert layer_of("adapter_ice", table) == "io"

@@ -138,9 +138,10 @@ def test_directory_counters_cover_every_key_the_directory_and_its_redis_client_c
     import re
     from edge_relay import directory
     src = {name: open(os.path.join(ROOT, "edge_relay", f"{name}.py")).read() for name in ("directory", "resp")}
-    counted = {"published", "held", "lookups", "late_replies", directory.HIT, directory.MISS, directory.ERROR,
-               directory.INVALID, directory.TIMEOUT, directory.DROP_NEGATIVE, directory.DROP_FLOW_FULL,
-               directory.DROP_TOTAL_FULL, directory.DROP_LOOKUPS_FULL}
+    R, H = directory.Result, directory.Hold
+    counted = {"published", "held", "lookups", "late_replies", R.HIT, R.MISS, R.ERROR,
+               R.INVALID, R.TIMEOUT, H.DROP_NEGATIVE, H.DROP_FLOW_FULL,
+               H.DROP_TOTAL_FULL, H.DROP_LOOKUPS_FULL}
     assert set(re.findall(r'stats\["(\w+)"\]', src["directory"])) <= counted
     counted |= {f"redis_{k}" for k in re.findall(r'stats\["(\w+)"\]', src["resp"])}
     table = [k for _, _, _, keys in metrics.DIRECTORY_COUNTERS for k in keys]

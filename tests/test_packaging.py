@@ -298,6 +298,12 @@ def test_built_package_contents(tmp_path):
                  "./usr/share/man/man8/edge-relay.8.gz", "./usr/lib/sysusers.d/edge-relay.conf",
                  "./usr/lib/tmpfiles.d/edge-relay.conf", "./usr/share/edge-relay/edge_relay/cli.py"):
         assert path in paths, path
+    # The whole package tree ships (subpackages too), and no bytecode with it.
+    package = REPO / "edge_relay"
+    sources = {f"./usr/share/edge-relay/edge_relay/{p.relative_to(package)}" for p in package.rglob("*.py")}
+    assert "./usr/share/edge-relay/edge_relay/demo/__init__.py" in sources
+    assert not sources - paths, sorted(sources - paths)
+    assert not [p for p in paths if "__pycache__" in p or p.endswith((".pyc", ".pyo"))]
     assert "Architecture: all" in info and "python3 (>= 3.11)" in info
     assert (control / "conffiles").read_text().split() == ["/etc/edge-relay/edge-relay.toml"]
     assert "edge-relay keygen --group edge-relay" in (control / "postinst").read_text()

@@ -6,7 +6,7 @@ import pytest
 
 from edge_relay import probes
 from edge_relay.histogram import Histogram
-from edge_relay.probes import DOWN, PAYLOAD_LEN, UP, Prober
+from edge_relay.probes import PAYLOAD_LEN, Prober, State
 
 
 def counter_random():
@@ -92,7 +92,7 @@ def test_down_after_three_misses_up_after_two_answers_with_events():
     t_dead = t
     t = run(p, t + 3.0, answer=lambda tid: alive[tid], t=t)
     events = p.take_events()
-    assert [(e.transceiver, e.state) for e in events] == [(1, DOWN)]
+    assert [(e.transceiver, e.state) for e in events] == [(1, State.DOWN)]
     assert events[0].reason == "3 probes missed"
     # detection within down_after intervals plus one timeout (adaptive, min 0.05)
     assert events[0].at - t_dead <= 3 * 0.25 + 0.05 + 0.02
@@ -100,7 +100,7 @@ def test_down_after_three_misses_up_after_two_answers_with_events():
     alive[1] = True
     t = run(p, t + 1.0, answer=lambda tid: alive[tid], t=t)
     events = p.take_events()
-    assert [(e.transceiver, e.state, e.reason) for e in events] == [(1, UP, "2 probes answered")]
+    assert [(e.transceiver, e.state, e.reason) for e in events] == [(1, State.UP, "2 probes answered")]
     assert p.health[1].transitions == 2
 
 
@@ -133,7 +133,7 @@ def test_outstanding_probes_stay_bounded_when_dead():
     run(p, 30.0, answer=lambda tid: False)
     assert len(p.health[1].outstanding) <= int(1.0 / 0.25) + 1
     assert not p.is_up(1)
-    assert [e.state for e in p.take_events()] == [DOWN]   # one transition, not one per miss
+    assert [e.state for e in p.take_events()] == [State.DOWN]   # one transition, not one per miss
 
 
 def test_route_for_backups_and_chains():

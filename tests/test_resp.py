@@ -7,6 +7,7 @@ import pytest
 
 from redisserver import redis_server
 from edge_relay import resp
+from edge_relay.demo.blocking_resp import BlockingClient
 from edge_relay.resp import (Client, Disconnected, Parser, ProtocolError, ReplyError, RespError,
                              Timeout, encode_command)
 
@@ -222,11 +223,11 @@ def test_connect_refused_backs_off(tmp_path):
 
 def test_blocking_client(tmp_path):
     with redis_server(tmp_path) as server:
-        b = resp.BlockingClient(server.address)
+        b = BlockingClient(server.address)
         assert b.call("SET", "a", "1") == "OK"
         assert b.pipeline([("GET", "a"), ("INCR", "a"), ("HGETALL", "h")]) == [b"1", 2, []]
         with pytest.raises(ReplyError):
             b.call("NOSUCHCMD")
         b.close()
     with pytest.raises(Disconnected):
-        resp.BlockingClient(str(tmp_path / "gone.sock"))
+        BlockingClient(str(tmp_path / "gone.sock"))

@@ -1,5 +1,11 @@
 """A demo transceiver and a synthetic voice client, for demos, tests and smoke tests.
 
+The edge_relay.demo package is never imported by the relay (tests/test_layers.py
+checks it; cli imports it inside the demo subcommands only). It holds this
+module, run.py (`edge-relay demo`: relay, transceiver and callers on
+loopback), state.py (session state in Redis, for failover demos) and
+blocking_resp.py (the blocking Redis client state.py uses).
+
 Demo transceiver: an ICE-lite agent built only on edge_relay.transceiver. It
 answers connectivity checks for any session whose ufrag is a valid token for
 its transceiver id, and echoes every other WebRTC datagram (DTLS, RTP) back to
@@ -12,7 +18,7 @@ transceiver keeps random passwords in its session state; the relay never
 learns either.
 
 Stateful demo transceiver (`StatefulDemoTransceiver`, `serve_stateful`): the
-same, plus session state in Redis (demo_state.py) so that a primary and a
+same, plus session state in Redis (demo/state.py) so that a primary and a
 backup can share a call: the primary stores each session's ICE password, the
 client address -> session mapping and media counters; the backup, receiving
 a datagram flagged FLAG_FAILOVER for a client it does not know, loads the
@@ -35,9 +41,9 @@ import socket
 import struct
 import time
 
-from . import batchio, header, stun, token, transceiver
-from .demo_state import MediaCounters
-from .drops import Drop
+from .. import batchio, header, stun, token, transceiver
+from ..drops import Drop
+from .state import MediaCounters
 
 DEMO_PWD_LABEL = b"edge-relay demo ice-pwd"
 RTP_PAYLOAD_TYPE = 111            # Opus, dynamic payload type as browsers use it
@@ -164,13 +170,13 @@ class DemoTransceiver:
 
 
 class StatefulDemoTransceiver(DemoTransceiver):
-    """A DemoTransceiver whose sessions live in Redis (demo_state.DemoState), for failover demos."""
+    """A DemoTransceiver whose sessions live in Redis (state.DemoState), for failover demos."""
 
     def __init__(self, keyring, transceiver_id, sock, state, **kw):
         super().__init__(keyring, transceiver_id, sock, **kw)
         self.state = state
         self.sessions = {}          # client (host, port) -> ufrag
-        self.counters = {}          # ufrag -> demo_state.MediaCounters
+        self.counters = {}          # ufrag -> state.MediaCounters
         self.taken_over = 0
         self.clock = time.monotonic
 
@@ -217,8 +223,8 @@ class StatefulDemoTransceiver(DemoTransceiver):
 
 def serve_stateful(key_dir, transceiver_id, port, redis_address, parent_pid=None, host="127.0.0.1"):
     """Run a StatefulDemoTransceiver on host:port until the parent process is gone (tests, demos)."""
-    from . import keys
-    from .demo_state import DemoState
+    from .. import keys
+    from .state import DemoState
     keyring = keys.load_dir(key_dir)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((host, port))

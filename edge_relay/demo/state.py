@@ -18,13 +18,14 @@ Theory of operation
                               address belongs to (DTLS/SRTP carry no ufrag, so a
                               backup needs it to find the session of a flow)
 
-  It speaks RESP through resp.BlockingClient (blocking, with a timeout):
+  It speaks RESP through blocking_resp.BlockingClient (blocking, with a timeout):
   fine for a demo, which should batch counter updates (`MediaCounters`)
   rather than write per packet. One reconnect is tried when the connection
   broke; other failures raise resp.RespError.
 """
 
-from . import resp
+from .. import resp
+from .blocking_resp import BlockingClient
 
 PREFIX = "edge-relay-demo:"
 
@@ -42,7 +43,7 @@ class DemoState:
     def _pipeline(self, commands):
         for attempt in (0, 1):
             if self._client is None:
-                self._client = resp.BlockingClient(self.address, self.timeout)
+                self._client = BlockingClient(self.address, self.timeout)
             try:
                 replies = self._client.pipeline(commands)
             except resp.Disconnected:

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from . import demo, keys
+from .. import demo, keys
 
 CONFIG_TEMPLATE = """\
 # throwaway config written by `edge-relay demo`
