@@ -15,7 +15,7 @@ import pytest
 
 from edge_relay import sockaddr
 from edge_relay.drops import Drop
-from edge_relay.flows import (CONFIRMED, PENDING, REMOVED, SNAPSHOT_VERSION, Flow,
+from edge_relay.flows import (CONFIRMED, FAILED_OVER, PENDING, REMOVED, SNAPSHOT_VERSION, Flow,
                               FlowTable)
 
 
@@ -561,26 +561,25 @@ def test_snapshot_round_trip():
     assert FlowTable().restore(FlowTable().snapshot(0.0), 0.0) == 0
 
 
-def test_snapshot_carries_the_mark_to_restore():
+def test_snapshot_carries_the_flags_to_restore():
     t, flows = _populated(1000.0)
     marked_keys = {flows[1].key, flows[3].key}          # one pending with restart, one v6 confirmed
-    data = t.snapshot(1000.0, marked=lambda f: f.key in marked_keys)
-    assert data != t.snapshot(1000.0)                   # the mark is on the wire
-    seen = []
+    plain = t.snapshot(1000.0)
+    for f in t:
+        if f.key in marked_keys:
+            f.flags |= FAILED_OVER
+    data = t.snapshot(1000.0)
+    assert data != plain                                # the flag is on the wire
     u = FlowTable(n_listeners=3, pending_ttl=5.0, idle_timeout=30.0)
-    assert u.restore(data, 50.0, on_marked=seen.append) == 5
-    assert sorted(f.key for f in seen) == sorted(marked_keys)
-    assert all(u.get(f.listener, f.key) is f for f in seen)
-    # restart_to still comes from its own bit, whatever the mark
+    assert u.restore(data, 50.0) == 5
+    assert sorted(f.key for f in u if f.flags & FAILED_OVER) == sorted(marked_keys)
+    assert all(f.flags == 0 for f in u if f.key not in marked_keys)
+    # restart_to still comes from its own bit, whatever the flags
     assert u.get(flows[1].listener, flows[1].key).restart_to == 7
     assert u.get(flows[0].listener, flows[0].key).restart_to is None
-    # without a callback the mark is read and ignored
-    assert FlowTable(n_listeners=3, pending_ttl=5.0, idle_timeout=30.0).restore(data, 50.0) == 5
-    # an unmarked snapshot calls nothing
-    seen.clear()
-    FlowTable(n_listeners=3, pending_ttl=5.0, idle_timeout=30.0).restore(t.snapshot(1000.0), 50.0,
-                                                                         on_marked=seen.append)
-    assert seen == []
+    # a snapshot without flags restores none
+    v = FlowTable(n_listeners=3, pending_ttl=5.0, idle_timeout=30.0)
+    assert v.restore(plain, 50.0) == 5 and all(f.flags == 0 for f in v)
 
 
 def test_restore_respects_caps_and_existing_flows():

@@ -1,0 +1,264 @@
+"""The crash journal: a worker's confirmed flows in memory that outlives the worker (sans-IO).
+
+Theory of operation
+  The supervisor creates one shared memory region per worker slot, once, and
+  holds it (worker.JournalMemory: a memfd mapped MAP_SHARED). The forked
+  worker wraps it in a `Journal` and attaches it to its flows.FlowTable,
+  which writes one record per confirmed flow at each transition a successor
+  must know (flows.py "Crash journal"): confirm, change of owner (move,
+  reassign: failover, ICE restart), flags, and leaving the table (remove,
+  expire, evict). Nothing is written per packet. When the worker dies
+  unasked (SIGKILL, a crash), the region still holds what it wrote; the
+  successor of that slot calls `attach`, which restores every valid record
+  into its new table before the first datagram is read, and carries on
+  writing in place.
+
+  This module only reads and writes a buffer it is given (an mmap or, in
+  the tests, a bytearray): no clock, no syscall.
+
+Layout (little-endian; read only by the same build on the same host, but
+versioned so another layout is refused and overwritten, never misread)
+  header  64 bytes at offset 0, written once when the region is formatted:
+          magic "ERFJ" | version u8 (1) | reserved u8 | record size u16 (64)
+          | capacity u32 | 52 zero bytes
+  record  `capacity` records of 64 bytes from offset 64; record i at 64 + 64 i:
+     0  kind u8          0 free, 1 a confirmed flow
+     1  key length u8    16 (sockaddr_in) or 28 (sockaddr_in6)
+     2  flags u8         flows.Flow.flags (flows.FLAG_BITS)
+     3  reserved u8      0
+     4  listener u16     public socket index
+     6  reserved u16     0
+     8  seq u64          the journal's write counter at this write (newest wins)
+    16  transceiver u32  owner
+    20  key 28 bytes     the client's raw sockaddr, zero-padded
+    48  reserved 12      0
+    60  crc32 u32        of bytes 0..59
+  A write is one record: body, then its crc. Removal clears the kind byte
+  first (one store: the record is free from then on) and then zeroes the
+  rest, so a freed record carries nothing a corrupted kind byte could revive.
+
+Guarantees (tests/test_journal.py checks them by fuzzing and by tearing writes)
+  * `restore` never raises for any buffer content: every non-free record
+    that fails a check (kind, crc, key, reserved bits, flags) is counted in
+    `bad` and freed. A writer killed mid-record leaves that one record with a
+    crc that does not match (counted bad: that one flow is lost, and is
+    picked up again at its client's next consent check), or it leaves the
+    old record or the new one whole. A record that passes carries exactly
+    what some `put` wrote, except with probability 2^-32 per torn record (a
+    crc32 collision).
+  * A restored flow is CONFIRMED with `last_seen` = the restore's `now`: a
+    fresh idle deadline (idle_timeout). It may therefore outlive its
+    client by up to one idle_timeout; that is safe because it was confirmed
+    by its transceiver, and the relay still sends to the client only in
+    answer to that transceiver's authenticated packets.
+  * Not journaled, so lost with the worker: pending flows (the client's
+    Binding Request retransmission opens them again), an ICE restart in
+    progress (`restart_to`; the client's next request with the new token
+    starts it again), the router's cached prefix (rebuilt), quality samples.
+  * Two valid records for one (listener, client): the higher seq is kept,
+    the other freed and counted `duplicate`. Records the table refuses
+    (listener it does not have, table full) are freed, counted `skipped`.
+  * Capacity is fixed when the region is made (the config's max_flows
+    then). A confirmed flow that finds no free record is not journaled,
+    counted in `full`, and served as usual.
+
+Costs (bench/journal.py): one record write per transition, about a
+microsecond; 64 bytes of shared memory per confirmed flow (the region is
+sized 64 + 64 * capacity bytes; a memfd only allocates the pages written),
+plus the free-record list and one int per journaled flow in the worker
+(Flow.jslot).
+"""
+
+import binascii
+import collections
+import re
+import struct
+
+from .flows import CONFIRMED, FLAG_BITS, _key_ok
+
+MAGIC = b"ERFJ"
+VERSION = 1
+HEADER_SIZE = 64
+RECORD_SIZE = 64
+FLOW = 1                    # record kind; 0 is free
+
+_HEAD = struct.Struct("<4sBBHI52x")
+_BODY = struct.Struct("<BBBBHHQI28s12x")       # bytes 0..59 of a record
+_CRC = struct.Struct("<I")
+_CRC_AT = _BODY.size
+_KEY_AT = 20
+_U32 = 0xFFFFFFFF
+_ZERO_RECORD = bytes(RECORD_SIZE)
+_WRITTEN = re.compile(b"[^\x00]")
+assert _BODY.size + _CRC.size == RECORD_SIZE and _HEAD.size == HEADER_SIZE
+
+Restored = collections.namedtuple("Restored", "restored bad duplicate skipped reformatted")
+Restored.__doc__ = """What `Journal.attach` found: flows added to the table; records that failed a
+check; duplicates dropped; valid records the table refused; and whether the header was
+unusable (another layout or garbage), so that the whole region was formatted afresh."""
+
+
+def region_size(capacity):
+    """Bytes a journal of `capacity` records needs."""
+    return HEADER_SIZE + RECORD_SIZE * capacity
+
+
+class Journal:
+    """The journal of one worker slot over `buf`, a writable buffer of region_size(capacity) bytes.
+
+    Attributes (plain ints, read-only for callers): `capacity` records,
+    `full` (puts that found no free record), `unjournaled` (flows whose
+    owner id does not fit 32 bits), `seq` (the last write's number).
+    """
+
+    def __init__(self, buf):
+        self._buf = memoryview(buf).cast("B")
+        self.capacity = max(0, (len(self._buf) - HEADER_SIZE) // RECORD_SIZE)
+        self._free = []             # free record indexes below _next (a stack)
+        self._next = 0              # records at or above this index have never been used
+        self.seq = 0
+        self.full = 0
+        self.unjournaled = 0
+
+    # -- the worker's writes (flows.FlowTable calls them) -----------------------
+
+    def put(self, flow):
+        """Write `flow`'s record (a confirmed flow; allocates one on its first write)."""
+        slot = flow.jslot
+        if slot is None:
+            tid = flow.transceiver
+            if not 0 <= tid <= _U32:
+                self.unjournaled += 1
+                return
+            if self._free:
+                slot = self._free.pop()
+            elif self._next < self.capacity:
+                slot = self._next
+                self._next += 1
+            else:
+                self.full += 1
+                return
+            flow.jslot = slot
+        self.seq += 1
+        key = flow.key
+        buf = self._buf
+        off = HEADER_SIZE + slot * RECORD_SIZE
+        _BODY.pack_into(buf, off, FLOW, len(key), flow.flags, 0, flow.listener, 0, self.seq,
+                        flow.transceiver, key)
+        _CRC.pack_into(buf, off + _CRC_AT, binascii.crc32(buf[off:off + _CRC_AT]))
+
+    def drop(self, flow):
+        """Free `flow`'s record (it left the table)."""
+        slot = flow.jslot
+        if slot is None:
+            return
+        flow.jslot = None
+        off = HEADER_SIZE + slot * RECORD_SIZE
+        buf = self._buf
+        buf[off] = 0                # free from this store on, whatever follows
+        buf[off:off + RECORD_SIZE] = _ZERO_RECORD
+        self._free.append(slot)
+
+    # -- the successor's start --------------------------------------------------
+
+    def attach(self, table, now, fresh=False):
+        """Make this the journal of `table` (a flows.FlowTable); returns Restored.
+
+        fresh=False (a successor after a crash): every valid record becomes a
+        CONFIRMED flow of `table` seen at `now`, and keeps its record.
+        fresh=True (`table` already holds the truth, e.g. a handed-over
+        snapshot): the records are discarded and the table's confirmed
+        flows written instead.
+        """
+        reformatted = self._check_header()
+        found = {}                  # (listener, key) -> (seq, slot, transceiver, flags)
+        bad = duplicate = skipped = 0
+        used = bytearray(self.capacity)     # 1 where a record stays
+        if not reformatted and not fresh:
+            bad, duplicate = self._scan(found, used)
+        elif not reformatted:
+            for match in _WRITTEN.finditer(self._kinds()):
+                self._clear(match.start())      # only the written ones: untouched pages stay unallocated
+        seq = 0
+        for (listener, key), (rseq, slot, tid, flags) in found.items():
+            flow = table.adopt(listener, key, tid, flags, now)
+            if flow is None:
+                skipped += 1
+                self._clear(slot)
+                used[slot] = 0
+                continue
+            flow.jslot = slot
+            if rseq > seq:
+                seq = rseq
+        self.seq = seq
+        last = used.rfind(1)
+        self._next = last + 1
+        self._free = [i for i in range(last, -1, -1) if not used[i]]
+        table.journal = self
+        if fresh:
+            for flow in list(table):
+                if flow.state == CONFIRMED:
+                    self.put(flow)
+        return Restored(len(found) - skipped, bad, duplicate, skipped, reformatted)
+
+    def _check_header(self):
+        """Format the region unless its header is ours; True if it was not (counted by attach)."""
+        buf = self._buf
+        if len(buf) < HEADER_SIZE:
+            return True
+        magic, version, res, rsize, cap = _HEAD.unpack_from(buf, 0)
+        if (magic, version, res, rsize, cap) == (MAGIC, VERSION, 0, RECORD_SIZE, self.capacity) \
+                and not any(buf[12:HEADER_SIZE]):
+            return False
+        fresh = not any(buf[:HEADER_SIZE])          # a new region is all zero: nothing to count
+        if not fresh:
+            self._wipe()
+        _HEAD.pack_into(buf, 0, MAGIC, VERSION, 0, RECORD_SIZE, self.capacity)
+        return not fresh
+
+    def _wipe(self):
+        end = region_size(self.capacity)
+        self._buf[HEADER_SIZE:end] = bytes(end - HEADER_SIZE)
+
+    def _scan(self, found, used):
+        """Validate every non-free record into `found`; free the rest. Returns (bad, duplicate)."""
+        buf = self._buf
+        kinds = self._kinds()
+        bad = duplicate = 0
+        unpack = _BODY.unpack_from
+        # the free records are skipped at C speed: only written ones cost a Python step
+        for match in _WRITTEN.finditer(kinds):
+            slot = match.start()
+            off = HEADER_SIZE + slot * RECORD_SIZE
+            body = buf[off:off + _CRC_AT]
+            kind, klen, flags, res8, listener, res16, seq, tid, key28 = unpack(body)
+            ok = (kind == FLOW and (klen == 16 or klen == 28) and not res8 and not res16
+                  and not flags & ~FLAG_BITS and not any(buf[off + 48:off + _CRC_AT])
+                  and not any(key28[klen:])
+                  and _CRC.unpack_from(buf, off + _CRC_AT)[0] == binascii.crc32(body))
+            key = key28[:klen]
+            if not ok or not _key_ok(key):
+                bad += 1
+                self._clear(slot)
+                continue
+            pair = (listener, key)
+            have = found.get(pair)
+            if have is not None:
+                duplicate += 1
+                if have[0] >= seq:
+                    self._clear(slot)
+                    continue
+                self._clear(have[1])
+                used[have[1]] = 0
+            found[pair] = (seq, slot, tid, flags)
+            used[slot] = 1
+        return bad, duplicate
+
+    def _kinds(self):
+        """The kind byte of every record, as bytes (one strided copy)."""
+        return bytes(self._buf[HEADER_SIZE:region_size(self.capacity):RECORD_SIZE])
+
+    def _clear(self, slot):
+        off = HEADER_SIZE + slot * RECORD_SIZE
+        self._buf[off:off + RECORD_SIZE] = _ZERO_RECORD
+
