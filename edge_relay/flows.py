@@ -500,19 +500,47 @@ class FlowTable:
             added += 1
         return added
 
-    def adopt(self, listener, key, transceiver, flags, now):
-        """Add a CONFIRMED flow seen last at `now` (the crash journal's restore, journal.py).
+    def adopt(self, entries, now):
+        """Add CONFIRMED flows seen last at `now` (the crash journal's restore, journal.py).
 
-        Returns the new Flow, or None, adding nothing, when `listener` is not
-        one of this table's, `key` already has a flow there, or the table is
-        full. The attached journal is not written: its caller owns the record.
+        `entries` yields (listener, key, transceiver, flags, jslot, ...)
+        tuples; each flow gets that `jslot` (its journal record, which is not
+        written). Returns the jslots of the entries refused, adding nothing
+        for them: a listener this table does not have, a key that already
+        has a flow there, or a full table. One loop, one bucket: restore
+        time is what a crashed worker's callers wait.
         """
-        if not 0 <= listener < self.n_listeners:
-            return None
-        if key in self.by_listener[listener] or self.pending + self.confirmed >= self.max_flows:
-            return None
-        self.confirmed += 1
-        return self._insert(key, listener, transceiver, CONFIRMED, now, flags, now + self.idle_timeout)
+        refused = []
+        deadline = now + self.idle_timeout
+        k = int(deadline // self.granularity) + 1
+        bucket = self._buckets.get(k)
+        if bucket is None:
+            self._buckets[k] = bucket = []
+            heapq.heappush(self._heap, k)
+        room = self.max_flows - self.pending - self.confirmed
+        by_listener, n_listeners, per_tx, intern = self.by_listener, self.n_listeners, self._per_tx, self._intern
+        ids = self._ids
+        added = 0
+        for entry in entries:
+            listener, key, tid, flags, jslot = entry[:5]
+            if room <= added or not 0 <= listener < n_listeners or key in by_listener[listener]:
+                refused.append(jslot)
+                continue
+            shared = ids.get(tid)
+            tid = intern(tid) if shared is None else shared
+            flow = Flow(key, listener, tid, CONFIRMED, now, flags)
+            flow.jslot = jslot
+            by_listener[listener][key] = flow
+            per_tx[tid] = per_tx.get(tid, 0) + 1
+            bucket.append(flow)
+            added += 1
+        self.confirmed += added
+        self._entries += added
+        if not bucket:
+            del self._buckets[k]
+            self._heap.remove(k)
+            heapq.heapify(self._heap)
+        return refused
 
     # -- internals -----------------------------------------------------------
 

@@ -72,9 +72,12 @@ plus the free-record list and one int per journaled flow in the worker
 import binascii
 import collections
 import re
+import socket
 import struct
+import sys
 
-from .flows import CONFIRMED, FLAG_BITS, _key_ok
+from .flows import CONFIRMED, FLAG_BITS
+from .sockaddr import SOCKADDR_IN6_LEN, SOCKADDR_IN_LEN
 
 MAGIC = b"ERFJ"
 VERSION = 1
@@ -85,12 +88,19 @@ FLOW = 1                    # record kind; 0 is free
 _HEAD = struct.Struct("<4sBBHI52x")
 _BODY = struct.Struct("<BBBBHHQI28s12x")       # bytes 0..59 of a record
 _CRC = struct.Struct("<I")
+_RECORD = struct.Struct("<BBBBHHQI28s12sI")     # a whole record, as restore reads it
+_ZERO12 = bytes(12)
+_PADS = {16: bytes(12), 28: b""}                 # key length -> the zero padding after the key
+# what flows._key_ok checks, inlined for restore speed: the family of each key length
+_FAMILIES = {SOCKADDR_IN_LEN: socket.AF_INET.to_bytes(2, sys.byteorder),
+             SOCKADDR_IN6_LEN: socket.AF_INET6.to_bytes(2, sys.byteorder)}
+_ZERO8 = bytes(8)
 _CRC_AT = _BODY.size
 _KEY_AT = 20
 _U32 = 0xFFFFFFFF
 _ZERO_RECORD = bytes(RECORD_SIZE)
 _WRITTEN = re.compile(b"[^\x00]")
-assert _BODY.size + _CRC.size == RECORD_SIZE and _HEAD.size == HEADER_SIZE
+assert _BODY.size + _CRC.size == _RECORD.size == RECORD_SIZE and _HEAD.size == HEADER_SIZE
 
 Restored = collections.namedtuple("Restored", "restored bad duplicate skipped reformatted")
 Restored.__doc__ = """What `Journal.attach` found: flows added to the table; records that failed a
@@ -171,7 +181,7 @@ class Journal:
         flows written instead.
         """
         reformatted = self._check_header()
-        found = {}                  # (listener, key) -> (seq, slot, transceiver, flags)
+        found = {}                  # (listener, key) -> FlowTable.adopt entry (listener, key, tid, flags, slot, seq)
         bad = duplicate = skipped = 0
         used = bytearray(self.capacity)     # 1 where a record stays
         if not reformatted and not fresh:
@@ -179,18 +189,11 @@ class Journal:
         elif not reformatted:
             for match in _WRITTEN.finditer(self._kinds()):
                 self._clear(match.start())      # only the written ones: untouched pages stay unallocated
-        seq = 0
-        for (listener, key), (rseq, slot, tid, flags) in found.items():
-            flow = table.adopt(listener, key, tid, flags, now)
-            if flow is None:
-                skipped += 1
-                self._clear(slot)
-                used[slot] = 0
-                continue
-            flow.jslot = slot
-            if rseq > seq:
-                seq = rseq
-        self.seq = seq
+        for slot in table.adopt(found.values(), now):
+            skipped += 1
+            self._clear(slot)
+            used[slot] = 0
+        self.seq = max((rec[5] for rec in found.values()), default=0)
         last = used.rfind(1)
         self._next = last + 1
         self._free = [i for i in range(last, -1, -1) if not used[i]]
@@ -225,19 +228,21 @@ class Journal:
         buf = self._buf
         kinds = self._kinds()
         bad = duplicate = 0
-        unpack = _BODY.unpack_from
+        unpack = _RECORD.unpack_from
+        crc32 = binascii.crc32
+        pads = _PADS
+        unknown = ~FLAG_BITS
+        families = _FAMILIES
         # the free records are skipped at C speed: only written ones cost a Python step
         for match in _WRITTEN.finditer(kinds):
             slot = match.start()
             off = HEADER_SIZE + slot * RECORD_SIZE
-            body = buf[off:off + _CRC_AT]
-            kind, klen, flags, res8, listener, res16, seq, tid, key28 = unpack(body)
-            ok = (kind == FLOW and (klen == 16 or klen == 28) and not res8 and not res16
-                  and not flags & ~FLAG_BITS and not any(buf[off + 48:off + _CRC_AT])
-                  and not any(key28[klen:])
-                  and _CRC.unpack_from(buf, off + _CRC_AT)[0] == binascii.crc32(body))
+            kind, klen, flags, res8, listener, res16, seq, tid, key28, res12, crc = unpack(buf, off)
+            pad = pads.get(klen)
             key = key28[:klen]
-            if not ok or not _key_ok(key):
+            if (kind != FLOW or pad is None or res8 or res16 or flags & unknown or res12 != _ZERO12
+                    or not key28.endswith(pad) or crc != crc32(buf[off:off + _CRC_AT])
+                    or key[:2] != families[klen] or (klen == 16 and key[8:] != _ZERO8)):
                 bad += 1
                 self._clear(slot)
                 continue
@@ -245,12 +250,12 @@ class Journal:
             have = found.get(pair)
             if have is not None:
                 duplicate += 1
-                if have[0] >= seq:
+                if have[5] >= seq:
                     self._clear(slot)
                     continue
-                self._clear(have[1])
-                used[have[1]] = 0
-            found[pair] = (seq, slot, tid, flags)
+                self._clear(have[4])
+                used[have[4]] = 0
+            found[pair] = (listener, key, tid, flags, slot, seq)
             used[slot] = 1
         return bad, duplicate
 
