@@ -9,14 +9,18 @@ Theory of operation
   confirm    open + confirm of a fresh flow (pending -> confirmed writes one record)
   move       a change of owner of a confirmed flow (one record rewritten)
   remove     a confirmed flow leaving the table (its record freed)
+  put        Journal.put alone on a journaled flow: the record write itself
   restore    Journal.attach of a successor over N journaled flows, and a
              snapshot restore (FlowTable.restore) of the same flows for scale
   memory     the region's size for max_flows and the shared memory actually
              allocated (memfd st_blocks) after N flows
-  Rounds alternate with and without, and the median is reported.
+  Rounds alternate with and without, and the median is reported. The cyclic
+  GC is off while timing (as worker.start_flows holds it off for a restore),
+  so its pauses do not land on one side.
 """
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -65,6 +69,15 @@ def per_op(n, memory, rounds):
             out["confirm"][i].append((mid - begin) / n)
             out["move"][i].append((mid2 - mid) / n)
             out["remove"][i].append((end - mid2) / n)
+            if with_journal:
+                t = table(n, memory)
+                flows = [t.confirm(f, 1.0) and f for f in (t.open(0, k, 7, 1.0) for k in ks)]
+                put = t.journal.put
+                begin = clock()
+                for f in flows:
+                    put(f)
+                out.setdefault("put", ([], [0]))[0].append((clock() - begin) / n)
+            del t, flows
     return {op: (statistics.median(w), statistics.median(wo)) for op, (w, wo) in out.items()}
 
 
@@ -106,12 +119,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     n, rounds = (2000, 3) if args.quick else (50_000, 5)
     sizes = (1000, 10_000) if args.quick else (1000, 10_000, 100_000)
+    gc.disable()
     memory = JournalMemory(n)
     try:
         ops = per_op(n, memory, rounds)
     finally:
         memory.close()
     restore = restore_times(sizes, 3 if not args.quick else 1)
+    gc.enable()
     doc = {"record_bytes": RECORD_SIZE, "region_bytes_for_200000_flows": region_size(200_000),
            "ns_per_op": {op: {"with_journal": round(w), "without": round(wo), "journal_adds": round(w - wo)}
                          for op, (w, wo) in ops.items()},

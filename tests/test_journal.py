@@ -374,3 +374,15 @@ def test_a_sigkilled_workers_calls_resume_without_a_new_binding_request(tmp_path
             traffic.close()
         relay.kill()
         setup.tx_sock.close()
+
+
+def test_the_bench_runs_at_tiny_scale(tmp_path, capsys):
+    """bench/journal.py works (functional only: the figures are the bench's, not a threshold)."""
+    import json
+    from bench import journal as bench_journal
+    out = tmp_path / "journal.json"
+    assert bench_journal.main(["--quick", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["ns_per_op"]) == {"confirm", "move", "remove", "put"}
+    assert set(doc["restore"]) == {"1000", "10000"}
+    assert doc["restore"]["1000"]["region_bytes"] == region_size(1000)
