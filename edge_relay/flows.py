@@ -33,10 +33,12 @@ Timer wheel
   bucket until that bucket is due; if stale entries pile up (many `remove`
   calls) the buckets are rebuilt, amortised O(1) per removal.
 
-Memory (tests/test_flows.py measures it with tracemalloc): about 230 bytes
-per confirmed IPv4 flow at 100k flows: Flow object 96 (eight slots + GC
+Memory (tests/test_flows.py measures it with tracemalloc): about 246 bytes
+per confirmed IPv4 flow at 100k flows: Flow object 112 (ten slots + GC
 header), key bytes 49, last_seen float 24 (when not shared with other flows
-of the same batch), dict entry and index ~52, bucket entry ~9. Transceiver ids
+of the same batch), dict entry and index ~52, bucket entry ~9; with a crash
+journal attached about 278 (the record index `jslot`, an int above 256; the
+64-byte record itself is in the journal's shared region). Transceiver ids
 are interned so they cost nothing per flow. Per session (routing token), not
 per flow: one [count, key] record shared by the session's flows; per
 transceiver one dict entry. The pending FIFO holds pending flows only (a

@@ -13,7 +13,7 @@ import tracemalloc
 
 import pytest
 
-from edge_relay import sockaddr
+from edge_relay import journal, sockaddr
 from edge_relay.drops import Drop
 from edge_relay.flows import (CONFIRMED, FAILED_OVER, PENDING, REMOVED, SNAPSHOT_VERSION, Flow,
                               FlowTable)
@@ -715,20 +715,26 @@ def test_restore_specific_malformed_records():
 # -- memory --------------------------------------------------------------------
 
 
-def test_memory_per_confirmed_flow():
+@pytest.mark.parametrize("journaled", [False, True], ids=["plain", "journaled"])
+def test_memory_per_confirmed_flow(journaled):
     """100k confirmed IPv4 flows, everything they cost included, <= 300 bytes each.
 
     Counted by tracemalloc: the Flow objects, the key bytes (created here, as
     the I/O layer would), a distinct last_seen float per flow (worst case: the
     loop shares one `now` per batch), a fresh int per transceiver id (as
     struct.unpack makes), the dict entries and the bucket entries. `route` is
-    the router's and stays None here.
+    the router's and stays None here. Journaled: what the crash journal adds
+    in the worker's heap (each flow's record index); its 64-byte records are
+    in the shared region, allocated before counting starts.
     """
     n = 100_000
+    region = bytearray(journal.region_size(n)) if journaled else None
     gc.collect()
     tracemalloc.start()
     try:
         t = FlowTable(max_flows=n)
+        if journaled:
+            journal.Journal(region).attach(t, 0.0)
         base = tracemalloc.get_traced_memory()[0]
         pack = struct.Struct("=H2s4s8x").pack
         for i in range(n):
@@ -743,8 +749,9 @@ def test_memory_per_confirmed_flow():
         per_flow = (tracemalloc.get_traced_memory()[0] - base) / n
     finally:
         tracemalloc.stop()
-    assert t.confirmed == n
-    print(f"flow table: {per_flow:.1f} bytes per confirmed IPv4 flow (tracemalloc)")
+    assert t.confirmed == n and all((f.jslot is not None) == journaled for f in t)
+    print(f"flow table{' with its journal' if journaled else ''}: {per_flow:.1f} bytes per confirmed "
+          f"IPv4 flow (tracemalloc)")
     assert per_flow <= 300, per_flow
 
 

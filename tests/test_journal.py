@@ -288,35 +288,29 @@ def test_a_writer_killed_mid_record_leaves_old_new_or_nothing_counted():
                     assert seen == meaning[step + (k == RECORD_SIZE)]   # whole writes are exact
 
 
-def test_memory_of_a_journaled_flow_stays_in_budget():
-    """test_flows.py's figure plus the journal's per-flow cost in the worker (jslot, free list)."""
-    import gc
-    import socket
-    import tracemalloc
-    n = 100_000
-    buf = bytearray(region_size(n))         # the shared region is not the worker's heap
-    gc.collect()
-    tracemalloc.start()
+def test_a_failed_over_flow_is_journaled_and_its_successor_still_says_so(tmp_path):
+    """The router's failover (flags set before the move) reaches the journal; the restored flow's
+    datagrams carry FLAG_FAILOVER to the backup, as through a snapshot (test_failover.py)."""
+    from edge_relay.worker import Worker, flow_table
+    from test_failover import Clock, fail_over_call, make, media_round
+    clock = Clock()
+    h = make(tmp_path, clock)
     try:
-        t = FlowTable(max_flows=n)
-        Journal(buf).attach(t, 0.0)
-        base = tracemalloc.get_traced_memory()[0]
-        pack = struct.Struct("=H2s4s8x").pack
-        for i in range(n):
-            key = pack(socket.AF_INET, (1024 + i % 50000).to_bytes(2, "big"),
-                       (0x0A000000 + i).to_bytes(4, "big"))
-            tid = int.from_bytes((300 + i % 16).to_bytes(2, "big"), "big")
-            now = 1000.0 + i * 1e-5
-            t.confirm(t.open(0, key, tid, now), now + 0.001)
-        del key, tid, now
-        gc.collect()
-        per_flow = (tracemalloc.get_traced_memory()[0] - base) / n
+        buf = bytearray(region_size(h.cfg.limits.max_flows))
+        Journal(buf).attach(h.router.flows, clock.t)
+        vc, other = fail_over_call(h, clock, extra_tx=2)   # other: the backup's own client
+        flows = flow_table(h.cfg)
+        got = Journal(buf).attach(flows, clock.t)
+        assert got == Restored(2, 0, 0, 0, False)
+        assert sorted((f.transceiver, f.flags) for f in flows) == [(2, 0), (2, FAILED_OVER)]
+        h.worker = Worker(h.cfg, h.keyring, h.listen_socks, h.internal_sock, h.log, clock=clock, flows=flows)
+        h.router = h.worker.router
+        backup = h.demos[2]
+        backup.clients.clear()
+        assert media_round(h, vc, clock) == 1 and media_round(h, other, clock) == 1
+        assert backup.clients == {vc.sock.getsockname()[:2]: True, other.sock.getsockname()[:2]: False}
     finally:
-        tracemalloc.stop()
-    assert t.confirmed == n and all(f.jslot is not None for f in t)
-    print(f"flow table with journal: {per_flow:.1f} bytes per confirmed IPv4 flow (tracemalloc), "
-          f"plus {RECORD_SIZE} bytes of shared memory")
-    assert per_flow <= 300, per_flow
+        h.close()
 
 
 # -- real processes -----------------------------------------------------------------
