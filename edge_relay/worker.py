@@ -244,19 +244,18 @@ def start_flows(cfg, log, index, snapshot=None, memory=None, clock=time.monotoni
     from then on. One log line says what was restored and how long it took.
     """
     flows = flow_table(cfg)
-    start = clock()
-    handed = False
     collecting = gc.isenabled()
     gc.disable()            # every object made here lives on: collecting them meanwhile halves the speed
     try:
-        handed = _restore(flows, log, index, snapshot, memory, clock, start)
+        _restore(flows, log, index, snapshot, memory, clock)
     finally:
         if collecting:
             gc.enable()
     return flows
 
 
-def _restore(flows, log, index, snapshot, memory, clock, start):
+def _restore(flows, log, index, snapshot, memory, clock):
+    start = clock()
     handed = False
     if snapshot:
         try:
@@ -266,14 +265,13 @@ def _restore(flows, log, index, snapshot, memory, clock, start):
         except ValueError as exc:
             log.warning("restore", "worker %d: flow snapshot refused: %s", index, exc)
     if memory is None:
-        return handed
+        return
     got = Journal(memory.map).attach(flows, clock(), fresh=handed)
     if not handed and (got.restored or got.bad or got.duplicate or got.skipped or got.reformatted):
         log.notice("journal", "worker %d: %d flows restored from the crash journal in %.1f ms "
                    "(records: %d bad, %d duplicate, %d refused%s)", index, got.restored,
                    (clock() - start) * 1000, got.bad, got.duplicate, got.skipped,
                    "; unreadable header, region formatted afresh" if got.reformatted else "")
-    return handed
 
 
 class Worker:

@@ -313,6 +313,34 @@ def test_a_failed_over_flow_is_journaled_and_its_successor_still_says_so(tmp_pat
         h.close()
 
 
+def test_start_flows_restores_the_journal_unless_a_snapshot_was_handed_over(tmp_path):
+    """worker.start_flows over a real memfd region: the crash path, then the hand-over path."""
+    import io
+    from edge_relay.log import Log
+    from edge_relay.worker import JournalMemory, start_flows
+    from relayharness import Harness
+    h = Harness(tmp_path)
+    memory = JournalMemory(h.cfg.limits.max_flows)
+    try:
+        out = io.StringIO()
+        log = Log(level="info", stream=out)
+        first = start_flows(h.cfg, log, 0, None, memory)
+        a = confirmed(first, 0, sa4(1), 1)
+        crashed = start_flows(h.cfg, log, 0, None, memory)      # the first worker was killed
+        assert state(crashed) == {(0, a.key): (1, 0)}
+        assert "worker 0: 1 flows restored from the crash journal" in out.getvalue()
+        other = FlowTable(n_listeners=1)
+        b = confirmed(other, 0, sa4(2), 1)
+        handed = start_flows(h.cfg, log, 0, other.snapshot(2.0), memory)
+        assert state(handed) == {(0, b.key): (1, 0)}           # the snapshot is the truth ...
+        again = start_flows(h.cfg, log, 0, None, memory)
+        assert state(again) == {(0, b.key): (1, 0)}            # ... and the journal says so now
+        del first, crashed, handed, again       # their journals' views of the mapping
+        memory.close()
+    finally:
+        h.close()
+
+
 # -- real processes -----------------------------------------------------------------
 
 
