@@ -376,7 +376,8 @@ def test_a_sigkilled_workers_calls_resume_without_a_new_binding_request(tmp_path
         for c in clients:
             c.next_consent = far
         checks_before = {c: checks[c][0] for c in clients}
-        pid = relay.worker_pids()[0]
+        pids = relay.worker_pids()
+        pid = pids[0]
         os.kill(pid, signal.SIGKILL)
         before = {c: c.received for c in victims}
         assert traffic.run(10, until=lambda: relay.worker_pids().get(0) not in (None, pid))
@@ -386,6 +387,7 @@ def test_a_sigkilled_workers_calls_resume_without_a_new_binding_request(tmp_path
         traffic.quiesce()
         assert {c: checks[c][0] for c in clients} == checks_before      # not one Binding Request
         assert sum(c.sent - c.received for c in others) == 0            # the others lost nothing
+        assert relay.worker_pids()[1] == pids[1]                        # ... nor their worker
         log = relay.log()
         assert f"worker 0: {len(victims)} flows restored from the crash journal" in log, log
         assert "(records: 0 bad, 0 duplicate, 0 refused)" in log
