@@ -347,6 +347,10 @@ def test_model_random_operations(pending_ttl, idle, g, slack, seed):
     t = FlowTable(n_listeners=2, max_flows=max_flows, max_pending_per_source=per_source,
                   pending_ttl=pending_ttl, idle_timeout=idle, granularity=g, evict_pending=False)
     t._compact_slack = slack
+    # The crash journal rides along: a successor restoring it must find the table's confirmed flows.
+    region = bytearray(journal.region_size(max_flows))
+    journal.Journal(region).attach(t, 0.0)
+    flags = {}                  # (listener, key) -> FAILED_OVER bits the test set on that flow
     m = Model(max_flows, per_source, pending_ttl, idle)
     ips = [sa4(f"10.0.{i // 8}.{i % 8 + 1}", 1)[4:8] for i in range(24)]
     keys = []
@@ -378,6 +382,7 @@ def test_model_random_operations(pending_ttl, idle, g, slack, seed):
                 assert got is before and before is not None
             elif expect == "opened":
                 assert isinstance(got, Flow) and got.state == PENDING and got.last_seen == now
+                flags.pop((listener, key), None)
             else:
                 assert got is expect, (step, got, expect)
             counts[expect if isinstance(expect, str) else expect.name] += 1
@@ -403,6 +408,9 @@ def test_model_random_operations(pending_ttl, idle, g, slack, seed):
                 v[3] = new
             elif sub < 0.8:
                 new = rng.randrange(1, 5)
+                if rng.random() < 0.3:
+                    f.flags |= FAILED_OVER          # as the router does before a failover move
+                    flags[pair] = FAILED_OVER
                 assert t.move(f, new, now) is True
                 v[0], v[1], v[2], v[3] = CONFIRMED, new, now, None
                 counts["move"] += 1
@@ -437,6 +445,7 @@ def test_model_random_operations(pending_ttl, idle, g, slack, seed):
                 fresh._compact_slack = slack
                 later = now + 1000.0      # another process, another clock origin
                 n = fresh.restore(data, later)
+                journal.Journal(region).attach(fresh, later, fresh=True)     # as worker.start_flows
                 for pair, v in list(m.flows.items()):
                     if m.deadline(v) <= now:
                         del m.flows[pair]        # expired but not yet reaped: not handed over
@@ -446,6 +455,7 @@ def test_model_random_operations(pending_ttl, idle, g, slack, seed):
                 for pair, v in m.flows.items():
                     f = fresh.get(*pair)
                     assert f.state == v[0] and f.transceiver == v[1] and f.restart_to == v[3]
+                    assert f.flags == flags.get(pair, 0)
                     assert f.last_seen == pytest.approx(v[2], abs=1e-6)
                     v[2] = f.last_seen          # float rounding of the age: follow the table
                 t, now = fresh, later
@@ -456,6 +466,10 @@ def test_model_random_operations(pending_ttl, idle, g, slack, seed):
         if step % 50 == 0:
             check_invariants(t)
             assert {(f.listener, f.key) for f in t} == set(m.flows)
+            successor = FlowTable(n_listeners=2, max_flows=max_flows)
+            journal.Journal(bytearray(region)).attach(successor, now)
+            assert ({(f.listener, f.key, f.transceiver, f.flags) for f in successor}
+                    == {(f.listener, f.key, f.transceiver, f.flags) for f in t if f.state == CONFIRMED})
     check_invariants(t)
     # Every kind of step actually happened.
     for kind in ("opened", "exists", "PENDING_PER_SOURCE", "FLOW_TABLE_FULL", "confirm", "touch", "move",
