@@ -18,9 +18,14 @@ Theory of operation
 
 Layout (little-endian; read only by the same build on the same host, but
 versioned so another layout is refused and overwritten, never misread)
-  header  64 bytes at offset 0, written once when the region is formatted:
+  header  64 bytes at offset 0, written when the region is formatted:
           magic "ERFJ" | version u8 (1) | reserved u8 | record size u16 (64)
-          | capacity u32 | 52 zero bytes
+          | capacity u32 | high u32 | 48 zero bytes
+          `high`: records [0, high) have been used; it grows (one aligned
+          4-byte store) before a record beyond it is first written, and
+          restore reads nothing above it. A memfd allocates a page when it is
+          first read as well as written, so this keeps the memory of a slot
+          at its peak of journaled flows, not at capacity.
   record  `capacity` records of 64 bytes from offset 64; record i at 64 + 64 i:
      0  kind u8          0 free, 1 a confirmed flow
      1  key length u8    16 (sockaddr_in) or 28 (sockaddr_in6)
@@ -48,7 +53,10 @@ Guarantees (tests/test_journal.py checks them by fuzzing and by tearing writes)
     picked up again at its client's next consent check), or it leaves the
     old record or the new one whole. A record that passes carries exactly
     what some `put` wrote, except with probability 2^-32 per torn record (a
-    crc32 collision).
+    crc32 collision). The header is checked whole (a `high` above capacity
+    makes it unusable: counted `reformatted`); a corrupted but plausible
+    `high` hides the records above it, which are then neither restored nor
+    counted.
   * A restored flow is CONFIRMED with `last_seen` = the restore's `now`: a
     fresh idle deadline (idle_timeout). It may therefore outlive its
     client by up to one idle_timeout; that is safe because it was confirmed
@@ -69,10 +77,11 @@ Costs (python -m bench.journal; the shared 2-core machine under load): one
 record write per transition, about 1 us (Journal.put alone; a confirm costs
 about 1.4 us more with the journal than without); restore about 3-4 us per
 flow (10,000 flows ~30 ms), like a snapshot restore. Memory: 64 bytes of
-shared memory per confirmed flow (the region is 64 + 64 * capacity bytes; a
-memfd only allocates the pages written), plus in the worker one int per
-journaled flow (Flow.jslot, ~32 bytes: tests/test_flows.py measures 278
-bytes per flow with the journal, 246 without) and the free-record list.
+shared memory per journaled flow at the slot's peak (the region is
+64 + 64 * capacity bytes of address space; only the pages below `high` are
+ever touched), plus in the worker one int per journaled flow (Flow.jslot,
+~32 bytes: tests/test_flows.py measures 278 bytes per flow with the
+journal, 246 without) and the free-record list.
 """
 
 import binascii
@@ -91,7 +100,9 @@ HEADER_SIZE = 64
 RECORD_SIZE = 64
 FLOW = 1                    # record kind; 0 is free
 
-_HEAD = struct.Struct("<4sBBHI52x")
+_HEAD = struct.Struct("<4sBBHII48x")
+_HIGH = struct.Struct("<I")
+_HIGH_AT = 12
 _BODY = struct.Struct("<BBBBHHQI28s12x")       # bytes 0..59 of a record
 _CRC = struct.Struct("<I")
 _RECORD = struct.Struct("<BBBBHHQI28s12sI")     # a whole record, as restore reads it
@@ -151,6 +162,7 @@ class Journal:
             elif self._next < self.capacity:
                 slot = self._next
                 self._next += 1
+                _HIGH.pack_into(self._buf, _HIGH_AT, self._next)      # before the record it covers
             else:
                 self.full += 1
                 return
@@ -189,7 +201,7 @@ class Journal:
         reformatted = self._check_header()
         found = {}                  # (listener, key) -> FlowTable.adopt entry (listener, key, tid, flags, slot, seq)
         bad = duplicate = skipped = 0
-        used = bytearray(self.capacity)     # 1 where a record stays
+        used = bytearray(self._next)        # 1 where a record stays
         if not reformatted and not fresh:
             bad, duplicate = self._scan(found, used)
         elif not reformatted:
@@ -200,9 +212,7 @@ class Journal:
             self._clear(slot)
             used[slot] = 0
         self.seq = max((rec[5] for rec in found.values()), default=0)
-        last = used.rfind(1)
-        self._next = last + 1
-        self._free = [i for i in range(last, -1, -1) if not used[i]]
+        self._free = [i for i in range(self._next - 1, -1, -1) if not used[i]]
         table.journal = self
         if fresh:
             for flow in list(table):
@@ -216,17 +226,20 @@ class Journal:
         buf = self._buf
         if len(buf) < HEADER_SIZE:
             return True
-        magic, version, res, rsize, cap = _HEAD.unpack_from(buf, 0)
+        magic, version, res, rsize, cap, high = _HEAD.unpack_from(buf, 0)
         if (magic, version, res, rsize, cap) == (MAGIC, VERSION, 0, RECORD_SIZE, self.capacity) \
-                and not any(buf[12:HEADER_SIZE]):
+                and high <= cap and not any(buf[_HIGH_AT + 4:HEADER_SIZE]):
+            self._next = high
             return False
         fresh = not any(buf[:HEADER_SIZE])          # a new region is all zero: nothing to count
         if not fresh:
             self._wipe()
-        _HEAD.pack_into(buf, 0, MAGIC, VERSION, 0, RECORD_SIZE, self.capacity)
+        _HEAD.pack_into(buf, 0, MAGIC, VERSION, 0, RECORD_SIZE, self.capacity, 0)
+        self._next = 0
         return not fresh
 
     def _wipe(self):
+        # (allocates the whole region: only for a header that is not ours, never in normal operation)
         end = region_size(self.capacity)
         self._buf[HEADER_SIZE:end] = bytes(end - HEADER_SIZE)
 
@@ -267,8 +280,8 @@ class Journal:
         return bad, duplicate
 
     def _kinds(self):
-        """The kind byte of every record, as bytes (one strided copy)."""
-        return bytes(self._buf[HEADER_SIZE:region_size(self.capacity):RECORD_SIZE])
+        """The kind byte of every record ever used, as bytes (one strided copy)."""
+        return bytes(self._buf[HEADER_SIZE:region_size(self._next):RECORD_SIZE])
 
     def _clear(self, slot):
         off = HEADER_SIZE + slot * RECORD_SIZE

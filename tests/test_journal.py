@@ -6,6 +6,7 @@ worker and shows that its successor forwards for that worker's callers
 without a new Binding Request, while the other worker's calls go on.
 """
 
+import binascii
 import os
 import random
 import signal
@@ -121,10 +122,12 @@ def test_duplicate_records_keep_the_newest_and_refused_ones_are_freed():
     t.move(a, 2, 2.0)
     old = bytes(buf[HEADER_SIZE:HEADER_SIZE + RECORD_SIZE])
     t.move(a, 3, 3.0)
-    # an older copy of a's record in another slot: the newer seq wins
-    off = HEADER_SIZE + 5 * RECORD_SIZE
-    buf[off:off + RECORD_SIZE] = old
     confirmed(t, 2, sa4(2), 1)                      # listener 2: the successor has only 2
+    c = confirmed(t, 0, sa4(3), 1)
+    off = HEADER_SIZE + c.jslot * RECORD_SIZE
+    t.remove(c)
+    # an older copy of a's record in the freed one: the newer seq wins
+    buf[off:off + RECORD_SIZE] = old
     u, k, got = successor(bytearray(buf), n_listeners=2)
     assert got == Restored(1, 0, 1, 1, False)
     assert state(u) == {(0, a.key): (3, 0)}
@@ -157,6 +160,19 @@ def test_another_layout_is_refused_and_the_region_formatted_afresh():
         assert not any(other[HEADER_SIZE:])        # nothing of the unknown layout is kept
         confirmed(u, 0, sa4(2), 3, now=600.0)
         assert state(successor(other)[0]) == {(0, sa4(2)): (3, 0)}
+
+
+def test_records_above_the_high_mark_are_never_read():
+    t, j, buf = journaled(capacity=16)
+    a = confirmed(t, 0, sa4(1), 1)
+    stray = bytearray(buf[HEADER_SIZE:HEADER_SIZE + RECORD_SIZE])
+    stray[20:36] = sa4(2)                       # a valid-looking record, but in a never-used slot
+    stray[60:64] = struct.pack("<I", binascii.crc32(bytes(stray[:60])))
+    buf[HEADER_SIZE + 9 * RECORD_SIZE:HEADER_SIZE + 10 * RECORD_SIZE] = stray
+    u, k, got = successor(buf)
+    assert got == Restored(1, 0, 0, 0, False) and state(u) == {(0, a.key): (1, 0)}
+    assert k._next == 1                         # and new records go just above the used ones
+    assert confirmed(u, 0, sa4(3), 1, now=600.0).jslot == 1
 
 
 def test_a_region_too_small_for_a_header_never_raises():
@@ -225,7 +241,8 @@ def test_restore_of_corrupted_bytes_never_raises_and_never_invents_a_flow(seed):
                 data[ob:ob + RECORD_SIZE] = data[oa:oa + RECORD_SIZE]
             else:                                       # a kind byte set on a free record
                 data[HEADER_SIZE + rng.randrange(j.capacity) * RECORD_SIZE] = rng.randrange(256)
-        kinds = sum(1 for i in range(j.capacity) if data[HEADER_SIZE + i * RECORD_SIZE])
+        high = min(struct.unpack_from("<I", data, 12)[0], j.capacity)    # what restore reads
+        kinds = sum(1 for i in range(high) if data[HEADER_SIZE + i * RECORD_SIZE])
         u, _, got = successor(data)
         for f in u:
             assert (f.listener, f.key, f.transceiver, f.flags) in written
@@ -243,7 +260,7 @@ def test_whole_garbage_regions_never_raise_and_restore_nothing():
             data = bytearray(os.urandom(size))
             ours = rng.random() < 0.5
             if ours:                # our header over garbage records: each one is checked and counted
-                data[:HEADER_SIZE] = struct.pack("<4sBBHI52x", b"ERFJ", 1, 0, RECORD_SIZE, cap)
+                data[:HEADER_SIZE] = struct.pack("<4sBBHII48x", b"ERFJ", 1, 0, RECORD_SIZE, cap, cap)
             kinds = sum(1 for i in range(cap) if data[HEADER_SIZE + i * RECORD_SIZE])
             u, _, got = successor(data)
             assert len(u) == 0 and got.restored == 0
@@ -328,6 +345,8 @@ def test_start_flows_restores_the_journal_unless_a_snapshot_was_handed_over(tmp_
         a = confirmed(first, 0, sa4(1), 1)
         crashed = start_flows(h.cfg, log, 0, None, memory)      # the first worker was killed
         assert state(crashed) == {(0, a.key): (1, 0)}
+        # only the pages of records in use are allocated (restore reads nothing above `high`)
+        assert memory.size >= region_size(100_000) and os.fstat(memory.fd).st_blocks * 512 <= 16384
         assert "worker 0: 1 flows restored from the crash journal" in out.getvalue()
         other = FlowTable(n_listeners=1)
         b = confirmed(other, 0, sa4(2), 1)
@@ -380,15 +399,21 @@ def test_a_sigkilled_workers_calls_resume_without_a_new_binding_request(tmp_path
         pid = pids[0]
         os.kill(pid, signal.SIGKILL)
         before = {c: c.received for c in victims}
+        rtts_before = {c: len(c.rtts) for c in victims}
         assert traffic.run(10, until=lambda: relay.worker_pids().get(0) not in (None, pid))
         # the victims' media is answered again, through the successor
         assert traffic.run(15, until=lambda: all(c.received - before[c] >= 25 for c in victims)), \
             ([c.received - before[c] for c in victims], relay.log())
         traffic.quiesce()
+        late = [max(c.rtts[rtts_before[c]:]) * 1000 for c in victims]
+        print(f"\nworker SIGKILL: victims lost {[c.sent - c.received for c in victims]} packets, "
+              f"max RTT after the kill {max(late):.0f} ms; others lost "
+              f"{sum(c.sent - c.received for c in others)}")
         assert {c: checks[c][0] for c in clients} == checks_before      # not one Binding Request
         assert sum(c.sent - c.received for c in others) == 0            # the others lost nothing
         assert relay.worker_pids()[1] == pids[1]                        # ... nor their worker
         log = relay.log()
+        print(next((line for line in log.splitlines() if "crash journal" in line), "no journal line"))
         assert f"worker 0: {len(victims)} flows restored from the crash journal" in log, log
         assert "(records: 0 bad, 0 duplicate, 0 refused)" in log
         m = metrics(setup)
