@@ -33,10 +33,12 @@ Timer wheel
   bucket until that bucket is due; if stale entries pile up (many `remove`
   calls) the buckets are rebuilt, amortised O(1) per removal.
 
-Memory (tests/test_flows.py measures it with tracemalloc): about 230 bytes
-per confirmed IPv4 flow at 100k flows: Flow object 96 (eight slots + GC
+Memory (tests/test_flows.py measures it with tracemalloc): about 246 bytes
+per confirmed IPv4 flow at 100k flows: Flow object 112 (ten slots + GC
 header), key bytes 49, last_seen float 24 (when not shared with other flows
-of the same batch), dict entry and index ~52, bucket entry ~9. Transceiver ids
+of the same batch), dict entry and index ~52, bucket entry ~9; with a crash
+journal attached about 278 (the record index `jslot`, an int above 256; the
+64-byte record itself is in the journal's shared region). Transceiver ids
 are interned so they cost nothing per flow. Per session (routing token), not
 per flow: one [count, key] record shared by the session's flows; per
 transceiver one dict entry. The pending FIFO holds pending flows only (a
@@ -59,6 +61,14 @@ Invariants (the tests check them against a reference model)
   * `set_limits` applies new caps and lifetimes to the live table (reload).
   * `restore` raises ValueError and nothing else for any malformed input, and
     leaves the table unchanged when it raises.
+
+Crash journal (journal.py)
+  With a journal.Journal in `journal`, every transition that changes what a
+  successor must know about a confirmed flow writes its record: PENDING ->
+  CONFIRMED, a change of owner (move, reassign), and leaving the table
+  (remove, expire, eviction). Nothing is written per packet, nor for pending
+  flows. Flags are journaled with the transition that follows them, so the
+  router sets FAILED_OVER before it moves or confirms the flow.
 """
 
 import binascii
@@ -76,6 +86,11 @@ PENDING = 0
 CONFIRMED = 1
 REMOVED = 2          # internal: the flow has left the table (its object may linger in a bucket)
 
+# Flow.flags bits: state about a flow that is not its owner or lifetime, kept by
+# snapshot/restore and the crash journal (journal.py). Only FAILED_OVER exists.
+FAILED_OVER = 1      # moved to a backup by failover: its datagrams carry header.FLAG_FAILOVER
+FLAG_BITS = FAILED_OVER
+
 # Transceiver ids are interned so 100k flows share a handful of int objects
 # (struct.unpack makes a fresh int above 256 for every token); the map is
 # reset past this size, which only costs sharing, never correctness.
@@ -92,29 +107,36 @@ class Flow:
       state        PENDING, CONFIRMED, or REMOVED once out of the table
       last_seen    pending: creation time; confirmed: last client packet
       restart_to   transceiver id of an ICE restart in progress, or None
+      flags        FLAG_BITS (FAILED_OVER); set them before the transition that
+                   makes them true (open, confirm, move), which journals them
       route        opaque router cache (e.g. a header prefix); the table never
                    reads it, and resets it to None when `move` changes owner
       session      the table's [count, key] record of the routing token that
                    opened the flow, shared by its flows, or None (table-owned)
+      jslot        the flow's record index in the table's crash journal, or None
+                   (table-owned: journal.py)
     """
 
-    # Eight pointers and nothing else: no __dict__, no __weakref__ (memory target).
-    __slots__ = ("key", "listener", "transceiver", "state", "last_seen", "restart_to", "route", "session")
+    # Ten pointers and nothing else: no __dict__, no __weakref__ (memory target).
+    __slots__ = ("key", "listener", "transceiver", "state", "last_seen", "restart_to", "flags", "route",
+                 "session", "jslot")
 
-    def __init__(self, key, listener, transceiver, state, last_seen):
+    def __init__(self, key, listener, transceiver, state, last_seen, flags=0):
         self.key = key
         self.listener = listener
         self.transceiver = transceiver
         self.state = state
         self.last_seen = last_seen
         self.restart_to = None
+        self.flags = flags
         self.route = None
         self.session = None
+        self.jslot = None
 
     def __repr__(self):
         state = ("PENDING", "CONFIRMED", "REMOVED")[self.state]
         return (f"<Flow {self.key.hex()} l{self.listener} t{self.transceiver} {state}"
-                f" last_seen={self.last_seen} restart_to={self.restart_to}>")
+                f" last_seen={self.last_seen} restart_to={self.restart_to} flags={self.flags}>")
 
 
 # Snapshot wire format, version 1 (all little-endian; only ever read by the
@@ -124,7 +146,7 @@ class Flow:
 #           | count u32 | crc32 u32 of every record byte
 #   record  age f64 (now - last_seen, >= 0) | transceiver u32 | restart_to u32
 #           | listener u16 | state u8 | flags u8 (bit 0: restart_to present;
-#           bit 1: marked, see snapshot) | key length u8 (16 or 28) | key
+#           bit 1: Flow.flags FAILED_OVER) | key length u8 (16 or 28) | key
 # `route` is not saved: it is a cache the router rebuilds. A relay older than
 # bit 1 refuses a snapshot that sets it (a downgrade loses those flows).
 SNAPSHOT_MAGIC = b"ERFT"
@@ -132,7 +154,7 @@ SNAPSHOT_VERSION = 1
 _SNAP_HEAD = struct.Struct("<4sBBHII")
 _SNAP_REC = struct.Struct("<dIIHBBB")
 _F_RESTART = 1
-_F_MARKED = 2
+_F_FAILED_OVER = 2
 _U32 = 0xFFFFFFFF
 _AF_INET = socket.AF_INET.to_bytes(2, sys.byteorder)
 _AF_INET6 = socket.AF_INET6.to_bytes(2, sys.byteorder)
@@ -186,6 +208,7 @@ class FlowTable:
         self._heap = []              # bucket numbers present in _buckets, min-heap
         self._entries = 0            # total entries across buckets, live or stale
         self._ids = {}               # interned transceiver ids
+        self.journal = None          # journal.Journal recording confirmed flows, or None (attach())
         self.pending_ttl = self.idle_timeout = None
         self.set_limits(max_flows=max_flows, max_pending_per_source=max_pending_per_source,
                         pending_ttl=pending_ttl, idle_timeout=idle_timeout,
@@ -326,25 +349,33 @@ class FlowTable:
         state = flow.state
         if state == REMOVED:
             return False
-        self.reassign(flow, transceiver)
+        self._reassign(flow, transceiver)
         flow.restart_to = None
         flow.route = None
         flow.last_seen = now
         if state == PENDING:
             self._promote(flow, now)
+        elif self.journal is not None:
+            self.journal.put(flow)
         return True
 
     def reassign(self, flow, transceiver):
         """Change a live flow's owner, keeping its state and deadline (failover of a pending flow)."""
         if flow.state == REMOVED:
             return
+        if self._reassign(flow, transceiver) and flow.state == CONFIRMED and self.journal is not None:
+            self.journal.put(flow)
+
+    def _reassign(self, flow, transceiver):
+        """Change a live flow's owner; True if it changed."""
         old = flow.transceiver
         transceiver = self._intern(transceiver)
         if old == transceiver:
-            return
+            return False
         self._tx_leave(old)
         self._per_tx[transceiver] = self._per_tx.get(transceiver, 0) + 1
         flow.transceiver = transceiver
+        return True
 
     def remove(self, flow):
         """Take a flow out of the table now (idempotent)."""
@@ -394,15 +425,13 @@ class FlowTable:
 
     # -- snapshot ------------------------------------------------------------
 
-    def snapshot(self, now, marked=None):
+    def snapshot(self, now):
         """The live, unexpired flows as versioned binary (see the format above).
 
         Ages (now - last_seen) are saved, not times, so the receiving process
-        may use any monotonic clock. `route` is not saved; a flow for which
-        `marked(flow)` is true carries one bit that `restore` hands back (the
-        router uses it for "failed over", which lives in its route). Left out: flows
-        whose ids do not fit 32 bits (the v1 token carries 16) and keys that
-        are not a Linux sockaddr_in / sockaddr_in6.
+        may use any monotonic clock. `route` is not saved; `flags` are.
+        Left out: flows whose ids do not fit 32 bits (the v1 token carries
+        16) and keys that are not a Linux sockaddr_in / sockaddr_in6.
         """
         rec = _SNAP_REC.pack
         parts = []
@@ -419,8 +448,8 @@ class FlowTable:
                 continue
             age = now - flow.last_seen
             flags = 0 if rto is None else _F_RESTART
-            if marked is not None and marked(flow):
-                flags |= _F_MARKED
+            if flow.flags & FAILED_OVER:
+                flags |= _F_FAILED_OVER
             parts.append(rec(age if age > 0.0 else 0.0, tid, 0 if rto is None else rto,
                              flow.listener, flow.state, flags, len(flow.key)))
             parts.append(flow.key)
@@ -429,12 +458,11 @@ class FlowTable:
                                binascii.crc32(body))
         return head + body
 
-    def restore(self, data, now, on_marked=None):
+    def restore(self, data, now):
         """Add the flows of a `snapshot` to this table; returns how many were added.
 
         Each flow keeps its age relative to `now` (the time between snapshot
-        and restore does not count). `on_marked(flow)` is called for each
-        added flow that was marked in the snapshot. Skipped without error: flows already
+        and restore does not count) and its flags. Skipped without error: flows already
         expired, flows on a listener this table does not have, clients that
         already have a flow here, and flows that the caps refuse. Raises
         ValueError (and nothing else) for malformed data, leaving the table
@@ -443,7 +471,8 @@ class FlowTable:
         records = _parse_snapshot(data)
         added = 0
         per_source = self._per_source
-        for age, tid, rto, listener, state, key, marked in records:
+        journal = self.journal
+        for age, tid, rto, listener, state, key, flags in records:
             if listener >= self.n_listeners:
                 continue
             last_seen = now - age
@@ -463,20 +492,67 @@ class FlowTable:
                 self.pending += 1
             else:
                 self.confirmed += 1
-            flow = Flow(key, listener, self._intern(tid), state, last_seen)
+            flow = self._insert(key, listener, tid, state, last_seen, flags, deadline)
             if rto is not None:
                 flow.restart_to = self._intern(rto)
-            flows[key] = flow
-            self._per_tx[flow.transceiver] = self._per_tx.get(flow.transceiver, 0) + 1
             if state == PENDING:
                 self._fifo.append(flow)
-            self._schedule(flow, deadline)
-            if marked and on_marked is not None:
-                on_marked(flow)
+            elif journal is not None:
+                journal.put(flow)
             added += 1
         return added
 
+    def adopt(self, entries, now):
+        """Add CONFIRMED flows seen last at `now` (the crash journal's restore, journal.py).
+
+        `entries` yields (listener, key, transceiver, flags, jslot, ...)
+        tuples; each flow gets that `jslot` (its journal record, which is not
+        written). Returns the jslots of the entries refused, adding nothing
+        for them: a listener this table does not have, a key that already
+        has a flow there, or a full table. One loop, one bucket: restore
+        time is what a crashed worker's callers wait.
+        """
+        refused = []
+        deadline = now + self.idle_timeout
+        k = int(deadline // self.granularity) + 1
+        bucket = self._buckets.get(k)
+        if bucket is None:
+            self._buckets[k] = bucket = []
+            heapq.heappush(self._heap, k)
+        room = self.max_flows - self.pending - self.confirmed
+        by_listener, n_listeners, per_tx, intern = self.by_listener, self.n_listeners, self._per_tx, self._intern
+        ids = self._ids
+        added = 0
+        for entry in entries:
+            listener, key, tid, flags, jslot = entry[:5]
+            if room <= added or not 0 <= listener < n_listeners or key in by_listener[listener]:
+                refused.append(jslot)
+                continue
+            shared = ids.get(tid)
+            tid = intern(tid) if shared is None else shared
+            flow = Flow(key, listener, tid, CONFIRMED, now, flags)
+            flow.jslot = jslot
+            by_listener[listener][key] = flow
+            per_tx[tid] = per_tx.get(tid, 0) + 1
+            bucket.append(flow)
+            added += 1
+        self.confirmed += added
+        self._entries += added
+        if not bucket:
+            del self._buckets[k]
+            self._heap.remove(k)
+            heapq.heapify(self._heap)
+        return refused
+
     # -- internals -----------------------------------------------------------
+
+    def _insert(self, key, listener, tid, state, last_seen, flags, deadline):
+        """A new Flow in the dict, the owner count and its bucket (the state counts are the caller's)."""
+        flow = Flow(key, listener, self._intern(tid), state, last_seen, flags)
+        self.by_listener[listener][key] = flow
+        self._per_tx[flow.transceiver] = self._per_tx.get(flow.transceiver, 0) + 1
+        self._schedule(flow, deadline)
+        return flow
 
     def _intern(self, tid):
         ids = self._ids
@@ -505,6 +581,8 @@ class FlowTable:
         self._leave_pending(flow)
         self.confirmed += 1
         flow.state = CONFIRMED
+        if self.journal is not None:
+            self.journal.put(flow)
         # The pending entry stays where it is and re-buckets the flow when it
         # falls due; only a confirmed deadline earlier than that needs its own
         # entry (idle_timeout < pending_ttl), at the cost of one duplicate.
@@ -544,6 +622,8 @@ class FlowTable:
             del self._per_source[src]
 
     def _drop(self, flow):
+        if flow.jslot is not None and self.journal is not None:
+            self.journal.drop(flow)
         del self.by_listener[flow.listener][flow.key]
         if flow.state == PENDING:
             self._leave_pending(flow)
@@ -575,7 +655,7 @@ def _key_ok(key):
 
 
 def _parse_snapshot(data):
-    """[(age, tid, restart_to|None, listener, state, key, marked)] or ValueError; never mutates."""
+    """[(age, tid, restart_to|None, listener, state, key, Flow.flags)] or ValueError; never mutates."""
     try:
         view = memoryview(data).cast("B")
     except TypeError:
@@ -617,13 +697,13 @@ def _parse_snapshot(data):
             raise ValueError("flow snapshot: bad age")
         if state not in (PENDING, CONFIRMED):
             raise ValueError(f"flow snapshot: bad state {state}")
-        if flags & ~(_F_RESTART | _F_MARKED) or (not flags & _F_RESTART and rto):
+        if flags & ~(_F_RESTART | _F_FAILED_OVER) or (not flags & _F_RESTART and rto):
             raise ValueError("flow snapshot: bad flags")
         if (listener, key) in seen:
             raise ValueError("flow snapshot: duplicate flow")
         seen.add((listener, key))
         records.append((age, tid, rto if flags & _F_RESTART else None, listener, state, key,
-                        bool(flags & _F_MARKED)))
+                        FAILED_OVER if flags & _F_FAILED_OVER else 0))
     if off != end:
         raise ValueError("flow snapshot: trailing bytes")
     return records

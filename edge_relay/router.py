@@ -74,7 +74,7 @@ import ipaddress
 
 from . import defaults, directory as directory_mod, header, ratelimit, sockaddr, stun, token
 from .drops import N_DROPS, Drop
-from .flows import CONFIRMED, PENDING, REMOVED
+from .flows import CONFIRMED, FAILED_OVER, PENDING, REMOVED
 
 _CLASS = stun._CLASS
 _STUN, _DTLS, _RTP = stun.STUN, stun.DTLS, stun.RTP
@@ -104,18 +104,9 @@ STAT_NAMES = ("client_in_packets", "client_in_bytes", "to_transceiver_packets", 
               "flows_failed_over", "flows_from_directory", "probes_sent",
               "flows_evicted", "flows_restart_refused")
 
-_FAILOVER_STALE = b""   # flow.route of a failed-over flow whose prefix must be rebuilt (falsy, like None)
-
-
 def failed_over(flow):
-    """True if `flow`'s datagrams carry FLAG_FAILOVER (its prefix says so, or must say so when rebuilt)."""
-    route = flow.route
-    return route == _FAILOVER_STALE or bool(route and route[5] & header.FLAG_FAILOVER)
-
-
-def mark_failed_over(flow):
-    """Make `flow`'s next prefix carry FLAG_FAILOVER: for flows restored from a snapshot (FlowTable.restore)."""
-    flow.route = _FAILOVER_STALE
+    """True if `flow` was failed over: its datagrams carry FLAG_FAILOVER (flows.FAILED_OVER)."""
+    return bool(flow.flags & FAILED_OVER)
 
 
 class Policy:
@@ -210,8 +201,7 @@ class Router:
         self._reroute()
         banned = []
         for flow in self.flows:
-            # keep "this flow was failed over" across the rebuild of its prefix
-            flow.route = _FAILOVER_STALE if failed_over(flow) else None
+            flow.route = None       # rebuilt lazily (with FLAG_FAILOVER from flow.flags)
             if self._source_drop(flow.key) is not None:
                 banned.append(flow)
         for flow in banned:
@@ -364,9 +354,10 @@ class Router:
             drops[flow] += 1
             return None
         self.stats[FLOWS_OPENED] += 1
-        if backup is not None and flow.route is None and flow.transceiver == backup:
+        if backup is not None and not flow.flags & FAILED_OVER and flow.transceiver == backup:
             self.stats[FLOWS_FAILED_OVER] += 1
-            flow.route = self._prefix(flow, cache=False, flags=header.FLAG_FAILOVER)
+            flow.flags |= FAILED_OVER       # pending: journaled when it is confirmed
+            flow.route = self._prefix(flow)
         return flow
 
     def _verified_token(self, data, wall_ms):
@@ -415,7 +406,8 @@ class Router:
             return False
         # forward this request to the new owner; everything else keeps going to the old one
         out = self.to_transceivers
-        tx_sa, head = self.transceivers[tx_id], self._prefix(flow, cache=False)
+        # (the new owner was chosen by the client: its prefix never says FLAG_FAILOVER)
+        tx_sa, head = self.transceivers[tx_id], self._prefix(flow, cache=False, flags=0)
         out.append((tx_sa, header.seal(self.keyring.signing.header_openssl_mac, head,
                                        header.timestamp_bytes(wall_ms), data), data))
         self.stats[TO_TX_PACKETS] += 1
@@ -488,10 +480,10 @@ class Router:
         address is looked up by id per packet, which keeps a flow within its
         memory budget and lets a reload re-point a transceiver at once. The
         prefix is per (flow, owner): a failed-over flow's carries
-        FLAG_FAILOVER (kept across rebuilds through _FAILOVER_STALE).
+        FLAG_FAILOVER (from flow.flags, so it survives every rebuild).
         """
         if flags is None:
-            flags = header.FLAG_FAILOVER if flow.route == _FAILOVER_STALE else 0
+            flags = header.FLAG_FAILOVER if flow.flags & FAILED_OVER else 0
         family, port, address = sockaddr.client_fields(flow.key)
         head = header.prefix(self.keyring.signing.key_id, header.TO_TRANSCEIVER, flags, flow.listener,
                              family, int.from_bytes(port, "big"), address)
@@ -502,6 +494,7 @@ class Router:
     def _fail_over(self, flow, now):
         """Hand a flow of a down transceiver to its backup, for good (see the module docstring)."""
         backup = self.redirect[flow.transceiver]
+        flow.flags |= FAILED_OVER           # before the move, which journals it
         if flow.state == PENDING:
             # not confirmed by anyone yet: keep its pending deadline, change the owner only
             self.flows.reassign(flow, backup)
@@ -510,7 +503,7 @@ class Router:
         else:
             self.restarts.pop(flow, None)
             self.flows.move(flow, backup, now)
-        flow.route = self._prefix(flow, cache=False, flags=header.FLAG_FAILOVER)
+        flow.route = self._prefix(flow)
         self.stats[FLOWS_FAILED_OVER] += 1
         if self.directory is not None and flow.state == CONFIRMED:
             self.dir_commands.append(self.directory.publish(flow.listener, flow.key, backup))
@@ -568,6 +561,7 @@ class Router:
                 if not self._restart_due(flow, now):
                     continue
                 self.restarts.pop(flow, None)
+                flow.flags &= ~FAILED_OVER      # its new owner was chosen, not failed over to
                 self.flows.move(flow, flow.restart_to, now)
                 flow.route = None
                 self.stats[FLOWS_MOVED] += 1
@@ -634,12 +628,12 @@ class Router:
                 if flow.__class__ is Drop:
                     drops[flow] += n
                     return
+                if flow.transceiver != tid:
+                    flow.flags |= FAILED_OVER       # before confirm, which journals it
                 # the directory is trusted like our own table: the flow was confirmed elsewhere
                 self.flows.confirm(flow, now)
                 self.stats[FLOWS_OPENED] += 1
                 self.stats[FLOWS_FROM_DIRECTORY] += 1
-                if flow.transceiver != tid:
-                    flow.route = self._prefix(flow, cache=False, flags=header.FLAG_FAILOVER)
         if flow is None:
             drops[Drop.DIRECTORY_MISS] += n
             return

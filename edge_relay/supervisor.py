@@ -26,8 +26,10 @@ Theory of operation
   A worker that dies unasked is restarted on the same sockets after an
   exponential backoff; CRASH_LIMIT deaths within CRASH_WINDOW seconds is a
   crash loop: logged, counted, shown in STATUS=, and backed off up to
-  BACKOFF_MAX. The SIGKILLed worker's flows are learned again at each
-  client's next consent check.
+  BACKOFF_MAX. Its confirmed flows are not lost: each slot has a crash
+  journal (journal.py), a memfd the supervisor makes before the slot's first
+  fork and holds, which the worker writes at every flow transition and its
+  successor restores before reading its first datagram (worker.start_flows).
 
   Reload verdicts. Every SIGHUP gets one verdict, kept in `last_reload` and
   shown by GET /status and /metrics: "pending" from the moment the
@@ -79,8 +81,7 @@ import traceback
 from . import config as config_mod, httpd, metrics, nft, sdnotify, sockets
 from .errors import EdgeRelayError, StartupError, reason
 from .log import Log
-from .router import mark_failed_over
-from .worker import Worker, client_filter, flow_table
+from .worker import Worker, client_filter, journal_memory, start_flows
 
 HEARTBEAT_STALE = 5.0       # seconds without a publication before a worker counts as down
 STATUS_INTERVAL = 2.0       # seconds between STATUS= updates
@@ -246,6 +247,7 @@ class Supervisor:
         self.shared = metrics.SharedCounters(self.n)
         self.extra = metrics.ExtraShared(self.n)
         self.slots = [Slot(i, self.cpus[i % len(self.cpus)]) for i in range(self.n)]
+        self.journals = {}          # slot index -> worker.JournalMemory (or None), made at its first spawn
         for i, data in self._stored_flows.items():
             if i < self.n:
                 self.slots[i].restore = data
@@ -340,6 +342,8 @@ class Supervisor:
     # -- workers ----------------------------------------------------------------
 
     def _spawn(self, slot):
+        if slot.index not in self.journals:
+            self.journals[slot.index] = journal_memory(self.cfg, slot.index, self.log)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sys.stderr.flush()
         pid = os.fork()
@@ -380,6 +384,9 @@ class Supervisor:
                 other.ctl.close()
             if other.handed is not None:
                 os.close(other.handed)
+        for j, memory in self.journals.items():
+            if j != i and memory is not None:
+                memory.close()
         for sock in self.socks.values():
             if id(sock) not in mine:
                 sock.close()
@@ -396,13 +403,7 @@ class Supervisor:
             except OSError:
                 pass
         log = Log(level=self.cfg.log.level, name=f"edge-relay[w{i}]")
-        flows = flow_table(self.cfg)
-        if slot.restore:
-            try:
-                added = flows.restore(slot.restore, time.monotonic(), on_marked=mark_failed_over)
-                log.notice("restore", "worker %d: restored %d flows", i, added)
-            except ValueError as exc:
-                log.warning("restore", "worker %d: flow snapshot refused: %s", i, exc)
+        flows = start_flows(self.cfg, log, i, slot.restore, self.journals.get(i))
         slot.restore = None
         view = self.shared.slot(i)
         extra = self.extra
@@ -698,6 +699,10 @@ class Supervisor:
         self.extra.close()
         self.extra = metrics.ExtraShared(n)
         self.n = n
+        for memory in self.journals.values():
+            if memory is not None:
+                memory.close()          # listener indexes may mean other sockets now: start afresh
+        self.journals = {}
         self.slots = [Slot(i, self.cpus[i % len(self.cpus)]) for i in range(n)]
         for i, data in handed.items():
             if i < n:

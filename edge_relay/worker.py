@@ -34,7 +34,9 @@ Theory of operation
     SIGINT   as SIGTERM
 """
 
+import gc
 import ipaddress
+import mmap
 import os
 import select
 import selectors
@@ -47,6 +49,7 @@ from .directory import Directory
 from .drops import Drop
 from .errors import reason
 from .flows import FlowTable
+from .journal import Journal, region_size
 from .probes import Prober, State as ProbeState
 from .quality import QualityMonitor
 from .router import Policy, Router, failed_over
@@ -193,6 +196,82 @@ def flow_limits(cfg):
 
 def flow_table(cfg):
     return FlowTable(n_listeners=len(cfg.listeners), **flow_limits(cfg))
+
+
+class JournalMemory:
+    """One worker slot's crash journal region (journal.py): a memfd mapped MAP_SHARED.
+
+    The supervisor makes it before the slot's first fork and holds it for its
+    whole life; each worker of the slot uses the mapping it inherits through
+    fork(), so what a killed worker wrote is there for its successor. Sized
+    once for `capacity` flows (64 bytes each, allocated only as written).
+    """
+
+    def __init__(self, capacity, name="edge-relay-journal"):
+        self.capacity = capacity
+        self.size = region_size(capacity)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, self.size)
+            self.map = mmap.mmap(self.fd, self.size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self):
+        self.map.close()
+        os.close(self.fd)
+
+
+def journal_memory(cfg, index, log):
+    """The crash journal region for worker slot `index`, or None (logged) when the kernel refuses one."""
+    try:
+        return JournalMemory(cfg.limits.max_flows, f"edge-relay-journal{index}")
+    except (OSError, ValueError) as exc:
+        log.warning("journal", "worker %d: no crash journal (%s): its flows will not outlive it",
+                    index, exc.strerror if isinstance(exc, OSError) else exc)
+        return None
+
+
+def start_flows(cfg, log, index, snapshot=None, memory=None, clock=time.monotonic):
+    """The flow table a worker starts with, built before it reads its first datagram.
+
+    `snapshot` (FlowTable.snapshot bytes handed over by the slot's last
+    worker as it exited) is restored first and, when it was accepted, is the
+    truth: the journal is rewritten from it. Otherwise the journal in
+    `memory` (a JournalMemory) is restored: the confirmed flows of a worker
+    that died unasked. Either way the journal stays attached and is written
+    from then on. One log line says what was restored and how long it took.
+    """
+    flows = flow_table(cfg)
+    collecting = gc.isenabled()
+    gc.disable()            # every object made here lives on: collecting them meanwhile halves the speed
+    try:
+        _restore(flows, log, index, snapshot, memory, clock)
+    finally:
+        if collecting:
+            gc.enable()
+    return flows
+
+
+def _restore(flows, log, index, snapshot, memory, clock):
+    start = clock()
+    handed = False
+    if snapshot:
+        try:
+            added = flows.restore(snapshot, start)
+            handed = True
+            log.notice("restore", "worker %d: restored %d flows", index, added)
+        except ValueError as exc:
+            log.warning("restore", "worker %d: flow snapshot refused: %s", index, exc)
+    if memory is None:
+        return
+    got = Journal(memory.map).attach(flows, clock(), fresh=handed)
+    if not handed and (got.restored or got.bad or got.duplicate or got.skipped or got.reformatted):
+        log.notice("journal", "worker %d: %d flows restored from the crash journal in %.1f ms "
+                   "(records: %d bad, %d duplicate, %d refused%s)", index, got.restored,
+                   (clock() - start) * 1000, got.bad, got.duplicate, got.skipped,
+                   "; unreadable header, region formatted afresh" if got.reformatted else "")
 
 
 class Worker:
@@ -441,7 +520,7 @@ class Worker:
 
     def snapshot(self):
         """The flow table as flows.FlowTable.snapshot bytes (handed to the next worker)."""
-        return self.router.flows.snapshot(self.clock(), marked=failed_over)
+        return self.router.flows.snapshot(self.clock())
 
     def flow_report(self, limit, transceiver=None, state=None, client=None):
         """{"matched": n, "flows": [...]}: at most `limit` live flows matching the filters (for

@@ -142,7 +142,7 @@ def test_failover_flag_survives_a_restart_through_the_snapshot(tmp_path):
         data = h.worker.snapshot()
         # the next worker, as the supervisor starts it: a fresh table restored from the snapshot
         flows = flow_table(h.cfg)
-        assert flows.restore(data, clock.t, on_marked=router_mod.mark_failed_over) == 2
+        assert flows.restore(data, clock.t) == 2
         h.worker = Worker(h.cfg, h.keyring, h.listen_socks, h.internal_sock, h.log, clock=clock, flows=flows)
         h.router = h.worker.router
         backup = h.demos[2]

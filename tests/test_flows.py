@@ -13,9 +13,9 @@ import tracemalloc
 
 import pytest
 
-from edge_relay import sockaddr
+from edge_relay import journal, sockaddr
 from edge_relay.drops import Drop
-from edge_relay.flows import (CONFIRMED, PENDING, REMOVED, SNAPSHOT_VERSION, Flow,
+from edge_relay.flows import (CONFIRMED, FAILED_OVER, PENDING, REMOVED, SNAPSHOT_VERSION, Flow,
                               FlowTable)
 
 
@@ -347,6 +347,10 @@ def test_model_random_operations(pending_ttl, idle, g, slack, seed):
     t = FlowTable(n_listeners=2, max_flows=max_flows, max_pending_per_source=per_source,
                   pending_ttl=pending_ttl, idle_timeout=idle, granularity=g, evict_pending=False)
     t._compact_slack = slack
+    # The crash journal rides along: a successor restoring it must find the table's confirmed flows.
+    region = bytearray(journal.region_size(max_flows))
+    journal.Journal(region).attach(t, 0.0)
+    flags = {}                  # (listener, key) -> FAILED_OVER bits the test set on that flow
     m = Model(max_flows, per_source, pending_ttl, idle)
     ips = [sa4(f"10.0.{i // 8}.{i % 8 + 1}", 1)[4:8] for i in range(24)]
     keys = []
@@ -378,6 +382,7 @@ def test_model_random_operations(pending_ttl, idle, g, slack, seed):
                 assert got is before and before is not None
             elif expect == "opened":
                 assert isinstance(got, Flow) and got.state == PENDING and got.last_seen == now
+                flags.pop((listener, key), None)
             else:
                 assert got is expect, (step, got, expect)
             counts[expect if isinstance(expect, str) else expect.name] += 1
@@ -403,6 +408,9 @@ def test_model_random_operations(pending_ttl, idle, g, slack, seed):
                 v[3] = new
             elif sub < 0.8:
                 new = rng.randrange(1, 5)
+                if rng.random() < 0.3:
+                    f.flags |= FAILED_OVER          # as the router does before a failover move
+                    flags[pair] = FAILED_OVER
                 assert t.move(f, new, now) is True
                 v[0], v[1], v[2], v[3] = CONFIRMED, new, now, None
                 counts["move"] += 1
@@ -437,6 +445,7 @@ def test_model_random_operations(pending_ttl, idle, g, slack, seed):
                 fresh._compact_slack = slack
                 later = now + 1000.0      # another process, another clock origin
                 n = fresh.restore(data, later)
+                journal.Journal(region).attach(fresh, later, fresh=True)     # as worker.start_flows
                 for pair, v in list(m.flows.items()):
                     if m.deadline(v) <= now:
                         del m.flows[pair]        # expired but not yet reaped: not handed over
@@ -446,6 +455,7 @@ def test_model_random_operations(pending_ttl, idle, g, slack, seed):
                 for pair, v in m.flows.items():
                     f = fresh.get(*pair)
                     assert f.state == v[0] and f.transceiver == v[1] and f.restart_to == v[3]
+                    assert f.flags == flags.get(pair, 0)
                     assert f.last_seen == pytest.approx(v[2], abs=1e-6)
                     v[2] = f.last_seen          # float rounding of the age: follow the table
                 t, now = fresh, later
@@ -456,6 +466,10 @@ def test_model_random_operations(pending_ttl, idle, g, slack, seed):
         if step % 50 == 0:
             check_invariants(t)
             assert {(f.listener, f.key) for f in t} == set(m.flows)
+            successor = FlowTable(n_listeners=2, max_flows=max_flows)
+            journal.Journal(bytearray(region)).attach(successor, now)
+            assert ({(f.listener, f.key, f.transceiver, f.flags) for f in successor}
+                    == {(f.listener, f.key, f.transceiver, f.flags) for f in t if f.state == CONFIRMED})
     check_invariants(t)
     # Every kind of step actually happened.
     for kind in ("opened", "exists", "PENDING_PER_SOURCE", "FLOW_TABLE_FULL", "confirm", "touch", "move",
@@ -561,26 +575,25 @@ def test_snapshot_round_trip():
     assert FlowTable().restore(FlowTable().snapshot(0.0), 0.0) == 0
 
 
-def test_snapshot_carries_the_mark_to_restore():
+def test_snapshot_carries_the_flags_to_restore():
     t, flows = _populated(1000.0)
     marked_keys = {flows[1].key, flows[3].key}          # one pending with restart, one v6 confirmed
-    data = t.snapshot(1000.0, marked=lambda f: f.key in marked_keys)
-    assert data != t.snapshot(1000.0)                   # the mark is on the wire
-    seen = []
+    plain = t.snapshot(1000.0)
+    for f in t:
+        if f.key in marked_keys:
+            f.flags |= FAILED_OVER
+    data = t.snapshot(1000.0)
+    assert data != plain                                # the flag is on the wire
     u = FlowTable(n_listeners=3, pending_ttl=5.0, idle_timeout=30.0)
-    assert u.restore(data, 50.0, on_marked=seen.append) == 5
-    assert sorted(f.key for f in seen) == sorted(marked_keys)
-    assert all(u.get(f.listener, f.key) is f for f in seen)
-    # restart_to still comes from its own bit, whatever the mark
+    assert u.restore(data, 50.0) == 5
+    assert sorted(f.key for f in u if f.flags & FAILED_OVER) == sorted(marked_keys)
+    assert all(f.flags == 0 for f in u if f.key not in marked_keys)
+    # restart_to still comes from its own bit, whatever the flags
     assert u.get(flows[1].listener, flows[1].key).restart_to == 7
     assert u.get(flows[0].listener, flows[0].key).restart_to is None
-    # without a callback the mark is read and ignored
-    assert FlowTable(n_listeners=3, pending_ttl=5.0, idle_timeout=30.0).restore(data, 50.0) == 5
-    # an unmarked snapshot calls nothing
-    seen.clear()
-    FlowTable(n_listeners=3, pending_ttl=5.0, idle_timeout=30.0).restore(t.snapshot(1000.0), 50.0,
-                                                                         on_marked=seen.append)
-    assert seen == []
+    # a snapshot without flags restores none
+    v = FlowTable(n_listeners=3, pending_ttl=5.0, idle_timeout=30.0)
+    assert v.restore(plain, 50.0) == 5 and all(f.flags == 0 for f in v)
 
 
 def test_restore_respects_caps_and_existing_flows():
@@ -716,20 +729,26 @@ def test_restore_specific_malformed_records():
 # -- memory --------------------------------------------------------------------
 
 
-def test_memory_per_confirmed_flow():
+@pytest.mark.parametrize("journaled", [False, True], ids=["plain", "journaled"])
+def test_memory_per_confirmed_flow(journaled):
     """100k confirmed IPv4 flows, everything they cost included, <= 300 bytes each.
 
     Counted by tracemalloc: the Flow objects, the key bytes (created here, as
     the I/O layer would), a distinct last_seen float per flow (worst case: the
     loop shares one `now` per batch), a fresh int per transceiver id (as
     struct.unpack makes), the dict entries and the bucket entries. `route` is
-    the router's and stays None here.
+    the router's and stays None here. Journaled: what the crash journal adds
+    in the worker's heap (each flow's record index); its 64-byte records are
+    in the shared region, allocated before counting starts.
     """
     n = 100_000
+    region = bytearray(journal.region_size(n)) if journaled else None
     gc.collect()
     tracemalloc.start()
     try:
         t = FlowTable(max_flows=n)
+        if journaled:
+            journal.Journal(region).attach(t, 0.0)
         base = tracemalloc.get_traced_memory()[0]
         pack = struct.Struct("=H2s4s8x").pack
         for i in range(n):
@@ -744,8 +763,9 @@ def test_memory_per_confirmed_flow():
         per_flow = (tracemalloc.get_traced_memory()[0] - base) / n
     finally:
         tracemalloc.stop()
-    assert t.confirmed == n
-    print(f"flow table: {per_flow:.1f} bytes per confirmed IPv4 flow (tracemalloc)")
+    assert t.confirmed == n and all((f.jslot is not None) == journaled for f in t)
+    print(f"flow table{' with its journal' if journaled else ''}: {per_flow:.1f} bytes per confirmed "
+          f"IPv4 flow (tracemalloc)")
     assert per_flow <= 300, per_flow
 
 
