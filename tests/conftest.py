@@ -3,7 +3,7 @@
 Waits: there is no per-test timeout (the suite runs on pytest alone, no
 pytest-timeout), so every test bounds its own waits: select()/poll() or
 socket.settimeout() with a timeout, Popen.wait/communicate(timeout=...),
-netns.Process.readline(timeout), netns.wait_for(...). No unbounded loops on
+netns.Process.readline(timeout), waiting.wait_for(...). No unbounded loops on
 the network, no sleep-and-hope. (pytest.ini's faulthandler_timeout dumps
 the stacks of a test stuck for 5 minutes, then ends the run: a backstop, not a
 budget.)
@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import pytest
 
 import netns
-from netns import requires_command, requires_root  # noqa: F401  (for tests to import from here too)
+from netns import requires_root
 
 
 @pytest.hookimpl(tryfirst=True)

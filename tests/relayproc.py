@@ -6,7 +6,6 @@ killed by `Relay.kill()` (call it in a finally or a fixture).
 
 import os
 import re
-import select
 import selectors
 import signal
 import socket
@@ -15,7 +14,7 @@ import sys
 import time
 import urllib.request
 
-from edge_relay import demo, keys, sockaddr, transceiver
+from edge_relay import demo, keys, transceiver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -186,19 +185,6 @@ def http_get(url, timeout=2.0):
         return 0, ""
 
 
-def wait_for(predicate, timeout, interval=0.05, what="condition"):
-    """Poll `predicate` until it is truthy or `timeout` seconds pass (bounded, via select)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"timed out waiting for {what}")
-        select.select([], [], [], min(interval, left))
-
-
 class Transceiver:
     """The demo transceiver over `sock`, recording which relay worker (internal port) each client came through."""
 
@@ -236,12 +222,15 @@ class Transceiver:
 
 
 class CountingClient(demo.VoiceClient):
-    """A VoiceClient that also counts every datagram it sends and receives."""
+    """A VoiceClient that also counts every datagram it sends and receives, and
+    records in `arrivals` the time (the `now` it was given) of each new media
+    datagram: the gaps of a call that moved or failed over are read from it."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.datagrams_out = 0
         self.datagrams_in = 0
+        self.arrivals = []
         self.paused = False
 
     def _send(self, data):
@@ -250,7 +239,10 @@ class CountingClient(demo.VoiceClient):
 
     def receive(self, data, now):
         self.datagrams_in += 1
+        before = self.received
         super().receive(data, now)
+        if self.received > before:
+            self.arrivals.append(now)
 
 
 def clients_for(setup, n, keyring=None):

@@ -31,6 +31,7 @@ import pytest
 
 import netns
 import relayproc
+from waiting import wait_for
 from edge_relay import keys, nft
 from edge_relay.config import load as load_config
 
@@ -107,7 +108,7 @@ class CallBench:
         self.r.exec("nft", "-f", str(tmp / "relay.nft"))
         self.relay = self.r.popen(sys.executable, "-m", "edge_relay", "run", "--config", str(config), cwd=REPO,
                                   stdout=subprocess.DEVNULL, stderr=open(tmp / "relay.log", "w"))
-        netns.wait_for(lambda: self._metrics_text() is not None, 15, 0.2, "relay /metrics")
+        wait_for(lambda: self._metrics_text() is not None, 15, 0.2, "relay /metrics")
         self.adapter = self.s.popen(sys.executable, "-m", "edge_relay", "adapter", "--listen",
                                     f"{SERVER}:{TX_PORT}", "--id", "1", "--public", f"{PUBLIC}:{PUBLIC_PORT}",
                                     "--hook", f"127.0.0.1:{HOOK_PORT}", "--keys", str(key_dir), cwd=REPO,
@@ -247,7 +248,7 @@ def test_browser_call_through_relay_and_adapter(netns_factory, tmp_path):
     def settled():
         p, e, d = relay_counts(bench.metrics())
         return (p, e, d) if p["to_client"] >= sent_on_wire(out["server"]) - 5 else None
-    packets, events, drops = netns.wait_for(settled, 10, 0.25, "relay counters")
+    packets, events, drops = wait_for(settled, 10, 0.25, "relay counters")
     assert events["opened"] == 1 and events["confirmed"] == 1, events
     assert drops == {}, drops
     # forwarded counts equal what the browsers sent, within a few packets

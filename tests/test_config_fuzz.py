@@ -23,7 +23,8 @@ import pytest
 
 from edge_relay import cli, config
 from edge_relay.errors import ConfigError
-from relayproc import ROOT, Relay, Setup, Transceiver, carries_a_call, http_get, metrics, value, wait_for
+from relayproc import ROOT, Relay, Setup, Transceiver, carries_a_call, http_get, metrics, value
+from waiting import wait_for
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "packaging" / "edge-relay.toml"
 SEED = 20261202

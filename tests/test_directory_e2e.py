@@ -30,14 +30,13 @@ import time
 
 import pytest
 
-import netns
-from edge_relay import demo, directory, header, keys as keys_mod, resp, sockaddr
+from edge_relay import demo, directory, header, keys as keys_mod, metrics as metrics_mod, resp, sockaddr
 from edge_relay.drops import Drop
 from edge_relay.flows import CONFIRMED, FlowTable
 from edge_relay.keys import KeyRing
 from edge_relay.router import FLOWS_FROM_DIRECTORY, Policy, Router, TO_TX_PACKETS
-from relayproc import (ROOT, CountingClient, Relay, Setup, Traffic, Transceiver, http_get,
-                       parse_prometheus, wait_for)
+from relayproc import ROOT, CountingClient, Relay, Setup, Traffic, Transceiver, http_get, parse_prometheus
+from waiting import wait_for
 from redisserver import redis_server
 
 
@@ -166,17 +165,10 @@ class NattedClient(CountingClient):
     """A voice client whose address, as the relays see it, is its balancer back socket."""
 
     seen_as = None
-    arrivals = None
 
     @property
     def address(self):
         return self.seen_as or super().address
-
-    def receive(self, data, now):
-        before = self.received
-        super().receive(data, now)
-        if self.received > before:
-            self.arrivals.append(now)
 
 
 def two_relays(tmp_path, extra):
@@ -202,7 +194,6 @@ def call_moved_mid_way(tmp_path, extra, label):
             assert relay.proc.poll() is None, relay.log()
         ufrag, password = demo.mint_session(a.keyring, 1, time.time())
         vc = NattedClient(bal.address, ufrag, password)
-        vc.arrivals = []
         traffic = Traffic([vc], tx, extra={bal.front: bal.from_client})
         bal.sel = traffic.sel
         # the first check creates the back socket: then the client knows how the relays see it
@@ -252,19 +243,13 @@ CLIENT_IP = "198.19.254.1"    # the caller's address: on lo of the client host
 NETNS_CLIENT = r"""
 import json, socket, sys, time
 from edge_relay import demo
+from relayproc import CountingClient           # tests/ is on PYTHONPATH
 vip, port, ufrag, password, client_ip, seconds = sys.argv[1:7]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((client_ip, 0))
 s.connect((vip, int(port)))
-vc = demo.VoiceClient((vip, int(port)), ufrag, password, sock=s)
-arrivals = []
-orig = vc.receive
-def receive(data, now):
-    before = vc.received
-    orig(data, now)
-    if vc.received > before:
-        arrivals.append(now)
-vc.receive = receive
+vc = CountingClient((vip, int(port)), ufrag, password, sock=s)
+arrivals = vc.arrivals
 said = {}
 def on_second(elapsed):
     if vc.connected and arrivals and not said:
@@ -354,7 +339,7 @@ def netns_moved_call(netns_factory, tmp_path, use_directory):
                         "--bind", "0.0.0.0", "--protected-mode", "no", "--daemonize", "no",
                         "--dir", str(tmp_path))
         for link in (at, bt):
-            netns.wait_for(lambda link=link: redis.poll() is None and "PONG" in link.ns_a.python(
+            wait_for(lambda link=link: redis.poll() is None and "PONG" in link.ns_a.python(
                 NETNS_PING_REDIS, link.ipv4_b, stderr=subprocess.DEVNULL).communicate(timeout=5)[0].decode(),
                 10, what="redis-server in the transceiver namespace")
     relays = {}
@@ -369,13 +354,21 @@ def netns_moved_call(netns_factory, tmp_path, use_directory):
                                       str(folder / "edge-relay.toml"), stdout=subprocess.DEVNULL,
                                       env=dict(os.environ, PYTHONPATH=ROOT))
     for name, relay_ns in (("a", a), ("b", b)):
-        netns.wait_for(lambda ns=relay_ns: "edge_relay_ready 1" in ns.python(
+        wait_for(lambda ns=relay_ns: "edge_relay_ready 1" in ns.python(
             NETNS_METRICS, "http://127.0.0.1:9477/metrics").communicate(timeout=10)[0].decode(),
             15, what=f"relay {name} to be ready")
     ufrag, password = demo.mint_session(keyring, 1, time.time())
-    client = c.python(NETNS_CLIENT, VIP, "3478", ufrag, password, CLIENT_IP, "9")
+    client = c.python(NETNS_CLIENT, VIP, "3478", ufrag, password, CLIENT_IP, "9",
+                      env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__))))
     assert client.readline(10) == "connected"
-    time.sleep(1.5)
+
+    def a_holds_the_call():
+        out = a.python(NETNS_METRICS, "http://127.0.0.1:9477/metrics").communicate(timeout=10)[0].decode()
+        samples = metrics_mod.parse(out)
+        return (samples.get(("edge_relay_flows", (("state", "confirmed"),)), 0) >= 1
+                and (not use_directory or samples.get(("edge_relay_directory_publications_total", ()), 0) >= 1))
+    # the move must find the flow confirmed on A and, with the directory, published by A
+    wait_for(a_holds_the_call, 10, interval=0.2, what="relay A to hold (and publish) the call")
     c.ip("route", "replace", f"{VIP}/32", "via", cb.ipv4_b)      # the hash moves the call to B
     result = json.loads(client.readline(20))
     out = b.python(NETNS_METRICS, "http://127.0.0.1:9477/metrics").communicate(timeout=10)[0].decode()

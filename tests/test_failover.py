@@ -8,7 +8,6 @@ call; the media gap is printed (target < 1 s at a 250 ms probe interval).
 """
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -19,7 +18,8 @@ import pytest
 from edge_relay import demo, demo_state, header, router as router_mod
 from edge_relay.worker import Worker, flow_table
 from relayharness import Harness
-from relayproc import ROOT, Relay, Setup, free_port, http_get, parse_prometheus, wait_for
+from relayproc import ROOT, CountingClient, Relay, Setup, free_port, http_get, parse_prometheus
+from waiting import wait_for
 from redisserver import redis_server
 
 
@@ -200,16 +200,7 @@ def test_kill_the_primary_mid_call_the_call_continues_through_the_backup(tmp_pat
                      what="the relay to serve")
             assert relay.proc.poll() is None, relay.log()
             ufrag, password = demo.mint_session(setup.keyring, 1, time.time())
-            vc = demo.VoiceClient(setup.public, ufrag, password)
-            arrivals = []
-            orig = vc.receive
-
-            def receive(data, now):
-                before = vc.received
-                orig(data, now)
-                if vc.received > before:
-                    arrivals.append(now)
-            vc.receive = receive
+            vc = CountingClient(setup.public, ufrag, password)
             killed = {}
 
             def on_second(elapsed):
@@ -219,8 +210,8 @@ def test_kill_the_primary_mid_call_the_call_continues_through_the_backup(tmp_pat
             demo.run_clients([vc], 6.0, on_second)
             assert vc.connected
             assert killed, "the primary was not killed"
-            before = [t for t in arrivals if t <= killed["at"]]
-            after = [t for t in arrivals if t > killed["at"]]
+            before = [t for t in vc.arrivals if t <= killed["at"]]
+            after = [t for t in vc.arrivals if t > killed["at"]]
             assert before and after, "the call did not resume through the backup"
             gap = after[0] - before[-1]
             print(f"\nfailover gap: {gap * 1000:.0f} ms of media lost between the last echo from the "
@@ -241,7 +232,7 @@ def test_kill_the_primary_mid_call_the_call_continues_through_the_backup(tmp_pat
             finally:
                 state.close()
             assert owner == "2"
-            assert counters.get("rtp_in", 0) >= len(arrivals) - 15
+            assert counters.get("rtp_in", 0) >= len(vc.arrivals) - 15
         finally:
             relay.kill()
             for p in procs:

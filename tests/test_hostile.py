@@ -41,7 +41,7 @@ import zlib
 
 import pytest
 
-import netns
+from waiting import wait_for
 from edge_relay import header, keys, nft, sockaddr, stun, token
 from edge_relay.config import load as load_config
 from edge_relay.drops import Drop
@@ -51,6 +51,7 @@ from tests.relayharness import Harness, drain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLIC_PORT, INTERNAL_PORT, TX_PORT, MGMT_PORT = 3478, 4478, 5000, 9477
+MARK_PORT = 3479                 # the sniffer's end-of-capture marker comes from the public address on this port
 METER_PPS = 300                  # nftables.source_pps (and burst)
 METER_BYTES = 100_000            # nftables.source_bytes_per_second (and burst)
 
@@ -221,14 +222,13 @@ print(json.dumps(report), flush=True)
 SNIFFER = r"""
 import json, select, socket, struct, sys, time
 watch = sys.argv[1]                      # the relay's address on this link
+marker = int(sys.argv[3])                # a datagram from watch:marker ends the capture
 s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
 udp, icmp = {}, {}
 print("ready", flush=True)
 deadline = time.monotonic() + float(sys.argv[2])
 while time.monotonic() < deadline:
-    r, _, _ = select.select([s, sys.stdin], [], [], 0.5)
-    if sys.stdin in r:
-        break
+    r, _, _ = select.select([s], [], [], 0.5)
     if s not in r:
         continue
     data, addr = s.recvfrom(65535)
@@ -240,12 +240,23 @@ while time.monotonic() < deadline:
         continue
     if data[9] == 17:
         sport, dport = struct.unpack_from(">HH", data, ihl)
+        if sport == marker:
+            break
         k = f"{src}:{sport}>{dst}:{dport}"
         udp[k] = udp.get(k, 0) + 1
     elif data[9] == 1:
         k = f"{src}>{dst} type {data[ihl]} code {data[ihl + 1]}"
         icmp[k] = icmp.get(k, 0) + 1
 print(json.dumps({"udp": udp, "icmp": icmp}), flush=True)
+"""
+
+# Sent from the relay's namespace after everything else: once the sniffer has
+# seen it, it has seen whatever the relay sent before it over the same link.
+MARKER = r"""
+import socket, sys
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.bind((sys.argv[1], int(sys.argv[2])))
+    s.sendto(b"end of capture", (sys.argv[3], 9))
 """
 
 FORGER = r"""
@@ -365,8 +376,8 @@ class Bench:
                                  "--keys", str(self.key_dir), cwd=REPO)
         self.relay = self.r.popen(sys.executable, "-m", "edge_relay", "run", "--config",
                                   str(self.config), cwd=REPO, stdout=None, stderr=open(self.tmp / "relay.log", "w"))
-        netns.wait_for(lambda: self._metrics_or_none() is not None, 15, 0.2, "relay /metrics")
-        self.sniffer = self.c.python(SNIFFER, self.public, "110", stdin=subprocess.PIPE)
+        wait_for(lambda: self._metrics_or_none() is not None, 15, 0.2, "relay /metrics")
+        self.sniffer = self.c.python(SNIFFER, self.public, "110", str(MARK_PORT))
         assert self.sniffer.readline(10) == "ready"
         self.attacker = self.c.python(ATTACKER, stdin=subprocess.PIPE)
         assert self.attacker.readline(30) == "ready"
@@ -430,7 +441,7 @@ class Bench:
             last = {k: now.get(k, 0) - before.get(k, 0) for k in expect}
             return all(last[k] >= v for k, v in expect.items())
         try:
-            netns.wait_for(risen, timeout, 0.25, f"counters {expect}")
+            wait_for(risen, timeout, 0.25, f"counters {expect}")
         except Exception:
             pytest.fail(f"expected rise {expect}, got {last}")
         return last
@@ -450,9 +461,9 @@ class Bench:
         assert p.returncode == 0, err
 
     def finish(self):
+        """What the sniffer saw, up to a marker datagram sent from the relay's address after all else."""
         self._stop.set()
-        self.sniffer.stdin.write(b"stop\n")
-        self.sniffer.stdin.flush()
+        _done(self.r.python(MARKER, self.public, str(MARK_PORT), self.client_ip), 10)
         return json.loads(self.sniffer.readline(10))
 
 
@@ -461,10 +472,7 @@ class Bench:
 def test_hostile_bench(netns_factory, tmp_path):
     if shutil.which("nft") is None:
         pytest.skip("nft is not installed (scripts/bootstrap installs nftables when root)")
-    try:
-        import scapy  # noqa: F401
-    except ImportError:
-        pytest.skip("scapy is not installed (requirements-test.txt)")
+    pytest.importorskip("scapy", reason="scapy is not installed (requirements-test.txt)")
     started = time.monotonic()
     b = Bench(netns_factory, tmp_path)
     b.start()
@@ -576,7 +584,6 @@ def test_hostile_bench(netns_factory, tmp_path):
              {"HEADER_VERSION": 1, "HEADER_SHORT": 1})
 
     # 6. Afterwards: nothing went anywhere but live flows, nothing crashed, memory bounded.
-    time.sleep(0.3)
     seen = b.finish()
     final = b.metrics()
     bad = {k: n for k, n in seen["udp"].items()

@@ -299,7 +299,8 @@ def test_relay_logs_each_event_once_and_says_what_it_cannot_do(tmp_path):
     an unreachable Redis directory: a warning."""
     import socket
 
-    from relayproc import Relay, Setup, free_port, wait_for
+    from relayproc import Relay, Setup, free_port
+    from waiting import wait_for
     try:
         with open("/proc/sys/net/core/rmem_max") as f:
             rmem_max = int(f.read())

@@ -10,8 +10,8 @@ import pytest
 from edge_relay import metrics
 from edge_relay.drops import N_DROPS, Drop
 from edge_relay.router import N_STATS
-from relayproc import (ROOT, Relay, Setup, Traffic, Transceiver, clients_for, http_get, parse_prometheus,
-                       value, wait_for)
+from relayproc import ROOT, Relay, Setup, Traffic, Transceiver, clients_for, http_get, parse_prometheus, value
+from waiting import wait_for
 
 REQUIRED = ("edge_relay_packets_total", "edge_relay_bytes_total", "edge_relay_drops_total", "edge_relay_flows",
             "edge_relay_workers_up", "edge_relay_worker_restarts_total", "edge_relay_reloads_total",

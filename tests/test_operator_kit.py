@@ -13,7 +13,8 @@ import tomllib
 import pytest
 
 from edge_relay import cli, config, effective, keys, metrics
-from relayproc import ROOT, Relay, Setup, Traffic, Transceiver, clients_for, http_get, wait_for
+from relayproc import ROOT, Relay, Setup, Traffic, Transceiver, clients_for, http_get
+from waiting import wait_for
 
 PKG = os.path.join(ROOT, "packaging")
 RULES = os.path.join(PKG, "prometheus", "edge-relay.rules.yml")

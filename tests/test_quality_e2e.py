@@ -12,7 +12,8 @@ import time
 from edge_relay import demo, metrics
 from edge_relay.quality import CLIENT, TRANSCEIVER
 from relayharness import Harness
-from relayproc import Relay, Setup, Transceiver, http_get, parse_prometheus, wait_for, Traffic, CountingClient
+from relayproc import Relay, Setup, Transceiver, http_get, parse_prometheus, Traffic, CountingClient
+from waiting import wait_for
 
 
 class LossyClient(demo.VoiceClient):

@@ -4,7 +4,6 @@ nothing at all is sent.
 """
 
 import os
-import socket
 import tracemalloc
 
 import pytest

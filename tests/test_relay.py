@@ -4,7 +4,6 @@ Each test runs over both I/O paths (recvmmsg/sendmmsg and the plain fallback).
 """
 
 import os
-import socket
 import time
 
 import pytest
@@ -12,7 +11,8 @@ import pytest
 from edge_relay import header, stun, token, transceiver
 from edge_relay.flows import CONFIRMED
 from edge_relay.keys import Key, KeyRing
-from tests.relayharness import Harness, drain
+from relayharness import Harness, drain
+from waiting import wait_for
 
 
 @pytest.fixture(params=["mmsg", "plain"])
@@ -447,24 +447,20 @@ def test_event_loop_forwards_both_ways_with_and_without_coalescing(make, io_mode
         assert w._coalesce == coalesce_us / 1e6
         for i in range(3):
             client.sendto(bytes([0x80, 111]) + bytes(158), h.public)
-        deadline = time.monotonic() + 5
-        got = []
-        while len(got) < 3 and time.monotonic() < deadline:
-            w.turn()
-            got += drain(h.sinks[1])
+        got, back = [], []
+
+        def turn_into(out, sock):
+            w.turn()                    # waits (bounded by the loop's timers) for its sockets
+            out.extend(d for d, _ in drain(sock))
+            return out
+        wait_for(lambda: len(turn_into(got, h.sinks[1])) >= 3, 5, interval=0,
+                 what="3 coalesced datagrams at the transceiver")
         assert len(got) == 3
         sink = h.sinks[1]
         reply = ep.to_client(inb, b"\x80\x6f" + bytes(30), now_ms())
         sink.sendto(reply, h.internal)
-        client.settimeout(0.05)
-        back = None
-        while back is None and time.monotonic() < deadline:
-            w.turn()
-            try:
-                back = client.recv(2048)
-            except socket.timeout:
-                pass
-        assert back == b"\x80\x6f" + bytes(30)
+        wait_for(lambda: turn_into(back, client), 5, interval=0, what="the reply at the client")
+        assert back == [b"\x80\x6f" + bytes(30)]
     finally:
         w._close_loop()
 

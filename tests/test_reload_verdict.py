@@ -18,8 +18,8 @@ import sys
 import pytest
 
 from edge_relay import cli, keys
-from relayproc import (ROOT, Relay, Setup, Traffic, Transceiver, clients_for, http_get, metrics, value,
-                       wait_for)
+from relayproc import ROOT, Relay, Setup, Traffic, Transceiver, clients_for, http_get, metrics, value
+from waiting import wait_for
 
 pytestmark = pytest.mark.slow
 

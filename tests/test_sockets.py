@@ -5,7 +5,8 @@ import socket
 
 import pytest
 
-from relayproc import Relay, Setup, Transceiver, carries_a_call, http_get, metrics, wait_for
+from relayproc import Relay, Setup, Transceiver, carries_a_call, http_get, metrics
+from waiting import wait_for
 
 from edge_relay import sockets
 from edge_relay.errors import StartupError

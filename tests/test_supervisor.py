@@ -6,7 +6,8 @@ import time
 import pytest
 
 from edge_relay import keys
-from relayproc import Relay, Setup, Traffic, Transceiver, clients_for, metrics, value, wait_for, http_get
+from relayproc import Relay, Setup, Traffic, Transceiver, clients_for, metrics, value, http_get
+from waiting import wait_for
 
 pytestmark = pytest.mark.slow
 

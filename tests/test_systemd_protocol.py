@@ -150,7 +150,8 @@ def test_reload_verdict_goes_to_systemd_too(tmp_path):
     """RELOADING=1 (MONOTONIC_USEC), then READY=1 only with the verdict: the refusal's reason in
     STATUS=, or, for a good config, once every worker runs the new generation."""
     import json
-    from relayproc import http_get, wait_for
+    from relayproc import http_get
+    from waiting import wait_for
     setup = Setup(tmp_path / "r", workers=2, drain=0.5)
     sysd = FakeSystemd(str(tmp_path / "notify"))
     relay = Relay(setup, env=dict(os.environ, NOTIFY_SOCKET=sysd.path))
