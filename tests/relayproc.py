@@ -4,6 +4,7 @@ Every wait is bounded (a deadline and select()); every process started here is
 killed by `Relay.kill()` (call it in a finally or a fixture).
 """
 
+import copy
 import os
 import re
 import selectors
@@ -14,39 +15,14 @@ import sys
 import time
 import urllib.request
 
+import tomlconf
 from edge_relay import demo, keys, transceiver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CONFIG = """\
-[relay]
-workers = {workers}
-drain_seconds = {drain}
-
-[[listeners]]
-address = "127.0.0.1"
-port = {public_port}
-
-[internal]
-address = "127.0.0.1"
-port = {internal_port}
-
-[keys]
-dir = "{key_dir}"
-{signing}
-[[transceivers]]
-id = 1
-address = "127.0.0.1"
-port = {transceiver_port}
-
-[management]
-address = "127.0.0.1"
-port = {management_port}
-{extra}"""
-
 # Probes are off unless a test asks for them: most tests count every datagram
 # the transceiver receives and sends, and probes would be extra ones.
-NO_PROBES = "\n[probes]\nenabled = false\n"
+NO_PROBES = {"probes": {"enabled": False}}
 
 
 def free_port(kind=socket.SOCK_DGRAM):
@@ -77,11 +53,17 @@ def free_udp_run(n):
 
 
 class Setup:
-    """Keys, config file and ports for one relay under `folder`."""
+    """Keys, config file and ports for one relay under `folder`.
 
-    def __init__(self, folder, workers=2, drain=0.5, extra=NO_PROBES):
+    The file is `config()`: a relay on loopback with one transceiver, with
+    `sections` laid over it (tomlconf.merged: tables merge, arrays of tables
+    append). Without sections, probes are off (NO_PROBES). Change
+    `workers`, `drain` or `sections` and call write() to rewrite it.
+    """
+
+    def __init__(self, folder, workers=2, drain=0.5, sections=None):
         self.folder = str(folder)
-        self.extra = extra
+        self.sections = copy.deepcopy(NO_PROBES if sections is None else sections)
         self.key_dir = os.path.join(self.folder, "keys")
         os.makedirs(self.key_dir, mode=0o700, exist_ok=True)
         keys.write_key_file(self.key_dir, 1)
@@ -96,11 +78,24 @@ class Setup:
         self.path = os.path.join(self.folder, "edge-relay.toml")
         self.write()
 
+    def config(self, signing_key_id=None):
+        """The config as a dict (what config.parse takes)."""
+        keys_section = {"dir": self.key_dir}
+        if signing_key_id is not None:
+            keys_section["signing_key_id"] = signing_key_id
+        base = {
+            "relay": {"workers": self.workers, "drain_seconds": self.drain},
+            "listeners": [{"address": "127.0.0.1", "port": self.ports["public_port"]}],
+            "internal": {"address": "127.0.0.1", "port": self.ports["internal_port"]},
+            "keys": keys_section,
+            "transceivers": [{"id": 1, "address": "127.0.0.1", "port": self.ports["transceiver_port"]}],
+            "management": {"address": "127.0.0.1", "port": self.ports["management_port"]},
+        }
+        return tomlconf.merged(base, self.sections)
+
     def write(self, signing_key_id=None):
-        signing = f"signing_key_id = {signing_key_id}\n" if signing_key_id is not None else ""
         with open(self.path, "w") as f:
-            f.write(CONFIG.format(workers=self.workers, drain=self.drain, key_dir=self.key_dir,
-                                  signing=signing, extra=self.extra, **self.ports))
+            f.write(tomlconf.dumps(self.config(signing_key_id)))
 
     @property
     def public(self):

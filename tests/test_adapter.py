@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from adapterkit import (ANSWER, CLIENT, OFFER, PUBLIC, RELAY, RING, SERVER, Call, IcePeer, from_adapter,
-                        make_adapter, to_transceiver)
+from adapterkit import (ANSWER, CLIENT, OFFER, PUBLIC, RELAY, RING, SERVER, Call, IcePeer, from_adapter, make_adapter,
+                        to_transceiver)
 from edge_relay import adapter, header, keys, stun, token
 from edge_relay.drops import Drop
 

@@ -21,9 +21,9 @@ import urllib.request
 import pytest
 
 import relayproc
-from waiting import WaitTimeout, wait_for
 from adapterkit import ANSWER, OFFER, IcePeer
 from edge_relay import adapter, adapter_run, keys, stun, transceiver
+from waiting import WaitTimeout, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -234,7 +234,7 @@ def test_hook_rejects_bad_sdp_with_one_line(relay):
 
 
 def test_probes_answered_only_while_server_health_check_passes(tmp_path):
-    setup = relayproc.Setup(tmp_path, workers=1, extra="\n[probes]\nenabled = true\n")
+    setup = relayproc.Setup(tmp_path, workers=1, sections={"probes": {"enabled": True}})
     health = socket.socket()
     health.bind(("127.0.0.1", 0))
     health.listen(128)      # never accepted: the connects only need the backlog
@@ -289,17 +289,9 @@ def test_a_refused_send_is_counted_not_raised(tmp_path):
 
 
 # transceiver 1 (relayproc's) is the backup of transceiver 2, the primary
-FAILOVER_EXTRA = """
-[[transceivers]]
-id = 2
-address = "127.0.0.1"
-port = {primary}
-backup = 1
-
-[probes]
-interval = 0.1
-down_after = 3
-"""
+def failover_sections(primary):
+    return {"transceivers": [{"id": 2, "address": "127.0.0.1", "port": primary, "backup": 1}],
+            "probes": {"interval": 0.1, "down_after": 3}}
 
 
 def test_failover_to_a_backup_adapter_needs_an_ice_restart(tmp_path):
@@ -308,7 +300,7 @@ def test_failover_to_a_backup_adapter_needs_an_ice_restart(tmp_path):
     drops what it does not know, counted); an ICE restart through the backup's hook resumes it."""
     primary_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     primary_sock.bind(("127.0.0.1", 0))
-    setup = relayproc.Setup(tmp_path, workers=1, extra=FAILOVER_EXTRA.format(primary=primary_sock.getsockname()[1]))
+    setup = relayproc.Setup(tmp_path, workers=1, sections=failover_sections(primary_sock.getsockname()[1]))
     health = socket.socket()
     health.bind(("127.0.0.1", 0))
     health.listen(128)

@@ -7,7 +7,6 @@ import stat
 import subprocess
 import sys
 
-
 from edge_relay import cli, keys
 from edge_relay.demo_run import write_demo_setup
 

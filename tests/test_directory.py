@@ -4,10 +4,10 @@ import time
 
 import pytest
 
-from redisserver import drive, redis_server
 from edge_relay import directory, resp, sockaddr
-from edge_relay.directory import (DROP_FLOW_FULL, DROP_LOOKUPS_FULL, DROP_NEGATIVE,
-                                  DROP_TOTAL_FULL, HELD, LOOKUP, Directory, flow_key)
+from edge_relay.directory import (DROP_FLOW_FULL, DROP_LOOKUPS_FULL, DROP_NEGATIVE, DROP_TOTAL_FULL, HELD, LOOKUP,
+                                  Directory, flow_key)
+from redisserver import drive, redis_server
 
 SA1 = sockaddr.from_tuple(("192.0.2.1", 5000))
 SA2 = sockaddr.from_tuple(("192.0.2.2", 5000))

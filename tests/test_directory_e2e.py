@@ -30,15 +30,15 @@ import time
 
 import pytest
 
+import tomlconf
 from edge_relay import demo, directory, header, keys as keys_mod, metrics as metrics_mod, resp, sockaddr
 from edge_relay.drops import Drop
 from edge_relay.flows import CONFIRMED, FlowTable
 from edge_relay.keys import KeyRing
-from edge_relay.router import FLOWS_FROM_DIRECTORY, Policy, Router, TO_TX_PACKETS
+from edge_relay.router import FLOWS_FROM_DIRECTORY, TO_TX_PACKETS, Policy, Router
+from redisserver import redis_server
 from relayproc import ROOT, CountingClient, Relay, Setup, Traffic, Transceiver, http_get, parse_prometheus
 from waiting import wait_for
-from redisserver import redis_server
-
 
 # -- the router's side, sans-IO ---------------------------------------------------
 
@@ -171,9 +171,9 @@ class NattedClient(CountingClient):
         return self.seen_as or super().address
 
 
-def two_relays(tmp_path, extra):
-    a = Setup(tmp_path / "a", workers=1, extra=extra)
-    b = Setup(tmp_path / "b", workers=1, extra=extra)
+def two_relays(tmp_path, sections):
+    a = Setup(tmp_path / "a", workers=1, sections=sections)
+    b = Setup(tmp_path / "b", workers=1, sections=sections)
     b.tx_sock.close()
     b.key_dir, b.keyring = a.key_dir, a.keyring
     b.ports["transceiver_port"] = a.ports["transceiver_port"]
@@ -181,10 +181,10 @@ def two_relays(tmp_path, extra):
     return a, b
 
 
-def call_moved_mid_way(tmp_path, extra, label):
+def call_moved_mid_way(tmp_path, sections, label):
     for d in ("a", "b"):
         os.makedirs(tmp_path / d, exist_ok=True)
-    a, b = two_relays(tmp_path, extra)
+    a, b = two_relays(tmp_path, sections)
     tx = Transceiver(a.keyring, a.tx_sock)
     relays = [Relay(a), Relay(b)]
     bal = Balancer([a.public, b.public])
@@ -223,12 +223,12 @@ def call_moved_mid_way(tmp_path, extra, label):
 @pytest.mark.slow
 def test_a_moved_call_resumes_at_once_with_the_directory_and_at_consent_without(tmp_path):
     with redis_server(tmp_path) as redis:
-        extra = f'\n[probes]\nenabled = false\n\n[directory]\naddress = "{redis.address}"\n'
-        gap_with, events, fams = call_moved_mid_way(tmp_path / "with", extra, "with the directory")
+        sections = {"probes": {"enabled": False}, "directory": {"address": redis.address}}
+        gap_with, events, fams = call_moved_mid_way(tmp_path / "with", sections, "with the directory")
         assert events[(("event", "from_directory"),)] == 1
         results = fams["edge_relay_directory_lookup_results_total"]["samples"]
         assert results[(("result", "hit"),)] == 1
-    gap_without, events, _ = call_moved_mid_way(tmp_path / "without", "\n[probes]\nenabled = false\n",
+    gap_without, events, _ = call_moved_mid_way(tmp_path / "without", {"probes": {"enabled": False}},
                                                 "without the directory")
     assert events[(("event", "from_directory"),)] == 0
     print(f"\ndirectory gaps: {gap_with * 1000:.0f} ms with, {gap_without * 1000:.0f} ms without "
@@ -277,34 +277,20 @@ import sys, urllib.request
 print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())
 """
 
-RELAY_CONFIG = """\
-[relay]
-workers = 1
-drain_seconds = 0.2
-
-[[listeners]]
-address = "{vip}"
-port = 3478
-
-[internal]
-address = "{internal}"
-port = 4478
-
-[keys]
-dir = "{key_dir}"
-
-[[transceivers]]
-id = 1
-address = "{tx}"
-port = 5000
-
-[management]
-address = "127.0.0.1"
-port = 9477
-
-[probes]
-enabled = false
-{directory}"""
+def netns_relay_config(internal, key_dir, tx, directory=None):
+    """One of the two relay hosts: the VIP on its public side, the transceiver behind."""
+    data = {
+        "relay": {"workers": 1, "drain_seconds": 0.2},
+        "listeners": [{"address": VIP, "port": 3478}],
+        "internal": {"address": internal, "port": 4478},
+        "keys": {"dir": key_dir},
+        "transceivers": [{"id": 1, "address": tx, "port": 5000}],
+        "management": {"address": "127.0.0.1", "port": 9477},
+        "probes": {"enabled": False},
+    }
+    if directory is not None:
+        data["directory"] = {"address": directory}
+    return tomlconf.dumps(data)
 
 
 NETNS_PING_REDIS = r"""
@@ -333,7 +319,6 @@ def netns_moved_call(netns_factory, tmp_path, use_directory):
     keyring = keys_mod.load_dir(key_dir)
     tx = t.python(NETNS_TRANSCEIVER, str(key_dir), "5000")
     assert tx.readline(10) == "ready"
-    directory = ""
     if use_directory:
         redis = t.popen("redis-server", "--save", "", "--appendonly", "no", "--port", "6379",
                         "--bind", "0.0.0.0", "--protected-mode", "no", "--daemonize", "no",
@@ -346,10 +331,8 @@ def netns_moved_call(netns_factory, tmp_path, use_directory):
     for name, relay_ns, link in (("a", a, at), ("b", b, bt)):
         folder = tmp_path / name
         folder.mkdir()
-        if use_directory:
-            directory = f'\n[directory]\naddress = "{link.ipv4_b}:6379"\n'
-        (folder / "edge-relay.toml").write_text(RELAY_CONFIG.format(
-            vip=VIP, internal=link.ipv4_a, key_dir=key_dir, tx=link.ipv4_b, directory=directory))
+        (folder / "edge-relay.toml").write_text(netns_relay_config(
+            link.ipv4_a, key_dir, link.ipv4_b, f"{link.ipv4_b}:6379" if use_directory else None))
         relays[name] = relay_ns.popen(sys.executable, "-m", "edge_relay", "run", "--config",
                                       str(folder / "edge-relay.toml"), stdout=subprocess.DEVNULL,
                                       env=dict(os.environ, PYTHONPATH=ROOT))

@@ -17,10 +17,10 @@ import pytest
 
 from edge_relay import demo, demo_state, header, router as router_mod
 from edge_relay.worker import Worker, flow_table
+from redisserver import redis_server
 from relayharness import Harness
 from relayproc import ROOT, CountingClient, Relay, Setup, free_port, http_get, parse_prometheus
 from waiting import wait_for
-from redisserver import redis_server
 
 
 class Clock:
@@ -161,15 +161,9 @@ from edge_relay import demo
 demo.serve_stateful(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
 """
 
-FAILOVER_CONFIG = """
-[[transceivers]]
-id = 2
-address = "127.0.0.1"
-port = {backup_port}
-
-[probes]
-interval = 0.25
-"""
+def failover_sections(backup_port):
+    return {"transceivers": [{"id": 2, "address": "127.0.0.1", "port": backup_port}],
+            "probes": {"interval": 0.25}}
 
 
 def start_transceiver(key_dir, tx_id, port, redis_address, log_path):
@@ -183,7 +177,7 @@ def start_transceiver(key_dir, tx_id, port, redis_address, log_path):
 def test_kill_the_primary_mid_call_the_call_continues_through_the_backup(tmp_path):
     with redis_server(tmp_path) as redis:
         backup_port = free_port()
-        setup = Setup(tmp_path, workers=2, extra=FAILOVER_CONFIG.format(backup_port=backup_port))
+        setup = Setup(tmp_path, workers=2, sections=failover_sections(backup_port))
         primary_port = setup.ports["transceiver_port"]
         setup.tx_sock.close()             # the primary is a process of its own
         with open(setup.path) as f:
@@ -245,8 +239,8 @@ def test_router_accounts_for_every_datagram_while_failing_over():
     """The fuzz invariant of test_router_fuzz with a transceiver down and its flows moving."""
     import random
 
-    from test_router_fuzz import CASES, make_router, mutate, seeds
     from edge_relay import probes, sockaddr
+    from test_router_fuzz import CASES, make_router, mutate, seeds
     rng = random.Random(8)
     r = make_router()
     r.prober = probes.Prober([1, 2], now=0.0)
@@ -275,7 +269,7 @@ def test_router_accounts_for_every_datagram_while_failing_over():
 
 
 def test_reload_applies_probe_settings_and_backups(tmp_path):
-    from edge_relay import config as config_mod     # the harness has no file: reload a parsed config
+    from edge_relay import config as config_mod  # the harness has no file: reload a parsed config
     clock = Clock()
     h = make(tmp_path, clock)
     try:

@@ -15,8 +15,7 @@ import pytest
 
 from edge_relay import sockaddr
 from edge_relay.drops import Drop
-from edge_relay.flows import (CONFIRMED, PENDING, REMOVED, SNAPSHOT_VERSION, Flow,
-                              FlowTable)
+from edge_relay.flows import CONFIRMED, PENDING, REMOVED, SNAPSHOT_VERSION, Flow, FlowTable
 
 
 def sa4(ip, port=40000):

@@ -41,13 +41,14 @@ import zlib
 
 import pytest
 
-from waiting import wait_for
+import tomlconf
 from edge_relay import header, keys, nft, sockaddr, stun, token
 from edge_relay.config import load as load_config
 from edge_relay.drops import Drop
 from edge_relay.flows import FlowTable
 from edge_relay.router import STAT_NAMES, Policy, Router
-from tests.relayharness import Harness, drain
+from relayharness import Harness, drain
+from waiting import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLIC_PORT, INTERNAL_PORT, TX_PORT, MGMT_PORT = 3478, 4478, 5000, 9477
@@ -285,45 +286,21 @@ for (name, labels), v in samples.items():
 print(json.dumps(out))
 """
 
-RELAY_CONFIG = """\
-[relay]
-workers = 1
-
-[[listeners]]
-address = "{public}"
-port = {public_port}
-
-[internal]
-address = "{internal}"
-port = {internal_port}
-
-[keys]
-dir = "{key_dir}"
-
-[[transceivers]]
-id = 1
-address = "{tx1}"
-port = {tx_port}
-
-[[transceivers]]
-id = 2
-address = "{tx2}"
-port = {tx_port}
-
-[limits]
-pending_ttl = 20.0
-
-[nftables]
-source_pps = {pps}
-source_pps_burst = {pps}
-source_bytes_per_second = {bps}
-source_bytes_burst = {bps}
-total_pps = 50000
-
-[management]
-address = "127.0.0.1"
-port = {mgmt_port}
-"""
+def relay_config(bench):
+    """The relay of the bench: two transceiver addresses, meters low enough to trip."""
+    return tomlconf.dumps({
+        "relay": {"workers": 1},
+        "listeners": [{"address": bench.public, "port": PUBLIC_PORT}],
+        "internal": {"address": bench.internal, "port": INTERNAL_PORT},
+        "keys": {"dir": bench.key_dir},
+        "transceivers": [{"id": 1, "address": bench.tx1, "port": TX_PORT},
+                         {"id": 2, "address": bench.tx2, "port": TX_PORT}],
+        "limits": {"pending_ttl": 20.0},
+        "nftables": {"source_pps": METER_PPS, "source_pps_burst": METER_PPS,
+                     "source_bytes_per_second": METER_BYTES, "source_bytes_burst": METER_BYTES,
+                     "total_pps": 50000},
+        "management": {"address": "127.0.0.1", "port": MGMT_PORT},
+    })
 
 
 def _done(proc, timeout):
@@ -357,10 +334,7 @@ class Bench:
         self.keyring = keys.load_dir(self.key_dir)
         self.foreign_key = keys.Key(9, os.urandom(32))
         self.config = tmp / "edge-relay.toml"
-        self.config.write_text(RELAY_CONFIG.format(
-            public=self.public, public_port=PUBLIC_PORT, internal=self.internal,
-            internal_port=INTERNAL_PORT, key_dir=self.key_dir, tx1=self.tx1, tx2=self.tx2,
-            tx_port=TX_PORT, pps=METER_PPS, bps=METER_BYTES, mgmt_port=MGMT_PORT))
+        self.config.write_text(relay_config(self))
         cfg = load_config(self.config)
         (tmp / "relay.nft").write_text(nft.render_relay(cfg))
         (tmp / "tx.nft").write_text(nft.render_transceiver(cfg))

@@ -307,13 +307,11 @@ def test_relay_logs_each_event_once_and_says_what_it_cannot_do(tmp_path):
     except OSError:
         pytest.skip("no /proc/sys/net/core/rmem_max")
     closed = free_port(socket.SOCK_STREAM)           # nothing listens: the directory is unreachable
-    setup = Setup(tmp_path / "r", workers=2,
-                  extra=f'\n[probes]\nenabled = true\ninterval = 0.05\ndown_after = 2\n'
-                        f'\n[directory]\naddress = "127.0.0.1:{closed}"\n')
     asked = min(2 * rmem_max, 2**31 - 1)
-    text = open(setup.path).read().replace("[relay]\n", f"[relay]\nrecv_buffer_bytes = {asked}\n", 1)
-    with open(setup.path, "w") as f:
-        f.write(text)
+    setup = Setup(tmp_path / "r", workers=2,
+                  sections={"relay": {"recv_buffer_bytes": asked},
+                            "probes": {"enabled": True, "interval": 0.05, "down_after": 2},
+                            "directory": {"address": f"127.0.0.1:{closed}"}})
     relay = Relay(setup)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:

@@ -136,6 +136,7 @@ def test_metrics_match_the_traffic_and_stats_prints_them(tmp_path):
 
 def test_directory_counters_cover_every_key_the_directory_and_its_redis_client_count():
     import re
+
     from edge_relay import directory
     src = {name: open(os.path.join(ROOT, "edge_relay", f"{name}.py")).read() for name in ("directory", "resp")}
     counted = {"published", "held", "lookups", "late_replies", directory.HIT, directory.MISS, directory.ERROR,

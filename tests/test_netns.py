@@ -119,7 +119,7 @@ def test_cleanup_when_body_raises():
 
 
 def copy_helpers(pytester: pytest.Pytester) -> None:
-    for name in ("conftest.py", "netns.py"):
+    for name in ("conftest.py", "netns.py", "waiting.py"):
         shutil.copy(HERE / name, pytester.path / name)
 
 

@@ -122,7 +122,7 @@ def test_metric_name_extraction():
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     # probes and quality on (the defaults); log.level debug for the flow-event lines
-    setup = Setup(tmp_path_factory.mktemp("kit"), workers=2, extra='\n[log]\nlevel = "debug"\n')
+    setup = Setup(tmp_path_factory.mktemp("kit"), workers=2, sections={"log": {"level": "debug"}})
     relay = Relay(setup)
     tx = Transceiver(setup.keyring, setup.tx_sock)
     clients = clients_for(setup, 4)
@@ -491,6 +491,7 @@ def test_role_checks_its_arguments_merges_sections_and_brackets_an_ipv6_health_u
 
 def test_flow_report_filters_bounds_and_formats_ipv6_sans_io():
     from types import SimpleNamespace
+
     from edge_relay import flows as flows_mod, quality, sockaddr
     from edge_relay.worker import flow_report
     table = flows_mod.FlowTable(n_listeners=1)

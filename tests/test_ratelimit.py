@@ -11,9 +11,8 @@ import pytest
 from edge_relay import ratelimit
 from edge_relay.ratelimit import Bucket, FlowMeter, SourceBuckets
 from edge_relay.router import Policy
-from tests.relayharness import Harness, drain
+from relayharness import Harness, drain
 from tests.test_relay import assert_silent, binding_request, open_flow
-
 
 # -- the buckets --------------------------------------------------------------
 

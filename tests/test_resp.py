@@ -5,10 +5,9 @@ import time
 
 import pytest
 
-from redisserver import drive, redis_server
 from edge_relay import resp
-from edge_relay.resp import (Client, Disconnected, Parser, ProtocolError, ReplyError, RespError,
-                             Timeout, encode_command)
+from edge_relay.resp import Client, Disconnected, Parser, ProtocolError, ReplyError, RespError, Timeout, encode_command
+from redisserver import drive, redis_server
 
 # (wire bytes, expected value); errors compared by message.
 VECTORS = [

@@ -5,11 +5,10 @@ import socket
 
 import pytest
 
-from relayproc import Relay, Setup, Transceiver, carries_a_call, http_get, metrics
-from waiting import wait_for
-
 from edge_relay import sockets
 from edge_relay.errors import StartupError
+from relayproc import Relay, Setup, Transceiver, carries_a_call, http_get, metrics
+from waiting import wait_for
 
 
 def test_buffer_shortfalls_read_back_what_the_kernel_granted():

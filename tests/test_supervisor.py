@@ -6,7 +6,7 @@ import time
 import pytest
 
 from edge_relay import keys
-from relayproc import Relay, Setup, Traffic, Transceiver, clients_for, metrics, value, http_get
+from relayproc import Relay, Setup, Traffic, Transceiver, clients_for, http_get, metrics, value
 from waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -218,10 +218,8 @@ def test_sighup_with_a_new_listener_hands_flows_to_new_workers(started):
         old_pid = relay.worker_pids()[0]
         from relayproc import free_port
         extra = free_port()
-        with open(setup.path) as f:
-            text = f.read()
-        with open(setup.path, "w") as f:
-            f.write(text.replace("[internal]", f'[[listeners]]\naddress = "127.0.0.1"\nport = {extra}\n\n[internal]'))
+        setup.sections["listeners"] = [{"address": "127.0.0.1", "port": extra}]      # a second listener
+        setup.write()
         relay.signal(signal.SIGHUP)
         assert traffic.run(10, until=lambda: relay.worker_pids().get(0) not in (None, old_pid))
         wait_for(lambda: value(metrics(setup), "edge_relay_workers_up") == 1, 10, what="new worker up")
