@@ -303,7 +303,7 @@ class Prober:
         return tid, False
 
     def render(self, names=None):
-        """Prometheus text lines for every transceiver (see docs/OPERATIONS-failover.md).
+        """Prometheus text lines for every transceiver (see docs/OPERATIONS.md).
 
         `names` maps id -> label value (config `name`, default "tx<id>").
         """

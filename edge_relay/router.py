@@ -24,7 +24,7 @@ Rules (DESIGN.md "What the relay promises")
   transceiver (or one it is taking over by ICE restart). Only then does the
   relay send anything to a client: it never answers unauthenticated input.
 
-Failover (probes.py decides health; docs/OPERATIONS-failover.md)
+Failover (probes.py decides health; docs/OPERATIONS.md)
   `redirect` maps a transceiver id that probes found down to the backup its
   traffic goes to now (empty when all is well: one falsy check per packet).
   A flow of a down transceiver moves to the backup at its next client
