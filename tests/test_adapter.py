@@ -267,7 +267,8 @@ DROP_CASES = ["bad header", "unknown token", "wrong client ufrag", "wrong passwo
               "not webrtc", "empty", "dtls without flow", "unmatched response from client",
               "unmatched response from server", "server error response", "client error response",
               "forged server response", "server check with unknown ufrags",
-              "server check with wrong password", "media from an unproven server address", "server garbage", "server stun non-binding",
+              "server check with wrong password", "media from an unproven server address", "server garbage",
+              "server stun non-binding",
               "flow forgotten", "flow table full"]
 
 

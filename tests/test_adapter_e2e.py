@@ -244,7 +244,7 @@ def test_probes_answered_only_while_server_health_check_passes(tmp_path):
         wait_for(lambda: shell.shell.stats()["counts"]["probes_answered"] > 3, 15, what="probes answered")
         health.close()
         wait_for(lambda: shell.shell.stats()["counts"]["probes_unanswered"] > 3, 15,
-                           what="probes unanswered once the server is gone")
+                 what="probes unanswered once the server is gone")
         assert shell.shell.stats()["server_up"] is False
     finally:
         shell.close()
@@ -318,7 +318,7 @@ def test_failover_to_a_backup_adapter_needs_an_ice_restart(tmp_path):
 
         health.close()          # the primary's server is gone
         wait_for(lambda: relayproc.value(relayproc.metrics(setup), "edge_relay_transceiver_up",
-                                                   transceiver="tx2") == 0, 15, what="primary marked down")
+                                         transceiver="tx2") == 0, 15, what="primary marked down")
         client.rtp(1)
         client.check()
         wait_for(lambda: sum(backup.shell.stats()["drops"].values()) >= 2, 5, what="backup drops")
@@ -339,7 +339,7 @@ def test_failover_to_a_backup_adapter_needs_an_ice_restart(tmp_path):
         assert run([client, server1, server2], 5, lambda: client.media_in == 2)
         assert server2.echoed == 1 and server1.echoed == 1 and client.bad == [] and server2.bad == []
         wait_for(lambda: relayproc.value(relayproc.metrics(setup), "edge_relay_flow_events_total",
-                                                   event="failed_over") >= 1, 5, what="failed_over counted")
+                                         event="failed_over") >= 1, 5, what="failed_over counted")
     finally:
         primary.close()
         backup.close()

@@ -45,6 +45,7 @@ INTERNAL, SERVER = "198.18.222.1", "198.18.222.2"
 PUBLIC_PORT, INTERNAL_PORT, TX_PORT, MGMT_PORT, HOOK_PORT = 3478, 4000, 5000, 9477, 8479
 CALL_TIMEOUT = 90.0
 
+
 def relay_config(key_dir, idle_timeout):
     return tomlconf.dumps({
         "relay": {"workers": 1},
@@ -55,6 +56,7 @@ def relay_config(key_dir, idle_timeout):
         "limits": {"idle_timeout": idle_timeout},
         "management": {"address": "127.0.0.1", "port": MGMT_PORT},
     })
+
 
 METRICS = """
 import sys, urllib.request

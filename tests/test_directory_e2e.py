@@ -277,6 +277,7 @@ import sys, urllib.request
 print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())
 """
 
+
 def netns_relay_config(internal, key_dir, tx, directory=None):
     """One of the two relay hosts: the VIP on its public side, the transceiver behind."""
     data = {

@@ -161,6 +161,7 @@ from edge_relay import demo
 demo.serve_stateful(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
 """
 
+
 def failover_sections(backup_port):
     return {"transceivers": [{"id": 2, "address": "127.0.0.1", "port": backup_port}],
             "probes": {"interval": 0.25}}

@@ -185,7 +185,8 @@ for line in sys.stdin:
 
 FLOODER = r"""
 import socket, sys, time
-src, dst, port, rate, duration, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rate, duration, size = float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((src, 0))
 payload = b"\x80\x6f" + bytes(size - 2)
@@ -285,6 +286,7 @@ for (name, labels), v in samples.items():
         out[name] = v
 print(json.dumps(out))
 """
+
 
 def relay_config(bench):
     """The relay of the bench: two transceiver addresses, meters low enough to trip."""
@@ -541,7 +543,8 @@ def test_hostile_bench(netns_factory, tmp_path):
         d = b.wait_rise(before, expect)
         table.append((name, ", ".join(f"{k} +{v}" for k, v in d.items())))
 
-    now_ms = lambda: int(time.time() * 1000)  # noqa: E731
+    def now_ms():
+        return int(time.time() * 1000)
     forged_mac = bytearray(to_client(legit[0], legit[1], now_ms()))
     forged_mac[40] ^= 0x55
     tx_class("forged header (bad MAC)", [bytes(forged_mac)] * 5, {"HEADER_MAC": 5})

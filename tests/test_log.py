@@ -345,7 +345,6 @@ def _transitions(setup):
     return family["samples"].get((("transceiver", "tx1"),), 0) if family else 0
 
 
-
 def test_a_send_the_kernel_refuses_is_said_not_only_counted(tmp_path):
     """Before, a refused send (EINVAL from a loopback source, ENETUNREACH) was only a send_failed
     count, and the operator saw nothing but 'transceiver down'."""

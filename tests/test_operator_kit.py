@@ -452,10 +452,11 @@ def test_role_checks_its_arguments_merges_sections_and_brackets_an_ipv6_health_u
     _, specs, _ = role_variables()
     provided = "\n".join(f"          {n}: \"{{{{ {n} }}}}\"" for n in sorted(specs))
     dest, url = tmp_path / "edge-relay.toml", tmp_path / "url"
+    spec = f"(lookup('file', '{ROLE}/meta/argument_specs.yml') | from_yaml).argument_specs.main.options"
     tasks = f"""
     - name: Check the inputs as the role does
       ansible.builtin.validate_argument_spec:
-        argument_spec: "{{{{ (lookup('file', '{ROLE}/meta/argument_specs.yml') | from_yaml).argument_specs.main.options }}}}"
+        argument_spec: "{{{{ {spec} }}}}"
         provided_arguments:
 {provided}
     - name: Render the config

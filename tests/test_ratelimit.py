@@ -16,6 +16,7 @@ from tests.test_relay import assert_silent, binding_request, open_flow
 
 # -- the buckets --------------------------------------------------------------
 
+
 def test_bucket_starts_full_refills_at_rate_and_caps_at_burst():
     b = Bucket(rate=4.0, burst=5, now=100.0)
     assert [b.take(100.0) for _ in range(6)] == [True] * 5 + [False]

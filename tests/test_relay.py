@@ -247,7 +247,7 @@ CLIENT_DROPS = {
     "STUN_NOT_BINDING_REQUEST": lambda h: stun.encode(stun.BINDING_INDICATION, os.urandom(12)),
     "STUN_NO_USERNAME": lambda h: stun.encode(stun.BINDING_REQUEST, os.urandom(12)),
     "STUN_NO_USERNAME_NO_COLON": lambda h: stun.encode(stun.BINDING_REQUEST, os.urandom(12),
-                                                      [(stun.USERNAME, h.session()[0].encode())]),
+                                                       [(stun.USERNAME, h.session()[0].encode())]),
     "TOKEN_MALFORMED": lambda h: binding_request("not*ice*chars"),
     "TOKEN_VERSION": lambda h: binding_request("AgEAAQAAAAAAAAAAAAAAAAAAAAAAAAAA"),
     "TOKEN_MAC": lambda h: binding_request(forged_token(h, lambda u: u[:-2] + ("AA" if u[-2:] != "AA" else "BB"))),
@@ -438,7 +438,7 @@ def test_config_rate_limits_reach_the_router(make):
 def test_event_loop_forwards_both_ways_with_and_without_coalescing(make, io_mode, coalesce_us):
     """Worker.turn(): one wake-up moves what is queued each way, with [relay] coalesce_us off or on."""
     h = make(transceivers={1: "sink"}, sections={"relay": {"io": io_mode, "batch_size": 8,
-                                                            "coalesce_us": coalesce_us}})
+                                                           "coalesce_us": coalesce_us}})
     client = h.client()
     inb, ep = open_flow(h, client)
     w = h.worker
@@ -463,4 +463,3 @@ def test_event_loop_forwards_both_ways_with_and_without_coalescing(make, io_mode
         assert back == [b"\x80\x6f" + bytes(30)]
     finally:
         w._close_loop()
-

@@ -72,7 +72,9 @@ def test_sigkill_one_worker_loses_no_flow_of_the_others(started):
         import os
         os.kill(pid, signal.SIGKILL)
         # the others keep flowing while worker 0 is dead and restarted
-        restarted = lambda: relay.worker_pids().get(0) not in (None, pid)  # noqa: E731
+
+        def restarted():
+            return relay.worker_pids().get(0) not in (None, pid)
         assert traffic.run(10, until=restarted)
         wait_for(lambda: value(metrics(setup), "edge_relay_workers_up") == 2, 10, what="workers_up 2")
         m = metrics(setup)
