@@ -17,6 +17,7 @@ import urllib.request
 
 import tomlconf
 from edge_relay import demo, keys, transceiver
+from waiting import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,6 +148,14 @@ class Relay:
             if m:
                 out[int(m.group(1))] = pid
         return out
+
+    def wait_serving(self, timeout=20, path="/healthz"):
+        """Wait (bounded) until the relay answers 200 on `path`; fail with its log if it exits instead."""
+        url = self.setup.url + path
+        wait_for(lambda: http_get(url)[0] == 200 or self.proc.poll() is not None, timeout,
+                 what=f"the relay to answer 200 on {path}")
+        assert self.proc.poll() is None, self.log()
+        return self
 
     def signal(self, sig):
         self.proc.send_signal(sig)

@@ -181,14 +181,8 @@ def negotiate(shell, server, offer=OFFER):
 
 
 @pytest.fixture
-def relay(tmp_path):
-    setup = relayproc.Setup(tmp_path, workers=1)
-    proc = relayproc.Relay(setup)
-    try:
-        wait_for(lambda: relayproc.http_get(setup.url + "/metrics")[0] == 200, 15, what="relay up")
-        yield setup
-    finally:
-        proc.kill()
+def relay(start_relay):
+    return start_relay(workers=1)[0]
 
 
 def test_call_through_relay_and_adapter(relay):

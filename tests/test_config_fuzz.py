@@ -191,9 +191,7 @@ def test_a_running_relay_survives_a_corpus_of_broken_reloads(tmp_path):
     relay = Relay(setup)
     tx = Transceiver(setup.keyring, setup.tx_sock)
     try:
-        wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or relay.proc.poll() is not None,
-                 20, what="/healthz 200")
-        assert relay.proc.poll() is None, relay.log()
+        relay.wait_serving()
         for n, (name, content) in enumerate(chosen, 1):
             place(setup.path, content)
             relay.signal(signal.SIGHUP)

@@ -20,7 +20,6 @@ from edge_relay.worker import Worker, flow_table
 from redisserver import redis_server
 from relayharness import Harness
 from relayproc import ROOT, CountingClient, Relay, Setup, free_port, http_get, parse_prometheus
-from waiting import wait_for
 
 
 class Clock:
@@ -191,9 +190,7 @@ def test_kill_the_primary_mid_call_the_call_continues_through_the_backup(tmp_pat
                  start_transceiver(setup.key_dir, 2, backup_port, redis.address, tmp_path / "backup.log")]
         relay = Relay(setup)
         try:
-            wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or relay.proc.poll() is not None, 20,
-                     what="the relay to serve")
-            assert relay.proc.poll() is None, relay.log()
+            relay.wait_serving()
             ufrag, password = demo.mint_session(setup.keyring, 1, time.time())
             vc = CountingClient(setup.public, ufrag, password)
             killed = {}

@@ -137,10 +137,8 @@ def unknown_flow_media(n):
 # -- without root: each payload means what it should --------------------------------
 
 @pytest.fixture
-def harness(tmp_path):
-    h = Harness(tmp_path, transceivers={1: "sink"})
-    yield h
-    h.close()
+def harness(make_harness):
+    return make_harness(transceivers={1: "sink"})
 
 
 def test_every_hostile_payload_has_its_drop_reason(harness, tmp_path):

@@ -94,7 +94,7 @@ def test_metrics_match_the_traffic_and_stats_prints_them(tmp_path):
     clients = clients_for(setup, 6)
     traffic = Traffic(clients, tx)
     try:
-        wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or relay.proc.poll() is not None, 20)
+        relay.wait_serving()
         assert traffic.run(10, until=lambda: all(c.connected for c in clients))
         traffic.run(1.0)
         # stop sending, then count exactly; an unsolicited datagram from a stranger is one drop

@@ -128,9 +128,7 @@ def live(tmp_path_factory):
     clients = clients_for(setup, 4)
     traffic = Traffic(clients, tx)
     try:
-        wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or relay.proc.poll() is not None, 20,
-                 what="the relay to serve")
-        assert relay.proc.poll() is None, relay.log()
+        relay.wait_serving()
         assert traffic.run(10, until=lambda: all(c.connected for c in clients)), relay.log()
         traffic.quiesce()
         yield setup, relay, clients

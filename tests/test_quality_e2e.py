@@ -81,7 +81,7 @@ def test_relay_process_exports_quality_histograms(tmp_path):
     tx = Transceiver(setup.keyring, setup.tx_sock)
     relay = Relay(setup)
     try:
-        wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or relay.proc.poll() is not None, 20)
+        relay.wait_serving()
         ufrag, password = demo.mint_session(setup.keyring, 1, time.time())
 
         class Client(LossyClient, CountingClient):

@@ -3,6 +3,7 @@
 Each test runs over both I/O paths (recvmmsg/sendmmsg and the plain fallback).
 """
 
+import functools
 import os
 import time
 
@@ -11,7 +12,7 @@ import pytest
 from edge_relay import header, stun, token, transceiver
 from edge_relay.flows import CONFIRMED
 from edge_relay.keys import Key, KeyRing
-from relayharness import Harness, drain
+from relayharness import drain
 from waiting import wait_for
 
 
@@ -21,20 +22,9 @@ def io_mode(request):
 
 
 @pytest.fixture
-def make(tmp_path, io_mode):
-    made = []
-
-    def factory(**kw):
-        kw.setdefault("io_mode", io_mode)
-        sub = tmp_path / f"h{len(made)}"
-        sub.mkdir()
-        h = Harness(sub, **kw)
-        made.append(h)
-        return h
-
-    yield factory
-    for h in made:
-        h.close()
+def make(make_harness, io_mode):
+    """make_harness on this test's I/O path."""
+    return functools.partial(make_harness, io_mode=io_mode)
 
 
 def binding_request(ufrag, txid=None, extra=()):

@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from edge_relay import cli, keys
-from relayproc import ROOT, Relay, Setup, Traffic, Transceiver, clients_for, http_get, metrics, value
+from relayproc import ROOT, Setup, Traffic, Transceiver, clients_for, http_get, metrics, value
 from waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -36,25 +36,17 @@ def status(setup):
 
 
 @pytest.fixture
-def relay(tmp_path):
-    """start(sections=..) -> (setup, relay) serving, with $RUNTIME_DIRECTORY = tmp_path/run."""
-    made = []
+def relay(start_relay, tmp_path):
+    """start(sections=..) -> (setup, relay, run): start_relay's, with $RUNTIME_DIRECTORY = run."""
+    runs = []
 
     def start(sections=None, workers=2):
-        setup = Setup(tmp_path / f"r{len(made)}", workers=workers, sections=sections)
-        run = tmp_path / f"run{len(made)}"
+        run = tmp_path / f"run{len(runs)}"
         run.mkdir()
-        r = Relay(setup, env=dict(os.environ, RUNTIME_DIRECTORY=str(run)))
-        made.append((setup, r))
-        wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or r.proc.poll() is not None,
-                 20, what="/healthz 200")
-        assert r.proc.poll() is None, r.log()
+        runs.append(run)
+        setup, r = start_relay(workers=workers, sections=sections, env=dict(os.environ, RUNTIME_DIRECTORY=str(run)))
         return setup, r, run
-
-    yield start
-    for setup, r in made:
-        r.kill()
-        setup.tx_sock.close()
+    return start
 
 
 def test_a_refused_reload_fails_the_command_and_the_old_generation_keeps_serving(relay):

@@ -6,30 +6,19 @@ import time
 import pytest
 
 from edge_relay import keys
-from relayproc import Relay, Setup, Traffic, Transceiver, clients_for, http_get, metrics, value
+from relayproc import Traffic, Transceiver, clients_for, http_get, metrics, value
 from waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def started(tmp_path):
-    """start(workers=..) -> (setup, relay, tx) with the relay serving; everything killed afterwards."""
-    made = []
-
+def started(start_relay):
+    """start(workers=..) -> (setup, relay, tx): start_relay's serving relay and its transceiver."""
     def start(workers=2, drain=0.5):
-        setup = Setup(tmp_path / f"r{len(made)}", workers=workers, drain=drain)
-        relay = Relay(setup)
-        made.append((setup, relay))
-        wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or relay.proc.poll() is not None,
-                 20, what="/healthz 200")
-        assert relay.proc.poll() is None, relay.log()
+        setup, relay = start_relay(workers=workers, drain=drain)
         return setup, relay, Transceiver(setup.keyring, setup.tx_sock)
-
-    yield start
-    for setup, relay in made:
-        relay.kill()
-        setup.tx_sock.close()
+    return start
 
 
 def all_connected(clients):
