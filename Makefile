@@ -22,7 +22,13 @@ PATH_PYTEST_ARGS := -q -rfE -p no:cacheprovider -m 'not root and not slow'
 # What `make clean` removes. Targets added below may append to it (CLEAN += ...).
 CLEAN := $(VENV) $(VENV_PATH) .pytest_cache build dist *.egg-info
 
-.PHONY: help bootstrap test check clean
+# make lint: Debian's pyflakes, pycodestyle and isort (settings in
+# pyproject.toml and setup.cfg), run on Debian's python3, whose packages
+# they are; the virtualenvs hold only the test dependencies.
+LINT_PYTHON := /usr/bin/python3
+LINT_PATHS  := edge_relay tests bench
+
+.PHONY: help bootstrap lint test check clean
 
 help: ## list the targets
 	@echo "Targets:"
@@ -31,10 +37,15 @@ help: ## list the targets
 bootstrap: ## install what the tests need (Debian packages as root, .venv)
 	scripts/bootstrap
 
+lint: bootstrap ## pyflakes, pycodestyle, isort --check on edge_relay/ tests/ bench/ (line length 120)
+	$(LINT_PYTHON) -m pyflakes $(LINT_PATHS)
+	$(LINT_PYTHON) -m pycodestyle $(LINT_PATHS)
+	$(LINT_PYTHON) -m isort --check-only --diff --quiet $(LINT_PATHS)
+
 # E2E=0 leaves out the booted-container install test (make e2e, about 2 min, root only).
 E2E ?= 1
 
-test: bootstrap ## the whole suite: pytest, the install test in a booted container (root), PATH's python3
+test: bootstrap lint ## the whole suite: make lint, pytest, the install test in a booted container (root), PATH's python3
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 	@if [ "$(E2E)" != 1 ]; then echo "make test: E2E=0, not running make e2e"; \
 	elif [ "$$(id -u)" != 0 ]; then echo "make test: not root, skipping make e2e (the booted-container install test)"; \

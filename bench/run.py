@@ -92,7 +92,8 @@ def machine():
     except (OSError, IndexError):
         gcc = None
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(ROOT), capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(ROOT), capture_output=True,
+                              text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "edge_relay"], cwd=str(ROOT),
                                capture_output=True, text=True).stdout.split("\n")
         dirty = [line[3:] for line in dirty if line.strip()]
@@ -470,8 +471,8 @@ def run_workers(b, p, results, log):
 
 
 def _lat(m):
-    l = m.get("latency_us") or {}
-    return f"{l.get('p50', 0):6.1f}/{l.get('p99', 0):6.1f}/{l.get('p999', 0):7.1f}"
+    lat = m.get("latency_us") or {}
+    return f"{lat.get('p50', 0):6.1f}/{lat.get('p99', 0):6.1f}/{lat.get('p999', 0):7.1f}"
 
 
 def run_micro(p, cpu, log):
@@ -544,7 +545,8 @@ def verdicts(results, s):
         x = cost.get(d)
         add(f"per-packet cost 100k flows <= 1.1x 1 flow ({d})", x["median"] if x else None, 1.1, False)
     mem = m.get("memory", {})
-    add("memory per confirmed flow at 100k <= 300 B", mem.get("bytes_per_flow_steady", mem.get("bytes_per_flow")), 300, False)
+    add("memory per confirmed flow at 100k <= 300 B", mem.get("bytes_per_flow_steady", mem.get("bytes_per_flow")),
+        300, False)
     nf = m.get("new_flows", {})
     add(">= 20k new flows/s/worker (router CPU + measured I/O cost)", nf.get("flows_per_s_with_io"), 20000)
     for d in ("c2t", "t2c"):
@@ -568,7 +570,8 @@ def table(results, s, v):
     P("")
     P("Throughput, closed loop (median of the pairs; cpu = share of one core over the window;")
     P("  capacity = packets per forwarder CPU-second, the rate with a whole core; us/pkt = forwarder CPU per packet)")
-    P(f"  {'forwarder':8s} {'dir':4s} {'pps':>9s} {'capacity':>9s} {'fwd cpu':>7s} {'us/pkt':>7s} {'gen cpu':>7s} {'sink cpu':>8s}")
+    P(f"  {'forwarder':8s} {'dir':4s} {'pps':>9s} {'capacity':>9s} {'fwd cpu':>7s} {'us/pkt':>7s}"
+      f" {'gen cpu':>7s} {'sink cpu':>8s}")
     pairs = results.get("throughput_pairs", {})
     by = {}
     for key, rows in pairs.items():
@@ -619,7 +622,8 @@ def table(results, s, v):
                 ls = [rd[name]["latency_us"] for rd in rounds if rd[name].get("latency_us")]
                 if ls:
                     med = statistics.median
-                    P(f"  {int(rate):6d} pps {name:7s} {med([l['p50'] for l in ls]):7.1f} {med([l['p99'] for l in ls]):7.1f}"
+                    P(f"  {int(rate):6d} pps {name:7s} {med([l['p50'] for l in ls]):7.1f}"
+                      f" {med([l['p99'] for l in ls]):7.1f}"
                       f" {med([l['p999'] for l in ls]):8.1f}")
         P("")
     lines += vs_coturn.table(results)
@@ -630,16 +634,23 @@ def table(results, s, v):
             row = m["cost_ns"][d]
             P(f"  {d}: " + "  ".join(f"{n} flows {row[n]:7.0f}" for n in row))
         mem = m.get("memory", {})
-        P(f"  memory at {mem.get('flows')} confirmed flows: {mem.get('bytes_per_flow_steady', 0):.0f} B/flow steady state "
-          f"(after expire() forgot the refilled per-source buckets); right after the burst {mem.get('bytes_per_flow'):.0f} B/flow tracemalloc "
-          f"(after confirm {mem.get('bytes_per_flow_after_confirm', 0):.0f}; without rate-limit buckets {mem.get('bytes_per_flow_excluding_ratelimit', 0):.0f}), RSS delta {mem.get('rss_bytes_per_flow', 0):.0f} B/flow")
+        P(f"  memory at {mem.get('flows')} confirmed flows: {mem.get('bytes_per_flow_steady', 0):.0f} "
+          f"B/flow steady state "
+          f"(after expire() forgot the refilled per-source buckets);"
+          f" right after the burst {mem.get('bytes_per_flow'):.0f} B/flow tracemalloc "
+          f"(after confirm {mem.get('bytes_per_flow_after_confirm', 0):.0f};"
+          f" without rate-limit buckets {mem.get('bytes_per_flow_excluding_ratelimit', 0):.0f}),"
+          f" RSS delta {mem.get('rss_bytes_per_flow', 0):.0f} B/flow")
         for d in ("c2t", "t2c"):
             prof = m.get("profile", {}).get(d)
             if prof:
                 P(f"  profile {d}: Worker.pump_* in-process, {prof['ns_per_packet_unprofiled']:.0f} ns/pkt unprofiled; "
                   f"top by own time (ns/pkt under cProfile, which inflates small calls):")
-                P("    " + ", ".join(f"{r['function'].replace('<built-in method ', '').replace('<method ', '').rstrip('>')}"
-                                     f" {r['tottime_ns_per_packet']:.0f}" for r in prof["top"][:10]))
+
+                def short(name):
+                    return name.replace('<built-in method ', '').replace('<method ', '').rstrip('>')
+                P("    " + ", ".join(f"{short(r['function'])} {r['tottime_ns_per_packet']:.0f}"
+                                     for r in prof["top"][:10]))
         wk = m.get("wakeups")
         if wk:
             P("  one loop wake-up (Worker.turn, in-process) with b datagrams queued: ns per packet by b")
@@ -647,7 +658,8 @@ def table(results, s, v):
                 P(f"    {d}: " + "  ".join(f"b={b} {ns:6.0f}" for b, ns in wk[d].items()))
         nf = m.get("new_flows", {})
         P(f"  new flows: {nf.get('us_per_flow'):.2f} us router CPU each = {nf.get('flows_per_s_router'):.0f}/s; "
-          f"with measured I/O cost {nf.get('io_us_per_packet', 0):.2f} us/pkt -> {nf.get('flows_per_s_with_io', 0):.0f}/s")
+          f"with measured I/O cost {nf.get('io_us_per_packet', 0):.2f} us/pkt"
+          f" -> {nf.get('flows_per_s_with_io', 0):.0f}/s")
         P("")
     P("Targets")
     for name, x in v.items():

@@ -50,7 +50,7 @@ def params(quick):
 
 
 def build_cgen(build_dir):
-    from .run import build_c        # run imports this module
+    from .run import build_c  # run imports this module
     return build_c("cgen", build_dir)
 
 
@@ -208,7 +208,7 @@ def _json(out):
 
 
 def _free_port():
-    from .run import free_port      # run imports this module
+    from .run import free_port  # run imports this module
     return free_port()
 
 
@@ -250,8 +250,10 @@ def run(b, quick, results, log, coalesce_us=COALESCE_US):
                 c = side.measure("coturn", d)
                 cap.setdefault(d, []).append((r, c))
                 log(f"  vs coturn pair {i} {d}: capacity relay {r['capacity_pps'] or 0:8.0f} coturn "
-                    f"{c['capacity_pps'] or 0:8.0f}  ratio {(r['capacity_pps'] or 0) / max(1, c['capacity_pps'] or 1):.2f}"
-                    f"  pps {r['pps']:7.0f}/{c['pps']:7.0f}  cpu fwd {r['cpu']['forwarder']:.2f}/{c['cpu']['forwarder']:.2f}"
+                    f"{c['capacity_pps'] or 0:8.0f}"
+                    f"  ratio {(r['capacity_pps'] or 0) / max(1, c['capacity_pps'] or 1):.2f}"
+                    f"  pps {r['pps']:7.0f}/{c['pps']:7.0f}"
+                    f"  cpu fwd {r['cpu']['forwarder']:.2f}/{c['cpu']['forwarder']:.2f}"
                     f" cgen {r['cpu']['cgen']:.2f}/{c['cpu']['cgen']:.2f}")
         out["capacity_pairs"] = cap
         fixed = {}
@@ -262,9 +264,11 @@ def run(b, quick, results, log, coalesce_us=COALESCE_US):
                     rd = {n: side.measure(n, d, rate=rate) for n in names}
                     fixed.setdefault(str(rate), {}).setdefault(d, []).append(rd)
                     log(f"  vs coturn {rate} pps {d} round {i}: us/pkt relay {rd['relay']['cpu_per_packet_us']:.1f}"
-                        f" coturn {rd['coturn']['cpu_per_packet_us']:.1f}; p50 us direct {rd['direct']['latency_us']['p50']:.0f}"
+                        f" coturn {rd['coturn']['cpu_per_packet_us']:.1f}"
+                        f"; p50 us direct {rd['direct']['latency_us']['p50']:.0f}"
                         f" relay {rd['relay']['latency_us']['p50']:.0f} coturn {rd['coturn']['latency_us']['p50']:.0f}"
-                        + (f"; relay_c us/pkt {rd['relay_c']['cpu_per_packet_us']:.1f} p50 {rd['relay_c']['latency_us']['p50']:.0f}"
+                        + (f"; relay_c us/pkt {rd['relay_c']['cpu_per_packet_us']:.1f}"
+                           f" p50 {rd['relay_c']['latency_us']['p50']:.0f}"
                            if "relay_c" in rd else ""))
         out["fixed_rate_rounds"] = fixed
     except RuntimeError as exc:
@@ -338,12 +342,15 @@ def table(results):
         P(f"  coturn {turn.TURNSERVER}: {c['setup']['allocations']} allocations with ChannelBind; "
           f"unit before/after: {c.get('unit_before')} / {c.get('unit_after')}")
     med = statistics.median
-    P(f"  {'capacity':10s} {'dir':4s} {'relay pps/CPU-s':>15s} {'coturn':>9s} {'ratio':>6s} {'fwd cpu r/c':>11s} {'cgen cpu r/c':>12s}")
+    P(f"  {'capacity':10s} {'dir':4s} {'relay pps/CPU-s':>15s} {'coturn':>9s}"
+      f" {'ratio':>6s} {'fwd cpu r/c':>11s} {'cgen cpu r/c':>12s}")
     for d, rows in c.get("capacity_pairs", {}).items():
         rc = [r["capacity_pps"] for r, _ in rows if r.get("capacity_pps")]
         cc = [x["capacity_pps"] for _, x in rows if x.get("capacity_pps")]
-        ratio = [a["capacity_pps"] / b["capacity_pps"] for a, b in rows if a.get("capacity_pps") and b.get("capacity_pps")]
-        P(f"  {'':10s} {d:4s} {med(rc) if rc else 0:15.0f} {med(cc) if cc else 0:9.0f} {med(ratio) if ratio else 0:6.2f}"
+        ratio = [a["capacity_pps"] / b["capacity_pps"] for a, b in rows
+                 if a.get("capacity_pps") and b.get("capacity_pps")]
+        P(f"  {'':10s} {d:4s} {med(rc) if rc else 0:15.0f} {med(cc) if cc else 0:9.0f}"
+          f" {med(ratio) if ratio else 0:6.2f}"
           f" {med([r['cpu']['forwarder'] for r, _ in rows]):5.2f}/{med([x['cpu']['forwarder'] for _, x in rows]):.2f}"
           f" {med([r['cpu']['cgen'] for r, _ in rows]):6.2f}/{med([x['cpu']['cgen'] for _, x in rows]):.2f}")
     P(f"  {'fixed rate':10s} {'dir':4s} {'us/pkt relay':>12s} {'coturn':>7s} {'ratio':>6s}   "
@@ -352,16 +359,18 @@ def table(results):
         for d, rounds in by_dir.items():
             rp = med([rd["relay"]["cpu_per_packet_us"] for rd in rounds])
             cpp = med([rd["coturn"]["cpu_per_packet_us"] for rd in rounds])
-            l = {n: med([rd[n]["latency_us"]["p50"] for rd in rounds]) for n in ("direct", "relay", "coturn")}
+            p50 = {n: med([rd[n]["latency_us"]["p50"] for rd in rounds]) for n in ("direct", "relay", "coturn")}
             P(f"  {int(rate):10d} {d:4s} {rp:12.2f} {cpp:7.2f} {rp / cpp if cpp else 0:6.2f}   "
-              f"{l['direct']:13.1f} {l['relay']:6.1f} {l['coturn']:6.1f} {l['relay'] - l['coturn']:9.1f}"
-              f"  {med([rd['relay']['cpu']['forwarder'] for rd in rounds]):5.2f}/{med([rd['coturn']['cpu']['forwarder'] for rd in rounds]):.2f}"
-              f" {med([rd['relay']['cpu']['cgen'] for rd in rounds]):4.2f}/{med([rd['coturn']['cpu']['cgen'] for rd in rounds]):.2f}")
+              f"{p50['direct']:13.1f} {p50['relay']:6.1f} {p50['coturn']:6.1f} {p50['relay'] - p50['coturn']:9.1f}"
+              f"  {med([rd['relay']['cpu']['forwarder'] for rd in rounds]):5.2f}"
+              f"/{med([rd['coturn']['cpu']['forwarder'] for rd in rounds]):.2f}"
+              f" {med([rd['relay']['cpu']['cgen'] for rd in rounds]):4.2f}"
+              f"/{med([rd['coturn']['cpu']['cgen'] for rd in rounds]):.2f}")
             if all("relay_c" in rd for rd in rounds):
                 cc = med([rd["relay_c"]["cpu_per_packet_us"] for rd in rounds])
                 lc = med([rd["relay_c"]["latency_us"]["p50"] for rd in rounds])
                 P(f"  {'':10s} {d:4s} {cc:12.2f} {'':7s} {cc / cpp if cpp else 0:6.2f}   {'':13s} {lc:6.1f} {'':6s}"
-                  f" {lc - l['coturn']:9.1f}  {med([rd['relay_c']['cpu']['forwarder'] for rd in rounds]):5.2f}"
+                  f" {lc - p50['coturn']:9.1f}  {med([rd['relay_c']['cpu']['forwarder'] for rd in rounds]):5.2f}"
                   f"       (relay with coalesce_us = {c['params'].get('coalesce_us')})")
     P("")
     return lines

@@ -206,7 +206,9 @@ def cmd_flows(args):
     if args.json:
         print(json.dumps(doc, indent=1))
         return EXIT_OK
-    show = lambda v, fmt="{:.1f}": "-" if v is None else fmt.format(v)  # noqa: E731
+
+    def show(v, fmt="{:.1f}"):
+        return "-" if v is None else fmt.format(v)
     print(f"{'CLIENT':<47} {'TRANSCEIVER':<16} {'STATE':<9} {'AGE':>8} {'IDLE':>7} {'PACKETS':>13} W")
     for f in doc["flows"]:
         packets = "-" if f["packets"] is None else f"{f['packets']['client']}/{f['packets']['transceiver']}"
@@ -248,6 +250,7 @@ def cmd_stats(args):
     """Fetch the relay's /metrics and print it for a person (or as JSON)."""
     import urllib.error
     import urllib.request
+
     from . import metrics
     url = args.url
     if url is None:
@@ -270,7 +273,9 @@ def cmd_stats(args):
             out[key] = int(value) if value == int(value) else value
         print(json.dumps(out, indent=1, sort_keys=True))
         return EXIT_OK
-    get = lambda name, **lab: int(samples.get((name, tuple(lab.items())), 0))  # noqa: E731
+
+    def get(name, **lab):
+        return int(samples.get((name, tuple(lab.items())), 0))
     print(f"workers      {get('edge_relay_workers_up')}/{get('edge_relay_workers')} up, "
           f"{get('edge_relay_worker_restarts_total')} restarts, ready {get('edge_relay_ready')}")
     print(f"config       generation {get('edge_relay_config_generation')}, "
@@ -315,6 +320,7 @@ def cmd_reload(args):
     """SIGHUP the running relay and wait for its own verdict on this request (ExecReload=)."""
     import signal
     import urllib.request
+
     from .metrics import monotonic_ns
     url = args.url
     if url is None:
@@ -469,7 +475,8 @@ def build_parser():
 
     s = sub.add_parser("stats", help="print a running relay's counters (from its /metrics)")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"take management.address/port from this config (default {DEFAULT_CONFIG})")
+    g.add_argument("--config", "-c", default=DEFAULT_CONFIG,
+                   help=f"take management.address/port from this config (default {DEFAULT_CONFIG})")
     g.add_argument("--url", default=None, help="the metrics URL, e.g. http://127.0.0.1:9477/metrics")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stats)
@@ -491,7 +498,8 @@ def build_parser():
     s.add_argument("--limit", type=int, default=100, help="show at most this many flows, 1..10000 (default 100)")
     s.add_argument("--transceiver", "-t", default=None, help="only flows of this transceiver (name or id)")
     s.add_argument("--state", choices=("pending", "confirmed"), default=None, help="only flows in this state")
-    s.add_argument("--client", default=None, help="only this client: ADDRESS, ADDRESS:PORT ([ADDRESS]:PORT for IPv6) or a network in CIDR")
+    s.add_argument("--client", default=None,
+                   help="only this client: ADDRESS, ADDRESS:PORT ([ADDRESS]:PORT for IPv6) or a network in CIDR")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_flows)
 

@@ -286,4 +286,3 @@ class Journal:
     def _clear(self, slot):
         off = HEADER_SIZE + slot * RECORD_SIZE
         self._buf[off:off + RECORD_SIZE] = _ZERO_RECORD
-

@@ -33,7 +33,7 @@ Theory of operation
   last good copy). The supervisor sums counters and histogram words across
   workers (histogram.add_words); `edge_relay_transceiver_up` is 1 only if
   every serving worker sees the transceiver up, srtt is the mean of the
-  workers' estimates. Names: docs/OPERATIONS-failover.md. These extra
+  workers' estimates. Names: docs/OPERATIONS.md. These extra
   counters restart from zero with a restarted worker (only the main counters
   are carried over by `retire`).
 """

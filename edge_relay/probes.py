@@ -83,7 +83,6 @@ CLOCK_GRANULARITY = 0.001
 RTT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
-
 class State(enum.StrEnum):
     """A transceiver's probe state, as `Event.state` reports it (and the log prints it)."""
     UP = "up"
@@ -312,7 +311,7 @@ class Prober:
         return tid, False
 
     def render(self, names=None):
-        """Prometheus text lines for every transceiver (see docs/OPERATIONS-failover.md).
+        """Prometheus text lines for every transceiver (see docs/OPERATIONS.md).
 
         `names` maps id -> label value (config `name`, default "tx<id>").
         """

@@ -234,7 +234,6 @@ def observe(st, data, arrival, clock_rates=None, default_rate=DEFAULT_CLOCK_RATE
     return True
 
 
-
 class FlowQuality:
     """Both directions of one sampled flow."""
 

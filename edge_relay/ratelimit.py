@@ -263,7 +263,8 @@ class FlowMeter:
         return allow
 
     def allow_heavy(self, key):
-        """The slow path of `allow` (window already current): exact count of a flow whose estimate reached the threshold.
+        """The slow path of `allow` (window already current): exact count of a flow whose estimate
+        reached the threshold.
 
         For callers that inline the sketch fast path (see `batch`) and need
         its other branch.

@@ -392,4 +392,3 @@ class Client:
                 cb, entry[2] = entry[2], None
                 self.stats["timeouts"] += 1
                 cb(Timeout("no reply in time"))
-

@@ -24,7 +24,7 @@ Rules (DESIGN.md "What the relay promises")
   transceiver (or one it is taking over by ICE restart). Only then does the
   relay send anything to a client: it never answers unauthenticated input.
 
-Failover (probes.py decides health; docs/OPERATIONS-failover.md)
+Failover (probes.py decides health; docs/OPERATIONS.md)
   `redirect` maps a transceiver id that probes found down to the backup its
   traffic goes to now (empty when all is well: one falsy check per packet).
   A flow of a down transceiver moves to the backup at its next client
@@ -103,6 +103,7 @@ STAT_NAMES = ("client_in_packets", "client_in_bytes", "to_transceiver_packets", 
               "flows_opened", "flows_confirmed", "flows_moved", "flows_expired",
               "flows_failed_over", "flows_from_directory", "probes_sent",
               "flows_evicted", "flows_restart_refused")
+
 
 def failed_over(flow):
     """True if `flow` was failed over: its datagrams carry FLAG_FAILOVER (flows.FAILED_OVER)."""

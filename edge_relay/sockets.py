@@ -74,4 +74,3 @@ def buffer_shortfalls(sock, rcvbuf, sndbuf):
         if granted < asked:
             out.append((key, asked, granted, sysctl))
     return out
-

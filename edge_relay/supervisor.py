@@ -111,7 +111,7 @@ def run(config_path, cfg, workers=None):
 
 def structure(cfg, n):
     """What a reload cannot change without new sockets and new workers."""
-    return (tuple((l.address, l.port) for l in cfg.listeners), cfg.internal.address, cfg.internal.port, n)
+    return (tuple((lst.address, lst.port) for lst in cfg.listeners), cfg.internal.address, cfg.internal.port, n)
 
 
 def wanted_sockets(cfg, n):
@@ -617,7 +617,7 @@ class Supervisor:
         self.last_reload = {"state": "pending", "generation": self.generation, "requested_usec": requested,
                             "finished_usec": 0, "reason": ""}
         self.log.verdict("notice", "config generation %d: %d transceivers, signing key %d",
-                        self.generation, len(cfg.transceivers), keyring.signing.key_id)
+                         self.generation, len(cfg.transceivers), keyring.signing.key_id)
         return True
 
     def _refuse(self, requested, reason, notify=True):
@@ -811,7 +811,7 @@ class Supervisor:
             except ValueError:
                 return 400, "text/plain", b"client: expected an address, address:port or network (CIDR)\n"
         request = b"report-flows" + json.dumps({"limit": limit, "transceiver": tx, "state": state,
-                                                 "client": client}).encode()
+                                                "client": client}).encode()
         if len(request) > CTL_MAX:
             return 400, "text/plain", b"client: too long\n"
         asked = [self.slots[i] for i in sorted(self.up()) if self.slots[i].ctl is not None]

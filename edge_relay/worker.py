@@ -505,7 +505,7 @@ class Worker:
         self._set_coalesce(cfg.relay.coalesce_us)
         self.reloads += 1
         self.log.verdict("notice", "reloaded: %d transceivers, signing key %d",
-                        len(cfg.transceivers), keyring.signing.key_id)
+                         len(cfg.transceivers), keyring.signing.key_id)
         return True
 
     def drain(self):

@@ -3,7 +3,7 @@
 Waits: there is no per-test timeout (the suite runs on pytest alone, no
 pytest-timeout), so every test bounds its own waits: select()/poll() or
 socket.settimeout() with a timeout, Popen.wait/communicate(timeout=...),
-netns.Process.readline(timeout), netns.wait_for(...). No unbounded loops on
+netns.Process.readline(timeout), waiting.wait_for(...). No unbounded loops on
 the network, no sleep-and-hope. (pytest.ini's faulthandler_timeout dumps
 the stacks of a test stuck for 5 minutes, then ends the run: a backstop, not a
 budget.)
@@ -15,6 +15,8 @@ Markers (registered in pytest.ini, strict):
   slow   takes seconds; left out of the short second run on PATH's python3.
 
 Test networks: use the netns_factory fixture, and see tests/netns.py.
+A worker stepped on loopback: make_harness (tests/relayharness.py). A relay
+process: start_relay (tests/relayproc.py). HACKING.md lists the helpers.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Iterator
 import pytest
 
 import netns
-from netns import requires_command, requires_root  # noqa: F401  (for tests to import from here too)
+from netns import requires_root
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -67,6 +69,42 @@ def netns_factory() -> Iterator[netns.Factory]:
         yield factory
     finally:
         factory.close()
+
+
+@pytest.fixture
+def make_harness(tmp_path):
+    """make_harness(**kw) -> a relayharness.Harness (a worker stepped on loopback), each in
+    its own folder under tmp_path; every one made is closed after the test."""
+    from relayharness import Harness
+    made = []
+
+    def make(**kw):
+        folder = tmp_path / f"h{len(made)}"
+        folder.mkdir()
+        made.append(Harness(folder, **kw))
+        return made[-1]
+    yield make
+    for h in made:
+        h.close()
+
+
+@pytest.fixture
+def start_relay(tmp_path):
+    """start_relay(workers=2, drain=0.5, sections=None, env=None) -> (setup, relay): a
+    relayproc.Relay (`edge-relay run`, a real process) answering /healthz, its
+    relayproc.Setup in its own folder under tmp_path. Afterwards every relay is killed."""
+    from relayproc import Relay, Setup
+    made = []
+
+    def start(workers=2, drain=0.5, sections=None, env=None):
+        setup = Setup(tmp_path / f"r{len(made)}", workers=workers, drain=drain, sections=sections)
+        relay = Relay(setup, env=env)
+        made.append((setup, relay))
+        return setup, relay.wait_serving()
+    yield start
+    for setup, relay in made:
+        relay.kill()
+        setup.tx_sock.close()
 
 
 @pytest.fixture

@@ -41,12 +41,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
+
+from waiting import wait_for  # the one wait helper; netns.wait_for is it too
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,8 +62,6 @@ _live: dict[str, NetNS] = {}  # namespaces of this run not yet deleted
 _created_any = False
 _NOT_PROBED = object()
 _probe: object = _NOT_PROBED
-
-T = TypeVar("T")
 
 
 class NetNSError(RuntimeError):
@@ -92,24 +91,6 @@ def run(
         detail = (proc.stderr or proc.stdout).strip()
         raise NetNSError(f"{shlex.join(cmd)}: exit status {proc.returncode}: {detail}")
     return proc
-
-
-def wait_for(
-    predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.01, what: str = "condition"
-) -> T:
-    """Poll predicate until it returns something true, and return that.
-
-    Raises TimeoutError after timeout seconds. For state that cannot be waited on
-    with select() (interface state, a process in another namespace going away).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not reached within {timeout}s")
-        time.sleep(interval)
 
 
 # --- can this machine do it? -------------------------------------------------

@@ -5,17 +5,20 @@
 and `.stop()`/`.start()` to kill and restart it on the same address. The
 server is always killed on exit. Tests skip when redis-server is missing
 (install it with `scripts/bootstrap --apt redis-server` as root).
-All waits are bounded.
+All waits are bounded. `drive(client, cond)` runs a resp.Client until cond().
 """
 
 import contextlib
 import os
+import selectors
 import shutil
 import socket
 import subprocess
 import time
 
 import pytest
+
+from waiting import wait_for
 
 
 def require_redis():
@@ -51,23 +54,24 @@ class RedisServer:
         self.log = open(self.dir / "redis.log", "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+        fam = socket.AF_UNIX if isinstance(self.address, str) else socket.AF_INET
+
+        def answers():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()}")
             try:
-                fam = socket.AF_UNIX if isinstance(self.address, str) else socket.AF_INET
                 with socket.socket(fam, socket.SOCK_STREAM) as s:
                     s.settimeout(1.0)
                     s.connect(self.address)
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
+                    return s.recv(16).startswith(b"+PONG")
             except OSError:
-                pass
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError("redis-server did not answer PING in time")
+                return False
+        try:
+            wait_for(answers, wait, interval=0.02, what="redis-server to answer PING")
+        except AssertionError:
+            self.stop()
+            raise
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -87,3 +91,38 @@ def redis_server(tmp_path, tcp=False):
         yield server
     finally:
         server.stop()
+
+
+def drive(client, cond, timeout=5.0, what="condition"):
+    """Run a selectors loop over one sans-IO resp.Client until cond() is true (bounded).
+
+    Each round waits for the client's socket or its next timer, whichever comes
+    first, then feeds it what happened, with the clock read once per step.
+    """
+    sel = selectors.DefaultSelector()
+
+    def step():
+        if cond():
+            return True
+        fd, ev = client.fileno(), client.events()
+        due = client.next_deadline()
+        wait = 0.05 if due is None else max(0.0, min(0.05, due - time.monotonic()))
+        mask = 0
+        if fd >= 0 and ev:
+            sel.register(fd, ev)
+            for _, m in sel.select(wait):
+                mask = m
+            sel.unregister(fd)
+        else:
+            sel.select(wait)        # no socket (backing off): wait for the client's own timer
+        now = time.monotonic()
+        if mask & selectors.EVENT_WRITE:
+            client.on_writable(now)
+        if mask & selectors.EVENT_READ:
+            client.on_readable(now)
+        client.handle_timer(now)
+        return cond()
+    try:
+        wait_for(step, timeout, interval=0, what=what)
+    finally:
+        sel.close()

@@ -11,7 +11,7 @@ import select
 import socket
 import time
 
-from edge_relay import config, demo, keys, sockaddr
+from edge_relay import config, demo, keys
 from edge_relay.drops import Drop
 from edge_relay.log import Log
 from edge_relay.worker import Worker

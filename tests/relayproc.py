@@ -4,9 +4,9 @@ Every wait is bounded (a deadline and select()); every process started here is
 killed by `Relay.kill()` (call it in a finally or a fixture).
 """
 
+import copy
 import os
 import re
-import select
 import selectors
 import signal
 import socket
@@ -15,39 +15,15 @@ import sys
 import time
 import urllib.request
 
-from edge_relay import demo, keys, sockaddr, transceiver
+import tomlconf
+from edge_relay import demo, keys, transceiver
+from waiting import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CONFIG = """\
-[relay]
-workers = {workers}
-drain_seconds = {drain}
-
-[[listeners]]
-address = "127.0.0.1"
-port = {public_port}
-
-[internal]
-address = "127.0.0.1"
-port = {internal_port}
-
-[keys]
-dir = "{key_dir}"
-{signing}
-[[transceivers]]
-id = 1
-address = "127.0.0.1"
-port = {transceiver_port}
-
-[management]
-address = "127.0.0.1"
-port = {management_port}
-{extra}"""
-
 # Probes are off unless a test asks for them: most tests count every datagram
 # the transceiver receives and sends, and probes would be extra ones.
-NO_PROBES = "\n[probes]\nenabled = false\n"
+NO_PROBES = {"probes": {"enabled": False}}
 
 
 def free_port(kind=socket.SOCK_DGRAM):
@@ -78,11 +54,17 @@ def free_udp_run(n):
 
 
 class Setup:
-    """Keys, config file and ports for one relay under `folder`."""
+    """Keys, config file and ports for one relay under `folder`.
 
-    def __init__(self, folder, workers=2, drain=0.5, extra=NO_PROBES):
+    The file is `config()`: a relay on loopback with one transceiver, with
+    `sections` laid over it (tomlconf.merged: tables merge, arrays of tables
+    append). Without sections, probes are off (NO_PROBES). Change
+    `workers`, `drain` or `sections` and call write() to rewrite it.
+    """
+
+    def __init__(self, folder, workers=2, drain=0.5, sections=None):
         self.folder = str(folder)
-        self.extra = extra
+        self.sections = copy.deepcopy(NO_PROBES if sections is None else sections)
         self.key_dir = os.path.join(self.folder, "keys")
         os.makedirs(self.key_dir, mode=0o700, exist_ok=True)
         keys.write_key_file(self.key_dir, 1)
@@ -97,11 +79,24 @@ class Setup:
         self.path = os.path.join(self.folder, "edge-relay.toml")
         self.write()
 
+    def config(self, signing_key_id=None):
+        """The config as a dict (what config.parse takes)."""
+        keys_section = {"dir": self.key_dir}
+        if signing_key_id is not None:
+            keys_section["signing_key_id"] = signing_key_id
+        base = {
+            "relay": {"workers": self.workers, "drain_seconds": self.drain},
+            "listeners": [{"address": "127.0.0.1", "port": self.ports["public_port"]}],
+            "internal": {"address": "127.0.0.1", "port": self.ports["internal_port"]},
+            "keys": keys_section,
+            "transceivers": [{"id": 1, "address": "127.0.0.1", "port": self.ports["transceiver_port"]}],
+            "management": {"address": "127.0.0.1", "port": self.ports["management_port"]},
+        }
+        return tomlconf.merged(base, self.sections)
+
     def write(self, signing_key_id=None):
-        signing = f"signing_key_id = {signing_key_id}\n" if signing_key_id is not None else ""
         with open(self.path, "w") as f:
-            f.write(CONFIG.format(workers=self.workers, drain=self.drain, key_dir=self.key_dir,
-                                  signing=signing, extra=self.extra, **self.ports))
+            f.write(tomlconf.dumps(self.config(signing_key_id)))
 
     @property
     def public(self):
@@ -154,6 +149,14 @@ class Relay:
                 out[int(m.group(1))] = pid
         return out
 
+    def wait_serving(self, timeout=20, path="/healthz"):
+        """Wait (bounded) until the relay answers 200 on `path`; fail with its log if it exits instead."""
+        url = self.setup.url + path
+        wait_for(lambda: http_get(url)[0] == 200 or self.proc.poll() is not None, timeout,
+                 what=f"the relay to answer 200 on {path}")
+        assert self.proc.poll() is None, self.log()
+        return self
+
     def signal(self, sig):
         self.proc.send_signal(sig)
 
@@ -184,19 +187,6 @@ def http_get(url, timeout=2.0):
         return exc.code, exc.read().decode("utf-8")
     except (urllib.error.URLError, ConnectionError, socket.timeout):
         return 0, ""
-
-
-def wait_for(predicate, timeout, interval=0.05, what="condition"):
-    """Poll `predicate` until it is truthy or `timeout` seconds pass (bounded, via select)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"timed out waiting for {what}")
-        select.select([], [], [], min(interval, left))
 
 
 class Transceiver:
@@ -236,12 +226,15 @@ class Transceiver:
 
 
 class CountingClient(demo.VoiceClient):
-    """A VoiceClient that also counts every datagram it sends and receives."""
+    """A VoiceClient that also counts every datagram it sends and receives, and
+    records in `arrivals` the time (the `now` it was given) of each new media
+    datagram: the gaps of a call that moved or failed over are read from it."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.datagrams_out = 0
         self.datagrams_in = 0
+        self.arrivals = []
         self.paused = False
 
     def _send(self, data):
@@ -250,7 +243,10 @@ class CountingClient(demo.VoiceClient):
 
     def receive(self, data, now):
         self.datagrams_in += 1
+        before = self.received
         super().receive(data, now)
+        if self.received > before:
+            self.arrivals.append(now)
 
 
 def clients_for(setup, n, keyring=None):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from adapterkit import (ANSWER, CLIENT, OFFER, PUBLIC, RELAY, RING, SERVER, Call, IcePeer, from_adapter,
-                        make_adapter, to_transceiver)
+from adapterkit import (ANSWER, CLIENT, OFFER, PUBLIC, RELAY, RING, SERVER, Call, IcePeer, from_adapter, make_adapter,
+                        to_transceiver)
 from edge_relay import adapter, header, keys, stun, token
 from edge_relay.drops import Drop
 
@@ -267,7 +267,8 @@ DROP_CASES = ["bad header", "unknown token", "wrong client ufrag", "wrong passwo
               "not webrtc", "empty", "dtls without flow", "unmatched response from client",
               "unmatched response from server", "server error response", "client error response",
               "forged server response", "server check with unknown ufrags",
-              "server check with wrong password", "media from an unproven server address", "server garbage", "server stun non-binding",
+              "server check with wrong password", "media from an unproven server address", "server garbage",
+              "server stun non-binding",
               "flow forgotten", "flow table full"]
 
 

@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import pytest
@@ -24,6 +23,7 @@ import pytest
 import relayproc
 from adapterkit import ANSWER, OFFER, IcePeer
 from edge_relay import adapter, adapter_run, keys, stun, transceiver
+from waiting import WaitTimeout, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -153,16 +153,18 @@ class Client:
 
 
 def run(parts, seconds, until):
+    """Pump every part's socket until `until()` (True), or False after `seconds`."""
     sel = selectors.DefaultSelector()
     for p in parts:
         sel.register(p.sock, selectors.EVENT_READ, p)
+
+    def step():
+        for key, _ in sel.select(0.05):
+            key.data.pump()
+        return until()
     try:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            for key, _ in sel.select(0.05):
-                key.data.pump()
-            if until():
-                return True
+        return wait_for(step, seconds, interval=0, what="parts to reach the condition")
+    except WaitTimeout:
         return False
     finally:
         sel.close()
@@ -179,14 +181,8 @@ def negotiate(shell, server, offer=OFFER):
 
 
 @pytest.fixture
-def relay(tmp_path):
-    setup = relayproc.Setup(tmp_path, workers=1)
-    proc = relayproc.Relay(setup)
-    try:
-        relayproc.wait_for(lambda: relayproc.http_get(setup.url + "/metrics")[0] == 200, 15, what="relay up")
-        yield setup
-    finally:
-        proc.kill()
+def relay(start_relay):
+    return start_relay(workers=1)[0]
 
 
 def test_call_through_relay_and_adapter(relay):
@@ -214,7 +210,7 @@ def test_call_through_relay_and_adapter(relay):
             ok = (relayproc.value(fams, "edge_relay_flow_events_total", event="confirmed") == 1
                   and relayproc.value(fams, "edge_relay_packets_total", direction="to_client") >= 52)
             return fams if ok else None
-        fams = relayproc.wait_for(relay_settled, 5, 0.1, "relay counters")
+        fams = wait_for(relay_settled, 5, 0.1, "relay counters")
         assert sum(fams["edge_relay_drops_total"]["samples"].values()) == 0
     finally:
         shell.close()
@@ -232,17 +228,17 @@ def test_hook_rejects_bad_sdp_with_one_line(relay):
 
 
 def test_probes_answered_only_while_server_health_check_passes(tmp_path):
-    setup = relayproc.Setup(tmp_path, workers=1, extra="\n[probes]\nenabled = true\n")
+    setup = relayproc.Setup(tmp_path, workers=1, sections={"probes": {"enabled": True}})
     health = socket.socket()
     health.bind(("127.0.0.1", 0))
     health.listen(128)      # never accepted: the connects only need the backlog
     proc = relayproc.Relay(setup)
     shell = Shell(setup, health=health.getsockname())
     try:
-        relayproc.wait_for(lambda: shell.shell.stats()["counts"]["probes_answered"] > 3, 15, what="probes answered")
+        wait_for(lambda: shell.shell.stats()["counts"]["probes_answered"] > 3, 15, what="probes answered")
         health.close()
-        relayproc.wait_for(lambda: shell.shell.stats()["counts"]["probes_unanswered"] > 3, 15,
-                           what="probes unanswered once the server is gone")
+        wait_for(lambda: shell.shell.stats()["counts"]["probes_unanswered"] > 3, 15,
+                 what="probes unanswered once the server is gone")
         assert shell.shell.stats()["server_up"] is False
     finally:
         shell.close()
@@ -287,17 +283,9 @@ def test_a_refused_send_is_counted_not_raised(tmp_path):
 
 
 # transceiver 1 (relayproc's) is the backup of transceiver 2, the primary
-FAILOVER_EXTRA = """
-[[transceivers]]
-id = 2
-address = "127.0.0.1"
-port = {primary}
-backup = 1
-
-[probes]
-interval = 0.1
-down_after = 3
-"""
+def failover_sections(primary):
+    return {"transceivers": [{"id": 2, "address": "127.0.0.1", "port": primary, "backup": 1}],
+            "probes": {"interval": 0.1, "down_after": 3}}
 
 
 def test_failover_to_a_backup_adapter_needs_an_ice_restart(tmp_path):
@@ -306,7 +294,7 @@ def test_failover_to_a_backup_adapter_needs_an_ice_restart(tmp_path):
     drops what it does not know, counted); an ICE restart through the backup's hook resumes it."""
     primary_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     primary_sock.bind(("127.0.0.1", 0))
-    setup = relayproc.Setup(tmp_path, workers=1, extra=FAILOVER_EXTRA.format(primary=primary_sock.getsockname()[1]))
+    setup = relayproc.Setup(tmp_path, workers=1, sections=failover_sections(primary_sock.getsockname()[1]))
     health = socket.socket()
     health.bind(("127.0.0.1", 0))
     health.listen(128)
@@ -314,7 +302,7 @@ def test_failover_to_a_backup_adapter_needs_an_ice_restart(tmp_path):
     backup = Shell(setup)                                   # transceiver 1 on relayproc's socket
     primary = Shell(setup, health=health.getsockname(), sock=primary_sock, tx_id=2)
     try:
-        relayproc.wait_for(lambda: relayproc.http_get(setup.url + "/metrics")[0] == 200, 15, what="relay up")
+        wait_for(lambda: relayproc.http_get(setup.url + "/metrics")[0] == 200, 15, what="relay up")
         server1 = StockServer()
         client = Client(setup.public, negotiate(primary, server1)["answer"])
         client.check()
@@ -323,11 +311,11 @@ def test_failover_to_a_backup_adapter_needs_an_ice_restart(tmp_path):
         assert run([client, server1], 5, lambda: client.media_in == 1)
 
         health.close()          # the primary's server is gone
-        relayproc.wait_for(lambda: relayproc.value(relayproc.metrics(setup), "edge_relay_transceiver_up",
-                                                   transceiver="tx2") == 0, 15, what="primary marked down")
+        wait_for(lambda: relayproc.value(relayproc.metrics(setup), "edge_relay_transceiver_up",
+                                         transceiver="tx2") == 0, 15, what="primary marked down")
         client.rtp(1)
         client.check()
-        relayproc.wait_for(lambda: sum(backup.shell.stats()["drops"].values()) >= 2, 5, what="backup drops")
+        wait_for(lambda: sum(backup.shell.stats()["drops"].values()) >= 2, 5, what="backup drops")
         assert backup.shell.stats()["drops"] == {"UNKNOWN_FLOW": 1, "STUN_NO_USERNAME": 1}
         assert client.media_in == 1                 # nothing came back: the backup cannot resume
 
@@ -344,8 +332,8 @@ def test_failover_to_a_backup_adapter_needs_an_ice_restart(tmp_path):
         client.rtp(2)
         assert run([client, server1, server2], 5, lambda: client.media_in == 2)
         assert server2.echoed == 1 and server1.echoed == 1 and client.bad == [] and server2.bad == []
-        relayproc.wait_for(lambda: relayproc.value(relayproc.metrics(setup), "edge_relay_flow_events_total",
-                                                   event="failed_over") >= 1, 5, what="failed_over counted")
+        wait_for(lambda: relayproc.value(relayproc.metrics(setup), "edge_relay_flow_events_total",
+                                         event="failed_over") >= 1, 5, what="failed_over counted")
     finally:
         primary.close()
         backup.close()

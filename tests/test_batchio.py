@@ -251,8 +251,8 @@ def test_send_with_body_address_is_the_same_datagram(make_io, sockets):
     dest = sa(target)
     msgs = [(dest, b"H%d|" % i, io.views[i][7:], io.ptrs[i] and io.ptrs[i] + 7) for i in range(n)]
     msgs += [(dest, None, io.views[i][8:], io.ptrs[i] and io.ptrs[i] + 8) for i in range(n)]
-    msgs += [(dest, None, io.views[0], 0), (dest, b"h|", io.views[1], 0), (dest, bytearray(b"b|"), io.views[2],
-                                                                              io.ptrs[2])]
+    msgs += [(dest, None, io.views[0], 0), (dest, b"h|", io.views[1], 0),
+             (dest, bytearray(b"b|"), io.views[2], io.ptrs[2])]
     want = [b"H%d|-%d" % (i, i) for i in range(n)] + [b"%d" % i for i in range(n)] + [
         b"payload-0", b"h|payload-1", b"b|payload-2"]
     assert io.send(msgs) == len(want)

@@ -31,8 +31,10 @@ import pytest
 
 import netns
 import relayproc
+import tomlconf
 from edge_relay import keys, nft
 from edge_relay.config import load as load_config
+from waiting import wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -43,33 +45,18 @@ INTERNAL, SERVER = "198.18.222.1", "198.18.222.2"
 PUBLIC_PORT, INTERNAL_PORT, TX_PORT, MGMT_PORT, HOOK_PORT = 3478, 4000, 5000, 9477, 8479
 CALL_TIMEOUT = 90.0
 
-RELAY_CONFIG = """\
-[relay]
-workers = 1
 
-[[listeners]]
-address = "{public}"
-port = {public_port}
+def relay_config(key_dir, idle_timeout):
+    return tomlconf.dumps({
+        "relay": {"workers": 1},
+        "listeners": [{"address": PUBLIC, "port": PUBLIC_PORT}],
+        "internal": {"address": INTERNAL, "port": INTERNAL_PORT},
+        "keys": {"dir": key_dir},
+        "transceivers": [{"id": 1, "address": SERVER, "port": TX_PORT}],
+        "limits": {"idle_timeout": idle_timeout},
+        "management": {"address": "127.0.0.1", "port": MGMT_PORT},
+    })
 
-[internal]
-address = "{internal}"
-port = {internal_port}
-
-[keys]
-dir = "{key_dir}"
-
-[[transceivers]]
-id = 1
-address = "{server}"
-port = {tx_port}
-
-[limits]
-idle_timeout = {idle_timeout}
-
-[management]
-address = "127.0.0.1"
-port = {mgmt_port}
-"""
 
 METRICS = """
 import sys, urllib.request
@@ -100,14 +87,12 @@ class CallBench:
         key_dir.mkdir(mode=0o700)
         keys.write_key_file(key_dir, 1)
         config = tmp / "edge-relay.toml"
-        config.write_text(RELAY_CONFIG.format(
-            public=PUBLIC, public_port=PUBLIC_PORT, internal=INTERNAL, internal_port=INTERNAL_PORT,
-            key_dir=key_dir, server=SERVER, tx_port=TX_PORT, idle_timeout=idle_timeout, mgmt_port=MGMT_PORT))
+        config.write_text(relay_config(key_dir, idle_timeout))
         (tmp / "relay.nft").write_text(nft.render_relay(load_config(config)))
         self.r.exec("nft", "-f", str(tmp / "relay.nft"))
         self.relay = self.r.popen(sys.executable, "-m", "edge_relay", "run", "--config", str(config), cwd=REPO,
                                   stdout=subprocess.DEVNULL, stderr=open(tmp / "relay.log", "w"))
-        netns.wait_for(lambda: self._metrics_text() is not None, 15, 0.2, "relay /metrics")
+        wait_for(lambda: self._metrics_text() is not None, 15, 0.2, "relay /metrics")
         self.adapter = self.s.popen(sys.executable, "-m", "edge_relay", "adapter", "--listen",
                                     f"{SERVER}:{TX_PORT}", "--id", "1", "--public", f"{PUBLIC}:{PUBLIC_PORT}",
                                     "--hook", f"127.0.0.1:{HOOK_PORT}", "--keys", str(key_dir), cwd=REPO,
@@ -247,7 +232,7 @@ def test_browser_call_through_relay_and_adapter(netns_factory, tmp_path):
     def settled():
         p, e, d = relay_counts(bench.metrics())
         return (p, e, d) if p["to_client"] >= sent_on_wire(out["server"]) - 5 else None
-    packets, events, drops = netns.wait_for(settled, 10, 0.25, "relay counters")
+    packets, events, drops = wait_for(settled, 10, 0.25, "relay counters")
     assert events["opened"] == 1 and events["confirmed"] == 1, events
     assert drops == {}, drops
     # forwarded counts equal what the browsers sent, within a few packets

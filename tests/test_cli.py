@@ -7,8 +7,6 @@ import stat
 import subprocess
 import sys
 
-import pytest
-
 from edge_relay import cli, keys
 from edge_relay.demo.run import write_demo_setup
 

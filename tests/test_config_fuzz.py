@@ -23,7 +23,8 @@ import pytest
 
 from edge_relay import cli, config
 from edge_relay.errors import ConfigError
-from relayproc import ROOT, Relay, Setup, Transceiver, carries_a_call, http_get, metrics, value, wait_for
+from relayproc import ROOT, Relay, Setup, Transceiver, carries_a_call, http_get, metrics, value
+from waiting import wait_for
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "packaging" / "edge-relay.toml"
 SEED = 20261202
@@ -190,9 +191,7 @@ def test_a_running_relay_survives_a_corpus_of_broken_reloads(tmp_path):
     relay = Relay(setup)
     tx = Transceiver(setup.keyring, setup.tx_sock)
     try:
-        wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or relay.proc.poll() is not None,
-                 20, what="/healthz 200")
-        assert relay.proc.poll() is None, relay.log()
+        relay.wait_serving()
         for n, (name, content) in enumerate(chosen, 1):
             place(setup.path, content)
             relay.signal(signal.SIGHUP)

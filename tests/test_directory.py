@@ -1,13 +1,12 @@
 """Tests for edge_relay/directory.py: keys, held-packet bounds, timeouts, and a round trip through Redis."""
 
-import selectors
 import time
 
 import pytest
 
-from redisserver import redis_server
 from edge_relay import directory, resp, sockaddr
 from edge_relay.directory import Directory, Hold, flow_key
+from redisserver import drive, redis_server
 
 SA1 = sockaddr.from_tuple(("192.0.2.1", 5000))
 SA2 = sockaddr.from_tuple(("192.0.2.2", 5000))
@@ -131,31 +130,6 @@ def test_refresh_is_paced():
     assert len(calls) == 1
     assert d.refresh(snapshot, 9.9) == []              # next sweep after ttl / 3
     assert len(d.refresh(snapshot, 10.0, budget=2000)) == 1000 and len(calls) == 2
-
-
-def drive(client, cond, limit=5.0):
-    """Run a selectors loop over one resp.Client until cond() (bounded)."""
-    sel = selectors.DefaultSelector()
-    start = time.monotonic()
-    while not cond():
-        now = time.monotonic()
-        assert now - start < limit, "condition not met in time"
-        fd, ev = client.fileno(), client.events()
-        mask = 0
-        if fd >= 0 and ev:
-            sel.register(fd, ev)
-            for _, m in sel.select(0.05):
-                mask = m
-            sel.unregister(fd)
-        else:
-            time.sleep(0.01)
-        now = time.monotonic()
-        if mask & selectors.EVENT_WRITE:
-            client.on_writable(now)
-        if mask & selectors.EVENT_READ:
-            client.on_readable(now)
-        client.handle_timer(now)
-    sel.close()
 
 
 def test_two_relays_share_flows_through_redis(tmp_path):

@@ -30,16 +30,15 @@ import time
 
 import pytest
 
-import netns
-from edge_relay import demo, directory, header, keys as keys_mod, resp, sockaddr
+import tomlconf
+from edge_relay import demo, directory, header, keys as keys_mod, metrics as metrics_mod, resp, sockaddr
 from edge_relay.drops import Drop
 from edge_relay.flows import CONFIRMED, FlowTable
 from edge_relay.keys import KeyRing
-from edge_relay.router import FLOWS_FROM_DIRECTORY, Policy, Router, TO_TX_PACKETS
-from relayproc import (ROOT, CountingClient, Relay, Setup, Traffic, Transceiver, http_get,
-                       parse_prometheus, wait_for)
+from edge_relay.router import FLOWS_FROM_DIRECTORY, TO_TX_PACKETS, Policy, Router
 from redisserver import redis_server
-
+from relayproc import ROOT, CountingClient, Relay, Setup, Traffic, Transceiver, http_get, parse_prometheus
+from waiting import wait_for
 
 # -- the router's side, sans-IO ---------------------------------------------------
 
@@ -166,22 +165,15 @@ class NattedClient(CountingClient):
     """A voice client whose address, as the relays see it, is its balancer back socket."""
 
     seen_as = None
-    arrivals = None
 
     @property
     def address(self):
         return self.seen_as or super().address
 
-    def receive(self, data, now):
-        before = self.received
-        super().receive(data, now)
-        if self.received > before:
-            self.arrivals.append(now)
 
-
-def two_relays(tmp_path, extra):
-    a = Setup(tmp_path / "a", workers=1, extra=extra)
-    b = Setup(tmp_path / "b", workers=1, extra=extra)
+def two_relays(tmp_path, sections):
+    a = Setup(tmp_path / "a", workers=1, sections=sections)
+    b = Setup(tmp_path / "b", workers=1, sections=sections)
     b.tx_sock.close()
     b.key_dir, b.keyring = a.key_dir, a.keyring
     b.ports["transceiver_port"] = a.ports["transceiver_port"]
@@ -189,20 +181,18 @@ def two_relays(tmp_path, extra):
     return a, b
 
 
-def call_moved_mid_way(tmp_path, extra, label):
+def call_moved_mid_way(tmp_path, sections, label):
     for d in ("a", "b"):
         os.makedirs(tmp_path / d, exist_ok=True)
-    a, b = two_relays(tmp_path, extra)
+    a, b = two_relays(tmp_path, sections)
     tx = Transceiver(a.keyring, a.tx_sock)
     relays = [Relay(a), Relay(b)]
     bal = Balancer([a.public, b.public])
     try:
         for setup, relay in zip((a, b), relays):
-            wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or relay.proc.poll() is not None, 20)
-            assert relay.proc.poll() is None, relay.log()
+            relay.wait_serving()
         ufrag, password = demo.mint_session(a.keyring, 1, time.time())
         vc = NattedClient(bal.address, ufrag, password)
-        vc.arrivals = []
         traffic = Traffic([vc], tx, extra={bal.front: bal.from_client})
         bal.sel = traffic.sel
         # the first check creates the back socket: then the client knows how the relays see it
@@ -232,12 +222,12 @@ def call_moved_mid_way(tmp_path, extra, label):
 @pytest.mark.slow
 def test_a_moved_call_resumes_at_once_with_the_directory_and_at_consent_without(tmp_path):
     with redis_server(tmp_path) as redis:
-        extra = f'\n[probes]\nenabled = false\n\n[directory]\naddress = "{redis.address}"\n'
-        gap_with, events, fams = call_moved_mid_way(tmp_path / "with", extra, "with the directory")
+        sections = {"probes": {"enabled": False}, "directory": {"address": redis.address}}
+        gap_with, events, fams = call_moved_mid_way(tmp_path / "with", sections, "with the directory")
         assert events[(("event", "from_directory"),)] == 1
         results = fams["edge_relay_directory_lookup_results_total"]["samples"]
         assert results[(("result", "hit"),)] == 1
-    gap_without, events, _ = call_moved_mid_way(tmp_path / "without", "\n[probes]\nenabled = false\n",
+    gap_without, events, _ = call_moved_mid_way(tmp_path / "without", {"probes": {"enabled": False}},
                                                 "without the directory")
     assert events[(("event", "from_directory"),)] == 0
     print(f"\ndirectory gaps: {gap_with * 1000:.0f} ms with, {gap_without * 1000:.0f} ms without "
@@ -252,19 +242,13 @@ CLIENT_IP = "198.19.254.1"    # the caller's address: on lo of the client host
 NETNS_CLIENT = r"""
 import json, socket, sys, time
 from edge_relay import demo
+from relayproc import CountingClient           # tests/ is on PYTHONPATH
 vip, port, ufrag, password, client_ip, seconds = sys.argv[1:7]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((client_ip, 0))
 s.connect((vip, int(port)))
-vc = demo.VoiceClient((vip, int(port)), ufrag, password, sock=s)
-arrivals = []
-orig = vc.receive
-def receive(data, now):
-    before = vc.received
-    orig(data, now)
-    if vc.received > before:
-        arrivals.append(now)
-vc.receive = receive
+vc = CountingClient((vip, int(port)), ufrag, password, sock=s)
+arrivals = vc.arrivals
 said = {}
 def on_second(elapsed):
     if vc.connected and arrivals and not said:
@@ -292,34 +276,21 @@ import sys, urllib.request
 print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())
 """
 
-RELAY_CONFIG = """\
-[relay]
-workers = 1
-drain_seconds = 0.2
 
-[[listeners]]
-address = "{vip}"
-port = 3478
-
-[internal]
-address = "{internal}"
-port = 4478
-
-[keys]
-dir = "{key_dir}"
-
-[[transceivers]]
-id = 1
-address = "{tx}"
-port = 5000
-
-[management]
-address = "127.0.0.1"
-port = 9477
-
-[probes]
-enabled = false
-{directory}"""
+def netns_relay_config(internal, key_dir, tx, directory=None):
+    """One of the two relay hosts: the VIP on its public side, the transceiver behind."""
+    data = {
+        "relay": {"workers": 1, "drain_seconds": 0.2},
+        "listeners": [{"address": VIP, "port": 3478}],
+        "internal": {"address": internal, "port": 4478},
+        "keys": {"dir": key_dir},
+        "transceivers": [{"id": 1, "address": tx, "port": 5000}],
+        "management": {"address": "127.0.0.1", "port": 9477},
+        "probes": {"enabled": False},
+    }
+    if directory is not None:
+        data["directory"] = {"address": directory}
+    return tomlconf.dumps(data)
 
 
 NETNS_PING_REDIS = r"""
@@ -348,34 +319,39 @@ def netns_moved_call(netns_factory, tmp_path, use_directory):
     keyring = keys_mod.load_dir(key_dir)
     tx = t.python(NETNS_TRANSCEIVER, str(key_dir), "5000")
     assert tx.readline(10) == "ready"
-    directory = ""
     if use_directory:
         redis = t.popen("redis-server", "--save", "", "--appendonly", "no", "--port", "6379",
                         "--bind", "0.0.0.0", "--protected-mode", "no", "--daemonize", "no",
                         "--dir", str(tmp_path))
         for link in (at, bt):
-            netns.wait_for(lambda link=link: redis.poll() is None and "PONG" in link.ns_a.python(
+            wait_for(lambda link=link: redis.poll() is None and "PONG" in link.ns_a.python(
                 NETNS_PING_REDIS, link.ipv4_b, stderr=subprocess.DEVNULL).communicate(timeout=5)[0].decode(),
                 10, what="redis-server in the transceiver namespace")
     relays = {}
     for name, relay_ns, link in (("a", a, at), ("b", b, bt)):
         folder = tmp_path / name
         folder.mkdir()
-        if use_directory:
-            directory = f'\n[directory]\naddress = "{link.ipv4_b}:6379"\n'
-        (folder / "edge-relay.toml").write_text(RELAY_CONFIG.format(
-            vip=VIP, internal=link.ipv4_a, key_dir=key_dir, tx=link.ipv4_b, directory=directory))
+        (folder / "edge-relay.toml").write_text(netns_relay_config(
+            link.ipv4_a, key_dir, link.ipv4_b, f"{link.ipv4_b}:6379" if use_directory else None))
         relays[name] = relay_ns.popen(sys.executable, "-m", "edge_relay", "run", "--config",
                                       str(folder / "edge-relay.toml"), stdout=subprocess.DEVNULL,
                                       env=dict(os.environ, PYTHONPATH=ROOT))
     for name, relay_ns in (("a", a), ("b", b)):
-        netns.wait_for(lambda ns=relay_ns: "edge_relay_ready 1" in ns.python(
+        wait_for(lambda ns=relay_ns: "edge_relay_ready 1" in ns.python(
             NETNS_METRICS, "http://127.0.0.1:9477/metrics").communicate(timeout=10)[0].decode(),
             15, what=f"relay {name} to be ready")
     ufrag, password = demo.mint_session(keyring, 1, time.time())
-    client = c.python(NETNS_CLIENT, VIP, "3478", ufrag, password, CLIENT_IP, "9")
+    client = c.python(NETNS_CLIENT, VIP, "3478", ufrag, password, CLIENT_IP, "9",
+                      env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__))))
     assert client.readline(10) == "connected"
-    time.sleep(1.5)
+
+    def a_holds_the_call():
+        out = a.python(NETNS_METRICS, "http://127.0.0.1:9477/metrics").communicate(timeout=10)[0].decode()
+        samples = metrics_mod.parse(out)
+        return (samples.get(("edge_relay_flows", (("state", "confirmed"),)), 0) >= 1
+                and (not use_directory or samples.get(("edge_relay_directory_publications_total", ()), 0) >= 1))
+    # the move must find the flow confirmed on A and, with the directory, published by A
+    wait_for(a_holds_the_call, 10, interval=0.2, what="relay A to hold (and publish) the call")
     c.ip("route", "replace", f"{VIP}/32", "via", cb.ipv4_b)      # the hash moves the call to B
     result = json.loads(client.readline(20))
     out = b.python(NETNS_METRICS, "http://127.0.0.1:9477/metrics").communicate(timeout=10)[0].decode()

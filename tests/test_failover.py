@@ -8,7 +8,6 @@ call; the media gap is printed (target < 1 s at a 250 ms probe interval).
 """
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -19,9 +18,9 @@ import pytest
 from edge_relay import demo, header, router as router_mod
 from edge_relay.demo import state as demo_state
 from edge_relay.worker import Worker, flow_table
-from relayharness import Harness
-from relayproc import ROOT, Relay, Setup, free_port, http_get, parse_prometheus, wait_for
 from redisserver import redis_server
+from relayharness import Harness
+from relayproc import ROOT, CountingClient, Relay, Setup, free_port, http_get, parse_prometheus
 
 
 class Clock:
@@ -162,15 +161,10 @@ from edge_relay import demo
 demo.serve_stateful(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
 """
 
-FAILOVER_CONFIG = """
-[[transceivers]]
-id = 2
-address = "127.0.0.1"
-port = {backup_port}
 
-[probes]
-interval = 0.25
-"""
+def failover_sections(backup_port):
+    return {"transceivers": [{"id": 2, "address": "127.0.0.1", "port": backup_port}],
+            "probes": {"interval": 0.25}}
 
 
 def start_transceiver(key_dir, tx_id, port, redis_address, log_path):
@@ -184,7 +178,7 @@ def start_transceiver(key_dir, tx_id, port, redis_address, log_path):
 def test_kill_the_primary_mid_call_the_call_continues_through_the_backup(tmp_path):
     with redis_server(tmp_path) as redis:
         backup_port = free_port()
-        setup = Setup(tmp_path, workers=2, extra=FAILOVER_CONFIG.format(backup_port=backup_port))
+        setup = Setup(tmp_path, workers=2, sections=failover_sections(backup_port))
         primary_port = setup.ports["transceiver_port"]
         setup.tx_sock.close()             # the primary is a process of its own
         with open(setup.path) as f:
@@ -197,20 +191,9 @@ def test_kill_the_primary_mid_call_the_call_continues_through_the_backup(tmp_pat
                  start_transceiver(setup.key_dir, 2, backup_port, redis.address, tmp_path / "backup.log")]
         relay = Relay(setup)
         try:
-            wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or relay.proc.poll() is not None, 20,
-                     what="the relay to serve")
-            assert relay.proc.poll() is None, relay.log()
+            relay.wait_serving()
             ufrag, password = demo.mint_session(setup.keyring, 1, time.time())
-            vc = demo.VoiceClient(setup.public, ufrag, password)
-            arrivals = []
-            orig = vc.receive
-
-            def receive(data, now):
-                before = vc.received
-                orig(data, now)
-                if vc.received > before:
-                    arrivals.append(now)
-            vc.receive = receive
+            vc = CountingClient(setup.public, ufrag, password)
             killed = {}
 
             def on_second(elapsed):
@@ -220,8 +203,8 @@ def test_kill_the_primary_mid_call_the_call_continues_through_the_backup(tmp_pat
             demo.run_clients([vc], 6.0, on_second)
             assert vc.connected
             assert killed, "the primary was not killed"
-            before = [t for t in arrivals if t <= killed["at"]]
-            after = [t for t in arrivals if t > killed["at"]]
+            before = [t for t in vc.arrivals if t <= killed["at"]]
+            after = [t for t in vc.arrivals if t > killed["at"]]
             assert before and after, "the call did not resume through the backup"
             gap = after[0] - before[-1]
             print(f"\nfailover gap: {gap * 1000:.0f} ms of media lost between the last echo from the "
@@ -242,7 +225,7 @@ def test_kill_the_primary_mid_call_the_call_continues_through_the_backup(tmp_pat
             finally:
                 state.close()
             assert owner == "2"
-            assert counters.get("rtp_in", 0) >= len(arrivals) - 15
+            assert counters.get("rtp_in", 0) >= len(vc.arrivals) - 15
         finally:
             relay.kill()
             for p in procs:
@@ -255,8 +238,8 @@ def test_router_accounts_for_every_datagram_while_failing_over():
     """The fuzz invariant of test_router_fuzz with a transceiver down and its flows moving."""
     import random
 
-    from test_router_fuzz import CASES, make_router, mutate, seeds
     from edge_relay import probes, sockaddr
+    from test_router_fuzz import CASES, make_router, mutate, seeds
     rng = random.Random(8)
     r = make_router()
     r.prober = probes.Prober([1, 2], now=0.0)
@@ -285,7 +268,7 @@ def test_router_accounts_for_every_datagram_while_failing_over():
 
 
 def test_reload_applies_probe_settings_and_backups(tmp_path):
-    from edge_relay import config as config_mod     # the harness has no file: reload a parsed config
+    from edge_relay import config as config_mod  # the harness has no file: reload a parsed config
     clock = Clock()
     h = make(tmp_path, clock)
     try:

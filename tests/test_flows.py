@@ -15,8 +15,7 @@ import pytest
 
 from edge_relay import journal, sockaddr
 from edge_relay.drops import Drop
-from edge_relay.flows import (CONFIRMED, FAILED_OVER, PENDING, REMOVED, SNAPSHOT_VERSION, Flow,
-                              FlowTable)
+from edge_relay.flows import CONFIRMED, FAILED_OVER, PENDING, REMOVED, SNAPSHOT_VERSION, Flow, FlowTable
 
 
 def sa4(ip, port=40000):
@@ -529,7 +528,7 @@ def _populated(now=1000.0):
         # key, listener, tid, created, confirm_at, restart_to
         (sa4("192.0.2.1", 1), 0, 1, now - 1.0, None, None),            # pending, age 1
         (sa4("192.0.2.1", 2), 1, 2, now - 4.5, None, 7),               # pending with restart
-        (sa4("192.0.2.2", 1), 2, 65535, now - 20.0, now - 10.0, None), # confirmed, age 10
+        (sa4("192.0.2.2", 1), 2, 65535, now - 20.0, now - 10.0, None),  # confirmed, age 10
         (sa6("2001:db8::5", 9), 0, 3, now - 2.0, now - 0.5, 4),        # v6 confirmed + restart
         (sa6("::ffff:192.0.2.1", 3), 1, 1, now - 0.25, None, None),    # mapped v4, pending
         (sa4("192.0.2.3", 1), 0, 1, now - 6.0, None, None),            # pending, past ttl
@@ -558,8 +557,7 @@ def test_snapshot_round_trip():
     for f in flows[:5]:
         g = u.get(f.listener, f.key)
         assert g is not None and g is not f
-        assert (g.state, g.transceiver, g.restart_to, g.route) == (f.state, f.transceiver,
-                                                                  f.restart_to, None)
+        assert (g.state, g.transceiver, g.restart_to, g.route) == (f.state, f.transceiver, f.restart_to, None)
         assert g.last_seen == pytest.approx(50.0 - (1000.0 - f.last_seen), abs=1e-9)
     for f in flows[5:]:
         assert u.get(f.listener, f.key) is None

@@ -41,16 +41,18 @@ import zlib
 
 import pytest
 
-import netns
+import tomlconf
 from edge_relay import header, keys, nft, sockaddr, stun, token
 from edge_relay.config import load as load_config
 from edge_relay.drops import Drop
 from edge_relay.flows import FlowTable
 from edge_relay.router import STAT_NAMES, Policy, Router
-from tests.relayharness import Harness, drain
+from relayharness import Harness, drain
+from waiting import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLIC_PORT, INTERNAL_PORT, TX_PORT, MGMT_PORT = 3478, 4478, 5000, 9477
+MARK_PORT = 3479                 # the sniffer's end-of-capture marker comes from the public address on this port
 METER_PPS = 300                  # nftables.source_pps (and burst)
 METER_BYTES = 100_000            # nftables.source_bytes_per_second (and burst)
 
@@ -135,10 +137,8 @@ def unknown_flow_media(n):
 # -- without root: each payload means what it should --------------------------------
 
 @pytest.fixture
-def harness(tmp_path):
-    h = Harness(tmp_path, transceivers={1: "sink"})
-    yield h
-    h.close()
+def harness(make_harness):
+    return make_harness(transceivers={1: "sink"})
 
 
 def test_every_hostile_payload_has_its_drop_reason(harness, tmp_path):
@@ -183,7 +183,8 @@ for line in sys.stdin:
 
 FLOODER = r"""
 import socket, sys, time
-src, dst, port, rate, duration, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rate, duration, size = float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((src, 0))
 payload = b"\x80\x6f" + bytes(size - 2)
@@ -221,14 +222,13 @@ print(json.dumps(report), flush=True)
 SNIFFER = r"""
 import json, select, socket, struct, sys, time
 watch = sys.argv[1]                      # the relay's address on this link
+marker = int(sys.argv[3])                # a datagram from watch:marker ends the capture
 s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
 udp, icmp = {}, {}
 print("ready", flush=True)
 deadline = time.monotonic() + float(sys.argv[2])
 while time.monotonic() < deadline:
-    r, _, _ = select.select([s, sys.stdin], [], [], 0.5)
-    if sys.stdin in r:
-        break
+    r, _, _ = select.select([s], [], [], 0.5)
     if s not in r:
         continue
     data, addr = s.recvfrom(65535)
@@ -240,12 +240,23 @@ while time.monotonic() < deadline:
         continue
     if data[9] == 17:
         sport, dport = struct.unpack_from(">HH", data, ihl)
+        if sport == marker:
+            break
         k = f"{src}:{sport}>{dst}:{dport}"
         udp[k] = udp.get(k, 0) + 1
     elif data[9] == 1:
         k = f"{src}>{dst} type {data[ihl]} code {data[ihl + 1]}"
         icmp[k] = icmp.get(k, 0) + 1
 print(json.dumps({"udp": udp, "icmp": icmp}), flush=True)
+"""
+
+# Sent from the relay's namespace after everything else: once the sniffer has
+# seen it, it has seen whatever the relay sent before it over the same link.
+MARKER = r"""
+import socket, sys
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.bind((sys.argv[1], int(sys.argv[2])))
+    s.sendto(b"end of capture", (sys.argv[3], 9))
 """
 
 FORGER = r"""
@@ -274,45 +285,22 @@ for (name, labels), v in samples.items():
 print(json.dumps(out))
 """
 
-RELAY_CONFIG = """\
-[relay]
-workers = 1
 
-[[listeners]]
-address = "{public}"
-port = {public_port}
-
-[internal]
-address = "{internal}"
-port = {internal_port}
-
-[keys]
-dir = "{key_dir}"
-
-[[transceivers]]
-id = 1
-address = "{tx1}"
-port = {tx_port}
-
-[[transceivers]]
-id = 2
-address = "{tx2}"
-port = {tx_port}
-
-[limits]
-pending_ttl = 20.0
-
-[nftables]
-source_pps = {pps}
-source_pps_burst = {pps}
-source_bytes_per_second = {bps}
-source_bytes_burst = {bps}
-total_pps = 50000
-
-[management]
-address = "127.0.0.1"
-port = {mgmt_port}
-"""
+def relay_config(bench):
+    """The relay of the bench: two transceiver addresses, meters low enough to trip."""
+    return tomlconf.dumps({
+        "relay": {"workers": 1},
+        "listeners": [{"address": bench.public, "port": PUBLIC_PORT}],
+        "internal": {"address": bench.internal, "port": INTERNAL_PORT},
+        "keys": {"dir": bench.key_dir},
+        "transceivers": [{"id": 1, "address": bench.tx1, "port": TX_PORT},
+                         {"id": 2, "address": bench.tx2, "port": TX_PORT}],
+        "limits": {"pending_ttl": 20.0},
+        "nftables": {"source_pps": METER_PPS, "source_pps_burst": METER_PPS,
+                     "source_bytes_per_second": METER_BYTES, "source_bytes_burst": METER_BYTES,
+                     "total_pps": 50000},
+        "management": {"address": "127.0.0.1", "port": MGMT_PORT},
+    })
 
 
 def _done(proc, timeout):
@@ -346,10 +334,7 @@ class Bench:
         self.keyring = keys.load_dir(self.key_dir)
         self.foreign_key = keys.Key(9, os.urandom(32))
         self.config = tmp / "edge-relay.toml"
-        self.config.write_text(RELAY_CONFIG.format(
-            public=self.public, public_port=PUBLIC_PORT, internal=self.internal,
-            internal_port=INTERNAL_PORT, key_dir=self.key_dir, tx1=self.tx1, tx2=self.tx2,
-            tx_port=TX_PORT, pps=METER_PPS, bps=METER_BYTES, mgmt_port=MGMT_PORT))
+        self.config.write_text(relay_config(self))
         cfg = load_config(self.config)
         (tmp / "relay.nft").write_text(nft.render_relay(cfg))
         (tmp / "tx.nft").write_text(nft.render_transceiver(cfg))
@@ -365,8 +350,8 @@ class Bench:
                                  "--keys", str(self.key_dir), cwd=REPO)
         self.relay = self.r.popen(sys.executable, "-m", "edge_relay", "run", "--config",
                                   str(self.config), cwd=REPO, stdout=None, stderr=open(self.tmp / "relay.log", "w"))
-        netns.wait_for(lambda: self._metrics_or_none() is not None, 15, 0.2, "relay /metrics")
-        self.sniffer = self.c.python(SNIFFER, self.public, "110", stdin=subprocess.PIPE)
+        wait_for(lambda: self._metrics_or_none() is not None, 15, 0.2, "relay /metrics")
+        self.sniffer = self.c.python(SNIFFER, self.public, "110", str(MARK_PORT))
         assert self.sniffer.readline(10) == "ready"
         self.attacker = self.c.python(ATTACKER, stdin=subprocess.PIPE)
         assert self.attacker.readline(30) == "ready"
@@ -430,7 +415,7 @@ class Bench:
             last = {k: now.get(k, 0) - before.get(k, 0) for k in expect}
             return all(last[k] >= v for k, v in expect.items())
         try:
-            netns.wait_for(risen, timeout, 0.25, f"counters {expect}")
+            wait_for(risen, timeout, 0.25, f"counters {expect}")
         except Exception:
             pytest.fail(f"expected rise {expect}, got {last}")
         return last
@@ -450,9 +435,9 @@ class Bench:
         assert p.returncode == 0, err
 
     def finish(self):
+        """What the sniffer saw, up to a marker datagram sent from the relay's address after all else."""
         self._stop.set()
-        self.sniffer.stdin.write(b"stop\n")
-        self.sniffer.stdin.flush()
+        _done(self.r.python(MARKER, self.public, str(MARK_PORT), self.client_ip), 10)
         return json.loads(self.sniffer.readline(10))
 
 
@@ -461,10 +446,7 @@ class Bench:
 def test_hostile_bench(netns_factory, tmp_path):
     if shutil.which("nft") is None:
         pytest.skip("nft is not installed (scripts/bootstrap installs nftables when root)")
-    try:
-        import scapy  # noqa: F401
-    except ImportError:
-        pytest.skip("scapy is not installed (requirements-test.txt)")
+    pytest.importorskip("scapy", reason="scapy is not installed (requirements-test.txt)")
     started = time.monotonic()
     b = Bench(netns_factory, tmp_path)
     b.start()
@@ -559,7 +541,8 @@ def test_hostile_bench(netns_factory, tmp_path):
         d = b.wait_rise(before, expect)
         table.append((name, ", ".join(f"{k} +{v}" for k, v in d.items())))
 
-    now_ms = lambda: int(time.time() * 1000)  # noqa: E731
+    def now_ms():
+        return int(time.time() * 1000)
     forged_mac = bytearray(to_client(legit[0], legit[1], now_ms()))
     forged_mac[40] ^= 0x55
     tx_class("forged header (bad MAC)", [bytes(forged_mac)] * 5, {"HEADER_MAC": 5})
@@ -576,7 +559,6 @@ def test_hostile_bench(netns_factory, tmp_path):
              {"HEADER_VERSION": 1, "HEADER_SHORT": 1})
 
     # 6. Afterwards: nothing went anywhere but live flows, nothing crashed, memory bounded.
-    time.sleep(0.3)
     seen = b.finish()
     final = b.metrics()
     bad = {k: n for k, n in seen["udp"].items()

@@ -18,7 +18,7 @@ import pytest
 from edge_relay import sockaddr
 from edge_relay.drops import Drop
 from edge_relay.flows import CONFIRMED, FAILED_OVER, FlowTable
-from edge_relay.journal import (HEADER_SIZE, RECORD_SIZE, Journal, Restored, region_size)
+from edge_relay.journal import HEADER_SIZE, RECORD_SIZE, Journal, Restored, region_size
 
 
 def sa4(i, port=40000):
@@ -333,6 +333,7 @@ def test_a_failed_over_flow_is_journaled_and_its_successor_still_says_so(tmp_pat
 def test_start_flows_restores_the_journal_unless_a_snapshot_was_handed_over(tmp_path):
     """worker.start_flows over a real memfd region: the crash path, then the hand-over path."""
     import io
+
     from edge_relay.log import Log
     from edge_relay.worker import JournalMemory, start_flows
     from relayharness import Harness
@@ -428,6 +429,7 @@ def test_a_sigkilled_workers_calls_resume_without_a_new_binding_request(tmp_path
 def test_the_bench_runs_at_tiny_scale(tmp_path, capsys):
     """bench/journal.py works (functional only: the figures are the bench's, not a threshold)."""
     import json
+
     from bench import journal as bench_journal
     out = tmp_path / "journal.json"
     assert bench_journal.main(["--quick", "--out", str(out)]) == 0

@@ -192,3 +192,59 @@ def test_the_checker_sees_what_it_must():
     table = layer_table()
     assert layer_of("worker", table) == "io" and layer_of("demo.run", table) == "demo"
     assert layer_of("adapter_ice", table) == "io"
+
+
+README = PKG.parent / "README.md"
+
+
+def readme_modules():
+    """{module path as written: layer} from the README's "### Modules" table."""
+    text = README.read_text()
+    assert "\n### Modules\n" in text, "README.md has no '### Modules' section (the module table)"
+    section = text.split("\n### Modules\n", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        m = re.match(r"\| `([^`]+)` \| ([a-z]*) \|", line)
+        if m:
+            assert m.group(1) not in rows, f"README.md module table: {m.group(1)} listed twice"
+            rows[m.group(1)] = m.group(2)
+    return rows
+
+
+def module_files():
+    """{README name: layer of it}: `x.py` for edge_relay/x.py, `pkg/` for a subpackage, `pkg/x.py` in it."""
+    table = layer_table()
+    out = {}
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG)
+        if rel.as_posix() == "__init__.py":
+            out["__init__.py"] = ""
+            continue
+        parts = rel.with_suffix("").parts
+        name = f"{rel.parent.as_posix()}/" if rel.name == "__init__.py" else rel.as_posix()
+        dotted = ".".join(p for p in parts if p != "__init__")
+        out[name] = layer_of(dotted, table) or "?"
+    return out
+
+
+def test_readme_module_table_names_every_module_with_its_layer():
+    listed, present = readme_modules(), module_files()
+    missing = sorted(set(present) - set(listed))
+    assert not missing, ("README.md '### Modules' has no row for: " + ", ".join(missing)
+                         + "; add `| `NAME` | LAYER | what it holds |` rows (LAYER from edge_relay/__init__.py): "
+                         + "; ".join(f"{n} -> {present[n]}" for n in missing))
+    gone = sorted(set(listed) - set(present))
+    assert not gone, f"README.md '### Modules' lists modules that do not exist: {', '.join(gone)}"
+    wrong = sorted(f"{n}: README says {listed[n] or '(none)'}, edge_relay/__init__.py says {present[n] or '(none)'}"
+                   for n in present if listed[n] != present[n])
+    assert not wrong, "README.md '### Modules' layer column: " + "; ".join(wrong)
+
+
+def test_readme_module_check_sees_a_missing_row(monkeypatch, tmp_path):
+    """The table test can fail: a README without one module's row is caught, named."""
+    fake = tmp_path / "README.md"
+    fake.write_text(README.read_text().replace("| `stun.py` |", "| `stun_gone.py` |"))
+    monkeypatch.setitem(globals(), "README", fake)
+    listed = readme_modules()
+    assert "stun.py" not in listed and "stun_gone.py" in listed
+    assert "stun.py" in set(module_files()) - set(listed)

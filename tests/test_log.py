@@ -299,20 +299,19 @@ def test_relay_logs_each_event_once_and_says_what_it_cannot_do(tmp_path):
     an unreachable Redis directory: a warning."""
     import socket
 
-    from relayproc import Relay, Setup, free_port, wait_for
+    from relayproc import Relay, Setup, free_port
+    from waiting import wait_for
     try:
         with open("/proc/sys/net/core/rmem_max") as f:
             rmem_max = int(f.read())
     except OSError:
         pytest.skip("no /proc/sys/net/core/rmem_max")
     closed = free_port(socket.SOCK_STREAM)           # nothing listens: the directory is unreachable
-    setup = Setup(tmp_path / "r", workers=2,
-                  extra=f'\n[probes]\nenabled = true\ninterval = 0.05\ndown_after = 2\n'
-                        f'\n[directory]\naddress = "127.0.0.1:{closed}"\n')
     asked = min(2 * rmem_max, 2**31 - 1)
-    text = open(setup.path).read().replace("[relay]\n", f"[relay]\nrecv_buffer_bytes = {asked}\n", 1)
-    with open(setup.path, "w") as f:
-        f.write(text)
+    setup = Setup(tmp_path / "r", workers=2,
+                  sections={"relay": {"recv_buffer_bytes": asked},
+                            "probes": {"enabled": True, "interval": 0.05, "down_after": 2},
+                            "directory": {"address": f"127.0.0.1:{closed}"}})
     relay = Relay(setup)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -344,7 +343,6 @@ def _transitions(setup):
         return 0
     family = parse_prometheus(body).get("edge_relay_transceiver_transitions_total")
     return family["samples"].get((("transceiver", "tx1"),), 0) if family else 0
-
 
 
 def test_a_send_the_kernel_refuses_is_said_not_only_counted(tmp_path):

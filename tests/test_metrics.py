@@ -10,8 +10,8 @@ import pytest
 from edge_relay import metrics
 from edge_relay.drops import N_DROPS, Drop
 from edge_relay.router import N_STATS
-from relayproc import (ROOT, Relay, Setup, Traffic, Transceiver, clients_for, http_get, parse_prometheus,
-                       value, wait_for)
+from relayproc import ROOT, Relay, Setup, Traffic, Transceiver, clients_for, http_get, parse_prometheus, value
+from waiting import wait_for
 
 REQUIRED = ("edge_relay_packets_total", "edge_relay_bytes_total", "edge_relay_drops_total", "edge_relay_flows",
             "edge_relay_workers_up", "edge_relay_worker_restarts_total", "edge_relay_reloads_total",
@@ -94,7 +94,7 @@ def test_metrics_match_the_traffic_and_stats_prints_them(tmp_path):
     clients = clients_for(setup, 6)
     traffic = Traffic(clients, tx)
     try:
-        wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or relay.proc.poll() is not None, 20)
+        relay.wait_serving()
         assert traffic.run(10, until=lambda: all(c.connected for c in clients))
         traffic.run(1.0)
         # stop sending, then count exactly; an unsolicited datagram from a stranger is one drop
@@ -136,6 +136,7 @@ def test_metrics_match_the_traffic_and_stats_prints_them(tmp_path):
 
 def test_directory_counters_cover_every_key_the_directory_and_its_redis_client_count():
     import re
+
     from edge_relay import directory
     src = {name: open(os.path.join(ROOT, "edge_relay", f"{name}.py")).read() for name in ("directory", "resp")}
     R, H = directory.Result, directory.Hold

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import netns
+from waiting import wait_for
 
 HERE = Path(__file__).resolve().parent
 
@@ -89,7 +90,7 @@ def test_close_removes_namespaces_and_kills_processes():
         started = a.python(SLEEPER)
         # A process the helpers did not start: found through the namespace.
         stray = subprocess.Popen(["ip", "netns", "exec", b.name, sys.executable, "-c", SLEEPER])
-        netns.wait_for(lambda: stray.pid in b.pids(), what="stray process to enter its namespace")
+        wait_for(lambda: stray.pid in b.pids(), what="stray process to enter its namespace")
         names = {a.name, b.name}
         assert names <= set(netns.list_namespaces())
     finally:
@@ -118,7 +119,7 @@ def test_cleanup_when_body_raises():
 
 
 def copy_helpers(pytester: pytest.Pytester) -> None:
-    for name in ("conftest.py", "netns.py"):
+    for name in ("conftest.py", "netns.py", "waiting.py"):
         shutil.copy(HERE / name, pytester.path / name)
 
 

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 
-import netns
 from edge_relay import cli, config, nft
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

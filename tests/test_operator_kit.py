@@ -13,7 +13,8 @@ import tomllib
 import pytest
 
 from edge_relay import cli, config, effective, keys, metrics
-from relayproc import ROOT, Relay, Setup, Traffic, Transceiver, clients_for, http_get, wait_for
+from relayproc import ROOT, Relay, Setup, Traffic, Transceiver, clients_for, http_get
+from waiting import wait_for
 
 PKG = os.path.join(ROOT, "packaging")
 RULES = os.path.join(PKG, "prometheus", "edge-relay.rules.yml")
@@ -121,15 +122,13 @@ def test_metric_name_extraction():
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     # probes and quality on (the defaults); log.level debug for the flow-event lines
-    setup = Setup(tmp_path_factory.mktemp("kit"), workers=2, extra='\n[log]\nlevel = "debug"\n')
+    setup = Setup(tmp_path_factory.mktemp("kit"), workers=2, sections={"log": {"level": "debug"}})
     relay = Relay(setup)
     tx = Transceiver(setup.keyring, setup.tx_sock)
     clients = clients_for(setup, 4)
     traffic = Traffic(clients, tx)
     try:
-        wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or relay.proc.poll() is not None, 20,
-                 what="the relay to serve")
-        assert relay.proc.poll() is None, relay.log()
+        relay.wait_serving()
         assert traffic.run(10, until=lambda: all(c.connected for c in clients)), relay.log()
         traffic.quiesce()
         yield setup, relay, clients
@@ -451,10 +450,11 @@ def test_role_checks_its_arguments_merges_sections_and_brackets_an_ipv6_health_u
     _, specs, _ = role_variables()
     provided = "\n".join(f"          {n}: \"{{{{ {n} }}}}\"" for n in sorted(specs))
     dest, url = tmp_path / "edge-relay.toml", tmp_path / "url"
+    spec = f"(lookup('file', '{ROLE}/meta/argument_specs.yml') | from_yaml).argument_specs.main.options"
     tasks = f"""
     - name: Check the inputs as the role does
       ansible.builtin.validate_argument_spec:
-        argument_spec: "{{{{ (lookup('file', '{ROLE}/meta/argument_specs.yml') | from_yaml).argument_specs.main.options }}}}"
+        argument_spec: "{{{{ {spec} }}}}"
         provided_arguments:
 {provided}
     - name: Render the config
@@ -490,6 +490,7 @@ def test_role_checks_its_arguments_merges_sections_and_brackets_an_ipv6_health_u
 
 def test_flow_report_filters_bounds_and_formats_ipv6_sans_io():
     from types import SimpleNamespace
+
     from edge_relay import flows as flows_mod, quality, sockaddr
     from edge_relay.worker import flow_report
     table = flows_mod.FlowTable(n_listeners=1)

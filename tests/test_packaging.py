@@ -115,7 +115,7 @@ def test_stop_timeout_covers_the_drain():
 
 def test_no_capability_for_the_default_port_and_only_the_needed_families():
     unit = parse_unit(SERVICE)
-    ports = [l.port for l in config.load(REPO / "packaging" / "edge-relay.toml").listeners]
+    ports = [lst.port for lst in config.load(REPO / "packaging" / "edge-relay.toml").listeners]
     assert min(ports) >= 1024
     assert one(unit, "Service", "CapabilityBoundingSet") == ""
     assert one(unit, "Service", "AmbientCapabilities") == ""

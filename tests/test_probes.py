@@ -108,7 +108,7 @@ def test_hysteresis_single_misses_do_not_flap():
     p = make([1], interval=0.25)
     n = itertools.count()
     # every third probe lost: never three in a row
-    t = run(p, 10.0, answer=lambda tid: next(n) % 3 != 0)
+    run(p, 10.0, answer=lambda tid: next(n) % 3 != 0)
     assert p.take_events() == [] and p.is_up(1)
     assert p.health[1].lost > 5
 

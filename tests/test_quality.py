@@ -11,8 +11,7 @@ import tracemalloc
 import pytest
 
 from edge_relay import quality
-from edge_relay.quality import (CLIENT, TRANSCEIVER, QualityMonitor, StreamStats, is_rtp,
-                                observe)
+from edge_relay.quality import CLIENT, TRANSCEIVER, QualityMonitor, StreamStats, is_rtp, observe
 
 
 def rtp(seq, ts, pt=111, ssrc=0x1234, marker=0, payload=b"\x00" * 20):

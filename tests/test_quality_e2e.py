@@ -12,7 +12,8 @@ import time
 from edge_relay import demo, metrics
 from edge_relay.quality import CLIENT, TRANSCEIVER
 from relayharness import Harness
-from relayproc import Relay, Setup, Transceiver, http_get, parse_prometheus, wait_for, Traffic, CountingClient
+from relayproc import CountingClient, Relay, Setup, Traffic, Transceiver, http_get, parse_prometheus
+from waiting import wait_for
 
 
 class LossyClient(demo.VoiceClient):
@@ -72,15 +73,15 @@ def test_harness_counts_loss_and_reordering_exactly(tmp_path):
         h.close()
 
 
-QUALITY = "\n[probes]\nenabled = false\n\n[quality]\nsample_every = 1\nreport_interval = 0.5\n"
+QUALITY = {"probes": {"enabled": False}, "quality": {"sample_every": 1, "report_interval": 0.5}}
 
 
 def test_relay_process_exports_quality_histograms(tmp_path):
-    setup = Setup(tmp_path, workers=1, extra=QUALITY)
+    setup = Setup(tmp_path, workers=1, sections=QUALITY)
     tx = Transceiver(setup.keyring, setup.tx_sock)
     relay = Relay(setup)
     try:
-        wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or relay.proc.poll() is not None, 20)
+        relay.wait_serving()
         ufrag, password = demo.mint_session(setup.keyring, 1, time.time())
 
         class Client(LossyClient, CountingClient):

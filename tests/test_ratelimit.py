@@ -4,7 +4,6 @@ nothing at all is sent.
 """
 
 import os
-import socket
 import tracemalloc
 
 import pytest
@@ -12,11 +11,11 @@ import pytest
 from edge_relay import ratelimit
 from edge_relay.ratelimit import Bucket, FlowMeter, SourceBuckets
 from edge_relay.router import Policy
-from tests.relayharness import Harness, drain
+from relayharness import drain
 from tests.test_relay import assert_silent, binding_request, open_flow
 
-
 # -- the buckets --------------------------------------------------------------
+
 
 def test_bucket_starts_full_refills_at_rate_and_caps_at_burst():
     b = Bucket(rate=4.0, burst=5, now=100.0)
@@ -274,26 +273,19 @@ def test_policy_from_limits_carries_every_rate_key():
 # -- wired into the router: each refusal counted, nothing sent ----------------
 
 @pytest.fixture(params=["mmsg", "plain"])
-def make(tmp_path, request):
-    made = []
+def make(make_harness, request):
     clock = [1000.0]
 
     def factory(limits=None, **kw):
         kw.setdefault("io_mode", request.param)
         kw.setdefault("transceivers", {1: "sink"})
-        sub = tmp_path / f"h{len(made)}"
-        sub.mkdir()
-        h = Harness(sub, limits=limits, clock=lambda: clock[0], **kw)
+        h = make_harness(limits=limits, clock=lambda: clock[0], **kw)
         # The worker builds its Policy from three numbers only (worker.policy_of);
         # give the router the whole limits section as a worker should.
         h.router.configure(h.keyring, h.router.transceivers, Policy.from_limits(h.cfg.limits))
         h.clock = clock
-        made.append(h)
         return h
-
-    yield factory
-    for h in made:
-        h.close()
+    return factory
 
 
 def test_per_source_new_flow_rate(make):

@@ -3,8 +3,8 @@
 Each test runs over both I/O paths (recvmmsg/sendmmsg and the plain fallback).
 """
 
+import functools
 import os
-import socket
 import time
 
 import pytest
@@ -12,7 +12,8 @@ import pytest
 from edge_relay import header, stun, token, transceiver
 from edge_relay.flows import CONFIRMED
 from edge_relay.keys import Key, KeyRing
-from tests.relayharness import Harness, drain
+from relayharness import drain
+from waiting import wait_for
 
 
 @pytest.fixture(params=["mmsg", "plain"])
@@ -21,20 +22,9 @@ def io_mode(request):
 
 
 @pytest.fixture
-def make(tmp_path, io_mode):
-    made = []
-
-    def factory(**kw):
-        kw.setdefault("io_mode", io_mode)
-        sub = tmp_path / f"h{len(made)}"
-        sub.mkdir()
-        h = Harness(sub, **kw)
-        made.append(h)
-        return h
-
-    yield factory
-    for h in made:
-        h.close()
+def make(make_harness, io_mode):
+    """make_harness on this test's I/O path."""
+    return functools.partial(make_harness, io_mode=io_mode)
 
 
 def binding_request(ufrag, txid=None, extra=()):
@@ -247,7 +237,7 @@ CLIENT_DROPS = {
     "STUN_NOT_BINDING_REQUEST": lambda h: stun.encode(stun.BINDING_INDICATION, os.urandom(12)),
     "STUN_NO_USERNAME": lambda h: stun.encode(stun.BINDING_REQUEST, os.urandom(12)),
     "STUN_NO_USERNAME_NO_COLON": lambda h: stun.encode(stun.BINDING_REQUEST, os.urandom(12),
-                                                      [(stun.USERNAME, h.session()[0].encode())]),
+                                                       [(stun.USERNAME, h.session()[0].encode())]),
     "TOKEN_MALFORMED": lambda h: binding_request("not*ice*chars"),
     "TOKEN_VERSION": lambda h: binding_request("AgEAAQAAAAAAAAAAAAAAAAAAAAAAAAAA"),
     "TOKEN_MAC": lambda h: binding_request(forged_token(h, lambda u: u[:-2] + ("AA" if u[-2:] != "AA" else "BB"))),
@@ -438,7 +428,7 @@ def test_config_rate_limits_reach_the_router(make):
 def test_event_loop_forwards_both_ways_with_and_without_coalescing(make, io_mode, coalesce_us):
     """Worker.turn(): one wake-up moves what is queued each way, with [relay] coalesce_us off or on."""
     h = make(transceivers={1: "sink"}, sections={"relay": {"io": io_mode, "batch_size": 8,
-                                                            "coalesce_us": coalesce_us}})
+                                                           "coalesce_us": coalesce_us}})
     client = h.client()
     inb, ep = open_flow(h, client)
     w = h.worker
@@ -447,24 +437,19 @@ def test_event_loop_forwards_both_ways_with_and_without_coalescing(make, io_mode
         assert w._coalesce == coalesce_us / 1e6
         for i in range(3):
             client.sendto(bytes([0x80, 111]) + bytes(158), h.public)
-        deadline = time.monotonic() + 5
-        got = []
-        while len(got) < 3 and time.monotonic() < deadline:
-            w.turn()
-            got += drain(h.sinks[1])
+        got, back = [], []
+
+        def turn_into(out, sock):
+            w.turn()                    # waits (bounded by the loop's timers) for its sockets
+            out.extend(d for d, _ in drain(sock))
+            return out
+        wait_for(lambda: len(turn_into(got, h.sinks[1])) >= 3, 5, interval=0,
+                 what="3 coalesced datagrams at the transceiver")
         assert len(got) == 3
         sink = h.sinks[1]
         reply = ep.to_client(inb, b"\x80\x6f" + bytes(30), now_ms())
         sink.sendto(reply, h.internal)
-        client.settimeout(0.05)
-        back = None
-        while back is None and time.monotonic() < deadline:
-            w.turn()
-            try:
-                back = client.recv(2048)
-            except socket.timeout:
-                pass
-        assert back == b"\x80\x6f" + bytes(30)
+        wait_for(lambda: turn_into(back, client), 5, interval=0, what="the reply at the client")
+        assert back == [b"\x80\x6f" + bytes(30)]
     finally:
         w._close_loop()
-

@@ -18,8 +18,8 @@ import sys
 import pytest
 
 from edge_relay import cli, keys
-from relayproc import (ROOT, Relay, Setup, Traffic, Transceiver, clients_for, http_get, metrics, value,
-                       wait_for)
+from relayproc import ROOT, Setup, Traffic, Transceiver, clients_for, http_get, metrics, value
+from waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,26 +36,17 @@ def status(setup):
 
 
 @pytest.fixture
-def relay(tmp_path):
-    """start(extra=..) -> (setup, relay) serving, with $RUNTIME_DIRECTORY = tmp_path/run."""
-    made = []
+def relay(start_relay, tmp_path):
+    """start(sections=..) -> (setup, relay, run): start_relay's, with $RUNTIME_DIRECTORY = run."""
+    runs = []
 
-    def start(extra=None, workers=2):
-        kw = {} if extra is None else {"extra": extra}
-        setup = Setup(tmp_path / f"r{len(made)}", workers=workers, **kw)
-        run = tmp_path / f"run{len(made)}"
+    def start(sections=None, workers=2):
+        run = tmp_path / f"run{len(runs)}"
         run.mkdir()
-        r = Relay(setup, env=dict(os.environ, RUNTIME_DIRECTORY=str(run)))
-        made.append((setup, r))
-        wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or r.proc.poll() is not None,
-                 20, what="/healthz 200")
-        assert r.proc.poll() is None, r.log()
+        runs.append(run)
+        setup, r = start_relay(workers=workers, sections=sections, env=dict(os.environ, RUNTIME_DIRECTORY=str(run)))
         return setup, r, run
-
-    yield start
-    for setup, r in made:
-        r.kill()
-        setup.tx_sock.close()
+    return start
 
 
 def test_a_refused_reload_fails_the_command_and_the_old_generation_keeps_serving(relay):
@@ -111,8 +102,8 @@ def test_a_syntax_error_is_refused_with_the_relays_reason(relay):
 
 
 def test_readyz_is_503_with_every_transceiver_down_and_200_once_one_answers(relay):
-    probes = "\n[probes]\nenabled = true\ninterval = 0.05\ntimeout = 0.05\ndown_after = 2\nup_after = 1\n"
-    setup, r, run = relay(extra=probes)
+    probes = {"probes": {"enabled": True, "interval": 0.05, "timeout": 0.05, "down_after": 2, "up_after": 1}}
+    setup, r, run = relay(sections=probes)
     # nobody answers the probes: every transceiver goes down
     assert wait_for(lambda: http_get(setup.url + "/readyz")[0] == 503, 20, what="/readyz 503")
     assert "every transceiver is down" in http_get(setup.url + "/readyz")[1]
@@ -151,7 +142,7 @@ def test_the_ruleset_written_is_only_ever_an_accepted_configs(relay):
     first = wait_for(lambda: ruleset.exists() and ruleset.read_text(), 10, what="ruleset at start")
     assert "table inet edge_relay" in first and "500/second" in first
     # a refused config with other meters: the file does not change
-    setup.extra += "\n[nftables]\nsource_pps = 321\n"
+    setup.sections["nftables"] = {"source_pps": 321}
     setup.write(signing_key_id=7)
     assert edge_relay("reload", "--url", setup.url + "/status").returncode == 1
     assert ruleset.read_text() == first

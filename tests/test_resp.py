@@ -1,15 +1,14 @@
 """Tests for edge_relay/resp.py: codec vectors, split/fuzz invariants, a real redis-server."""
 
 import random
-import selectors
+import time
 
 import pytest
 
-from redisserver import redis_server
 from edge_relay import resp
 from edge_relay.demo.blocking_resp import BlockingClient
-from edge_relay.resp import (Client, Disconnected, Parser, ProtocolError, ReplyError, RespError,
-                             Timeout, encode_command)
+from edge_relay.resp import Client, Disconnected, Parser, ProtocolError, ReplyError, RespError, Timeout, encode_command
+from redisserver import drive, redis_server
 
 # (wire bytes, expected value); errors compared by message.
 VECTORS = [
@@ -112,53 +111,16 @@ def test_fuzz_mutations_raise_only_resp_errors():
 
 # -- a real redis-server ------------------------------------------------------------
 
-class Loop:
-    """A tiny selectors loop around one Client, with bounded waits."""
-
-    def __init__(self, client):
-        self.c = client
-        self.sel = selectors.DefaultSelector()
-        self.now = 0.0
-
-    def run_until(self, cond, limit=5.0):
-        import time
-        start = time.monotonic()
-        while not cond():
-            self.now = time.monotonic()
-            if self.now - start > limit:
-                raise AssertionError("condition not met in time")
-            fd, ev = self.c.fileno(), self.c.events()
-            keys = {}
-            if fd >= 0 and ev:
-                self.sel.register(fd, ev)
-                deadline = self.c.next_deadline()
-                wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - self.now))
-                for key, mask in self.sel.select(wait):
-                    keys[key.fd] = mask
-                self.sel.unregister(fd)
-            else:
-                time.sleep(0.01)
-            self.now = time.monotonic()
-            mask = keys.get(fd, 0)
-            if mask & selectors.EVENT_WRITE:
-                self.c.on_writable(self.now)
-            if mask & selectors.EVENT_READ:
-                self.c.on_readable(self.now)
-            self.c.handle_timer(self.now)
-
-
 @pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
 def test_client_against_redis(tmp_path, tcp):
     with redis_server(tmp_path, tcp=tcp) as server:
         c = Client(server.address, timeout=1.0, dead_after=3.0)
-        loop = Loop(c)
         got = []
         cmds = [("SET", "k", "v", "EX", 30), ("GET", "k"), ("GET", "missing"), ("INCR", "n"),
                 ("INCRBY", "n", 5), ("NOSUCHCMD",), ("MGET", "k", "missing"), ("TTL", "k")]
-        import time
         for cmd in cmds:
             assert c.call(cmd, got.append, time.monotonic())
-        loop.run_until(lambda: len(got) == len(cmds))
+        drive(c, lambda: len(got) == len(cmds))
         assert got[:5] == ["OK", b"v", None, 1, 6]
         assert isinstance(got[5], ReplyError) and "unknown command" in str(got[5])
         assert got[6] == [b"v", None] and 0 < got[7] <= 30
@@ -166,31 +128,29 @@ def test_client_against_redis(tmp_path, tcp):
         # many pipelined commands in one go
         got.clear()
         for i in range(500):
-            assert c.call(("SET", f"key{i}", i), lambda r: None, loop.now)
+            assert c.call(("SET", f"key{i}", i), lambda r: None, time.monotonic())
         for i in range(500):
-            assert c.call(("GET", f"key{i}"), got.append, loop.now)
-        loop.run_until(lambda: len(got) == 500)
+            assert c.call(("GET", f"key{i}"), got.append, time.monotonic())
+        drive(c, lambda: len(got) == 500)
         assert got == [str(i).encode() for i in range(500)]
 
         # server dies: callbacks get Disconnected, the client backs off, then reconnects
         got.clear()
         server.stop()
         c.call(("PING",), got.append, time.monotonic())
-        loop.run_until(lambda: len(got) == 1)
+        drive(c, lambda: len(got) == 1)
         assert isinstance(got[0], Disconnected)
         server.start()
         got.clear()
-        loop.run_until(lambda: c.call(("PING",), got.append, time.monotonic()), limit=10.0)
-        loop.run_until(lambda: got == ["PONG"])
+        drive(c, lambda: c.call(("PING",), got.append, time.monotonic()), timeout=10.0)
+        drive(c, lambda: got == ["PONG"])
         c.close()
 
 
 def test_bounded_queue_and_timeout(tmp_path):
     with redis_server(tmp_path) as server:
         c = Client(server.address, max_pending=3, timeout=0.2, dead_after=0.5)
-        loop = Loop(c)
         got = []
-        import time
         now = time.monotonic()
         # BLPOP on an empty list holds this connection: the requests time out,
         # then the connection is declared dead, and the client reconnects afterwards.
@@ -199,13 +159,13 @@ def test_bounded_queue_and_timeout(tmp_path):
         assert c.call(("PING",), got.append, now)
         assert not c.call(("PING",), got.append, now)        # full
         assert c.stats["refused_full"] == 1
-        loop.run_until(lambda: len(got) == 3)
+        drive(c, lambda: len(got) == 3)
         assert all(isinstance(g, Timeout) for g in got), got
-        loop.run_until(lambda: c.state == "disconnected", limit=5.0)
+        drive(c, lambda: c.state == "disconnected", timeout=5.0)
         assert c.stats["failures"] == 1
         got.clear()
-        loop.run_until(lambda: c.call(("PING",), got.append, time.monotonic()), limit=10.0)
-        loop.run_until(lambda: got and got[-1] == "PONG", limit=5.0)
+        drive(c, lambda: c.call(("PING",), got.append, time.monotonic()), timeout=10.0)
+        drive(c, lambda: got and got[-1] == "PONG", timeout=5.0)
         c.close()
 
 

@@ -13,7 +13,7 @@ import time
 from edge_relay import header, sockaddr, stun, token
 from edge_relay.flows import FlowTable
 from edge_relay.keys import KeyRing
-from edge_relay.router import Policy, Router, TO_CLIENT_PACKETS, TO_TX_PACKETS, TX_IN_PACKETS
+from edge_relay.router import TO_CLIENT_PACKETS, TO_TX_PACKETS, TX_IN_PACKETS, Policy, Router
 
 RING = KeyRing({1: bytes(range(32))})
 TX_SA = sockaddr.from_tuple(("127.0.0.9", 5000))

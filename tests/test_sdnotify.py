@@ -20,13 +20,7 @@ from pathlib import Path
 import pytest
 
 from edge_relay import sdnotify
-from edge_relay.sdnotify import (
-    Notifier,
-    listen_fds,
-    memfd_read,
-    memfd_write,
-    watchdog_interval,
-)
+from edge_relay.sdnotify import Notifier, listen_fds, memfd_read, memfd_write, watchdog_interval
 
 REPO = Path(__file__).resolve().parent.parent
 SUN_PATH_MAX = 107

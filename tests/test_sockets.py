@@ -5,10 +5,9 @@ import socket
 
 import pytest
 
-from relayproc import Relay, Setup, Transceiver, carries_a_call, http_get, metrics, wait_for
-
 from edge_relay import sockets
 from edge_relay.errors import StartupError
+from relayproc import Relay, Setup, Transceiver, carries_a_call, metrics
 
 
 def test_buffer_shortfalls_read_back_what_the_kernel_granted():
@@ -56,9 +55,7 @@ def test_internal_ipv6_wildcard_reaches_an_ipv4_transceiver(tmp_path):
         f.write(text.replace('[internal]\naddress = "127.0.0.1"', '[internal]\naddress = "::"'))
     relay = Relay(setup)
     try:
-        wait_for(lambda: relay.proc.poll() is not None or http_get(setup.url + "/healthz")[0] == 200,
-                 20, what="/healthz 200")
-        assert relay.proc.poll() is None, relay.log()
+        relay.wait_serving()
         assert carries_a_call(setup, Transceiver(setup.keyring, setup.tx_sock))
         drops = metrics(setup)["edge_relay_drops_total"]["samples"]
         assert drops.get((("reason", "send_failed"),), 0) == 0

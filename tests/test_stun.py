@@ -248,8 +248,8 @@ MALFORMED = {
     "truncated attribute header": build(length=4) + b"\x00\x06\x00",
     "attribute value overruns": build(length=8) + struct.pack(">HH", stun.USERNAME, 100) + b"a:bc",
     "attribute padding overruns": build(length=8) + struct.pack(">HH", stun.USERNAME, 5) + b"a:bc",
-    "second attribute overruns": build(attrs=[(stun.SOFTWARE, b"x")], length=16)
-                                 + struct.pack(">HH", stun.USERNAME, 5) + b"a:bc",
+    "second attribute overruns": (build(attrs=[(stun.SOFTWARE, b"x")], length=16)
+                                  + struct.pack(">HH", stun.USERNAME, 5) + b"a:bc"),
     "attribute after FINGERPRINT": _after_fingerprint(),
     "bad FINGERPRINT": with_fp_crc(GOOD, 0x01),
     "FINGERPRINT of another message": GOOD[:-4] + REQUEST[-4:],

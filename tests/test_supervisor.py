@@ -6,29 +6,19 @@ import time
 import pytest
 
 from edge_relay import keys
-from relayproc import Relay, Setup, Traffic, Transceiver, clients_for, metrics, value, wait_for, http_get
+from relayproc import Traffic, Transceiver, clients_for, http_get, metrics, value
+from waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def started(tmp_path):
-    """start(workers=..) -> (setup, relay, tx) with the relay serving; everything killed afterwards."""
-    made = []
-
+def started(start_relay):
+    """start(workers=..) -> (setup, relay, tx): start_relay's serving relay and its transceiver."""
     def start(workers=2, drain=0.5):
-        setup = Setup(tmp_path / f"r{len(made)}", workers=workers, drain=drain)
-        relay = Relay(setup)
-        made.append((setup, relay))
-        wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or relay.proc.poll() is not None,
-                 20, what="/healthz 200")
-        assert relay.proc.poll() is None, relay.log()
+        setup, relay = start_relay(workers=workers, drain=drain)
         return setup, relay, Transceiver(setup.keyring, setup.tx_sock)
-
-    yield start
-    for setup, relay in made:
-        relay.kill()
-        setup.tx_sock.close()
+    return start
 
 
 def all_connected(clients):
@@ -71,7 +61,9 @@ def test_sigkill_one_worker_loses_no_flow_of_the_others(started):
         import os
         os.kill(pid, signal.SIGKILL)
         # the others keep flowing while worker 0 is dead and restarted
-        restarted = lambda: relay.worker_pids().get(0) not in (None, pid)  # noqa: E731
+
+        def restarted():
+            return relay.worker_pids().get(0) not in (None, pid)
         assert traffic.run(10, until=restarted)
         wait_for(lambda: value(metrics(setup), "edge_relay_workers_up") == 2, 10, what="workers_up 2")
         m = metrics(setup)
@@ -217,10 +209,8 @@ def test_sighup_with_a_new_listener_hands_flows_to_new_workers(started):
         old_pid = relay.worker_pids()[0]
         from relayproc import free_port
         extra = free_port()
-        with open(setup.path) as f:
-            text = f.read()
-        with open(setup.path, "w") as f:
-            f.write(text.replace("[internal]", f'[[listeners]]\naddress = "127.0.0.1"\nport = {extra}\n\n[internal]'))
+        setup.sections["listeners"] = [{"address": "127.0.0.1", "port": extra}]      # a second listener
+        setup.write()
         relay.signal(signal.SIGHUP)
         assert traffic.run(10, until=lambda: relay.worker_pids().get(0) not in (None, old_pid))
         wait_for(lambda: value(metrics(setup), "edge_relay_workers_up") == 1, 10, what="new worker up")
