@@ -71,7 +71,7 @@ def test_every_target_names_a_field_the_step_reports(name):
         assert field in fig
 
 
-def test_table_and_json_hold_every_step_beside_its_targets(tmp_path):
+def test_table_and_json_hold_every_step_beside_its_targets(tmp_path, capsys):
     outs = []
     for name in ("reload", "restart"):
         voice = tmp_path / f"{name}.json"
@@ -79,7 +79,10 @@ def test_table_and_json_hold_every_step_beside_its_targets(tmp_path):
         outs.append(str(tmp_path / f"{name}.fig"))
         assert vf.main(["step", name, str(voice), outs[-1]]) == 0
     summary = tmp_path / "figures.json"
+    capsys.readouterr()
     assert vf.main(["table", *outs, "--json", str(summary)]) == 0
+    restart_row = capsys.readouterr().out.splitlines()[2]
+    assert restart_row.startswith("restart") and "lost=0 NO" in restart_row and "new_call_ms<=1000 yes" in restart_row
     doc = json.loads(summary.read_text())
     assert [s["step"] for s in doc["steps"]] == ["reload", "restart"]
     assert doc["steps"][1]["targets"][1] == {"target": "lost=0", "value": 2, "met": False}

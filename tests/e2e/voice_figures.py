@@ -103,13 +103,13 @@ def line(fig):
 
 def table(figs):
     """The closing table: each step's figures beside its targets."""
-    rows = [("STEP", "LOST", "MAX_RTT_MS", "LATE60", "GAP_MS", "NEW_CALL_MS", "TARGETS (met?)")]
+    rows = [("STEP", "CALLS", "LOST", "MAX_RTT_MS", "LATE60", "GAP_MS", "NEW_CALL_MS", "TARGETS (met?)")]
     for f in figs:
         lost = _show(f["lost"])
         if "killed_worker" in f:
             lost += f" (max/affected call {_show(f['lost_max_per_affected_call'])}, other {_show(f['lost_other'])})"
         targets = ", ".join(f"{t['target']} {'yes' if t['met'] else 'NO'}" for t in f["targets"])
-        rows.append((f["step"], lost, _show(f["max_rtt_ms"]), _show(f["late60"]), _show(f["gap_ms"]),
+        rows.append((f["step"], str(f["calls"]), lost, _show(f["max_rtt_ms"]), _show(f["late60"]), _show(f["gap_ms"]),
                      _show(f["new_call_ms"]), targets))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
