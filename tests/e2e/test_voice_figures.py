@@ -31,13 +31,15 @@ def call(address, lost, sent=100):
 def test_worker_kill_splits_loss_between_the_killed_workers_calls_and_the_others():
     report = {"connected": 3, "calls": [call("10.0.0.3:1000", 40), call("10.0.0.3:1001", 7),
                                         call("10.0.0.3:1002", 0)],
-              "new_call": {"connected": True, "ms": 123.4}}
+              "new_call": {"connected": True, "ms": 123.4},
+              "new_calls": [{"connected": True, "ms": 3.0}, {"connected": True, "ms": 123.4}]}
     flows = {"flows": [{"client": "10.0.0.3:1000", "worker": 1}, {"client": "10.0.0.3:1001", "worker": 1},
                        {"client": "10.0.0.3:1002", "worker": 0}, {"client": "10.0.0.3:9", "worker": 0}]}
     fig = vf.step_figures("worker-kill", report, flows, 1)
     assert (fig["lost"], fig["lost_affected"], fig["lost_max_per_affected_call"], fig["lost_other"]) == (47, 47, 40, 0)
     assert (fig["affected_calls"], fig["other_calls"], fig["unknown_calls"]) == (2, 1, 0)
     assert fig["new_call_ms"] == 123 and fig["new_call_connected"]
+    assert (fig["new_calls"], fig["new_calls_connected"]) == (2, 2)
     met = {t["target"]: t["met"] for t in fig["targets"]}
     assert met == {"lost<=10 per affected call": False, "lost_other=0": True, "new_call_ms<=1000": True}
     assert "lost_other=0" in vf.line(fig)

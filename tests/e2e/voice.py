@@ -12,14 +12,15 @@ voice_figures.py can say what a caller heard: packets never echoed, late
 echoes, the longest gap.
 
 Usage: python3 tests/e2e/voice.py RELAY_HOST:PORT KEY_DIR SECONDS [CLIENTS]
-           [--ready FILE] [--hold AFTER] [--new-call]
+           [--ready FILE] [--hold AFTER] [--new-calls N]
   --ready FILE  once every client is connected, write their addresses to FILE
   --hold AFTER  send for at least SECONDS and until AFTER seconds after SIGUSR2
                 (the action is over), HOLD_MAX seconds at most
-  --new-call    SIGUSR1 places one more call (the call placed during the
-                action): reported as "new_call" with the ms from its first
-                Binding Request to its first Binding success answer; it gives
-                up after NEW_CALL_TIMEOUT seconds
+  --new-calls N SIGUSR1 places N more calls at once (the calls placed during
+                the action), each timed from its first Binding Request to its
+                first Binding success answer; each gives up after
+                NEW_CALL_TIMEOUT seconds. Reported as "new_calls", and as
+                "new_call": the one that did not connect, else the slowest
 Prints demo.client_report() of the CLIENTS as JSON, plus "calls" (each call's
 address and figures) and "new_call"; exit 0 when every client connected.
 """
@@ -39,7 +40,7 @@ import voice_figures
 
 TAIL = 3.0              # seconds to wait for echoes still in flight after the last send
 HOLD_MAX = 300.0        # --hold: never send longer than this
-NEW_CALL_TIMEOUT = 5.0  # --new-call: a call not connected by then failed to connect
+NEW_CALL_TIMEOUT = 5.0  # --new-calls: a call not connected by then failed to connect
 TICK = 0.02             # the loop wakes at least this often, so a signal's flag is seen soon
 
 
@@ -75,7 +76,7 @@ class Caller(demo.VoiceClient):
 
 
 class Signals:
-    """SIGUSR1 (place the new call) and SIGUSR2 (the action is over), as monotonic times."""
+    """SIGUSR1 (place the new calls) and SIGUSR2 (the action is over), as monotonic times."""
 
     def __init__(self):
         self.usr1 = self.usr2 = None
@@ -97,13 +98,13 @@ def write_ready(path, clients):
     os.replace(tmp, path)
 
 
-def drive(clients, seconds, sig, hold_after, new_caller, ready):
-    """Run the clients (and the new call, once asked for); returns the new call or None."""
+def drive(clients, seconds, sig, hold_after, new_calls, new_caller, ready):
+    """Run the clients (and the new calls, once asked for); returns the new calls."""
     sel = selectors.DefaultSelector()
     for c in clients:
         sel.register(c.sock, selectors.EVENT_READ, c)
     live = list(clients)
-    new = None
+    new = []
     start = time.monotonic()
     try:
         while True:
@@ -111,21 +112,25 @@ def drive(clients, seconds, sig, hold_after, new_caller, ready):
             end = start + seconds
             if hold_after is not None:
                 end = min(start + HOLD_MAX, max(end, sig.usr2 + hold_after if sig.usr2 else float("inf")))
-            if new is not None and not new.gave_up and new.connected_at is None and new.placed_at is not None:
-                if now - new.placed_at >= NEW_CALL_TIMEOUT:     # it failed to connect: stop its checks
-                    sel.unregister(new.sock)
-                    live.remove(new)
-                    new.gave_up = True
+            for c in new:
+                if c.gave_up or c.connected_at is not None or c.placed_at is None:
+                    continue
+                if now - c.placed_at >= NEW_CALL_TIMEOUT:     # it failed to connect: stop its checks
+                    sel.unregister(c.sock)
+                    live.remove(c)
+                    c.gave_up = True
                 else:
-                    end = max(end, new.placed_at + NEW_CALL_TIMEOUT)
+                    end = max(end, c.placed_at + NEW_CALL_TIMEOUT)
             if now >= end:
                 break
-            if sig.usr1 is not None and new is None and new_caller is not None:
-                new = new_caller()
-                new.asked_at = sig.usr1
-                new.gave_up = False
-                sel.register(new.sock, selectors.EVENT_READ, new)
-                live.append(new)
+            if sig.usr1 is not None and not new and new_calls:
+                for _ in range(new_calls):
+                    c = new_caller()
+                    c.asked_at = sig.usr1
+                    c.gave_up = False
+                    sel.register(c.sock, selectors.EVENT_READ, c)
+                    new.append(c)
+                live += new
             due = min(c.tick(now) for c in live)
             timeout = max(0.0, min(due, end, time.monotonic() + TICK) - time.monotonic())
             for key, _ in sel.select(timeout):
@@ -144,8 +149,6 @@ def drive(clients, seconds, sig, hold_after, new_caller, ready):
 
 
 def new_call_report(new, t0_mono, t0_wall):
-    if new is None:
-        return None
     wall = lambda t: None if t is None else round(t0_wall + (t - t0_mono), 3)  # noqa: E731
     ms = None if new.connected_at is None else (new.connected_at - new.placed_at) * 1000
     return {"asked_wall": wall(new.asked_at), "placed_wall": wall(new.placed_at), "connected": ms is not None,
@@ -162,7 +165,7 @@ def main(argv):
     p.add_argument("clients", type=int, nargs="?", default=1)
     p.add_argument("--ready")
     p.add_argument("--hold", type=float, default=None)
-    p.add_argument("--new-call", action="store_true")
+    p.add_argument("--new-calls", type=int, default=0)
     args = p.parse_args(argv)
     sig = Signals()
     host, _, port = args.relay.rpartition(":")
@@ -177,16 +180,17 @@ def main(argv):
     keyring = keys.load_dir(args.key_dir)
     clients = [make_caller(keyring, addr, family, local) for _ in range(args.clients)]
     t0_mono, t0_wall = time.monotonic(), time.time()
-    new_caller = (lambda: make_caller(keyring, addr, family, local)) if args.new_call else None
-    new = drive(clients, args.seconds, sig, args.hold, new_caller, args.ready)
+    new = drive(clients, args.seconds, sig, args.hold, args.new_calls,
+                lambda: make_caller(keyring, addr, family, local), args.ready)
     report = demo.client_report(clients)
     report["calls"] = [c.figures() for c in clients]
-    report["new_call"] = new_call_report(new, t0_mono, t0_wall)
-    if args.new_call and new is None:
-        report["new_call"] = {"connected": False, "ms": None, "placed_wall": None,
-                              "asked_wall": None if sig.usr1 is None else round(t0_wall + sig.usr1 - t0_mono, 3)}
+    report["new_calls"] = [new_call_report(c, t0_mono, t0_wall) for c in new]
+    # the call that did not connect, else the slowest: the one a caller would complain about
+    report["new_call"] = max(report["new_calls"], key=lambda r: (not r["connected"], r["ms"] or 0), default=None)
+    if args.new_calls and not new:      # never asked (no SIGUSR1): a call that did not connect
+        report["new_call"] = {"connected": False, "ms": None, "placed_wall": None, "asked_wall": None}
     report["started_wall"] = round(t0_wall, 3)
-    for c in clients + ([new] if new is not None else []):
+    for c in clients + new:
         c.sock.close()
     print(json.dumps(report), flush=True)
     return 0 if report["connected"] == args.clients else 1

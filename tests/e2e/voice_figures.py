@@ -10,7 +10,8 @@ for the calls that were up across the action:
                lost or late, in ms of audio (PACKET_MS each)
   new_call_ms  time from the first Binding Request of a call placed while the
                action was under way to its first Binding success answer
-               (the call must connect within voice.NEW_CALL_TIMEOUT)
+               (the call must connect within voice.NEW_CALL_TIMEOUT); where
+               several were placed at once, the slowest
 and, for worker-kill, the same loss split between the calls the killed
 worker served (lost_affected, lost_max_per_affected_call) and the others
 (lost_other), from the relay's GET /flows taken just before the kill.
@@ -68,7 +69,10 @@ def step_figures(name, report, flows=None, worker=None):
            "gap_ms": max((c["gap_ms"] for c in calls), default=None)}
     new = report.get("new_call")
     fig["new_call_ms"] = None if not new or new.get("ms") is None else round(new["ms"])
-    fig["new_call_connected"] = bool(new and new.get("connected"))
+    fig["new_call_connected"] = bool(new and new.get("connected"))     # new_call: a failed one if any
+    placed = report.get("new_calls") or []
+    fig["new_calls"] = len(placed)
+    fig["new_calls_connected"] = sum(1 for c in placed if c["connected"])
     if flows is not None:
         served = {f["client"]: f["worker"] for f in flows.get("flows", [])}
         affected = [c for c in calls if served.get(c["address"]) == worker]
