@@ -11,10 +11,12 @@
 #                            (systemd-analyze verify needs the installed
 #                            package: make e2e runs it in the container)
 #   make e2e                 tests/e2e/run: install, run, reload, a refused
-#                            reload, restart, upgrade and purge in a booted
-#                            container, and an Ansible rollout over SSH to it
-#                            and two more (root; a few minutes once the
-#                            rootfs is cached)
+#                            reload, restart, upgrade, a killed worker and
+#                            purge in a booted container, and an Ansible
+#                            rollout over SSH to it and two more (root; a few
+#                            minutes once the rootfs is cached); what the
+#                            callers heard under each action, beside issue
+#                            12's targets, in build/e2e/figures.json
 #
 # The package is built from a copy of the working tree in build/deb/ (the
 # debian/ directory lives in packaging/debian), never in the tree itself.
@@ -44,7 +46,7 @@ lint-pkg: deb ## lintian, unit sandbox score, Ansible syntax/lint and tests/test
 	cd packaging/ansible && ansible-lint --offline site.yml roles/edge_relay
 	$(PYTHON) -m pytest -q tests/test_packaging.py
 
-e2e: ## install, reload (and a refused one), restart, upgrade, a 3-host Ansible rollout over SSH, purge in booted bookworm containers (root, ~3 min)
+e2e: ## install, reload (and a refused one), restart, upgrade, a killed worker (what callers heard), a 3-host Ansible rollout over SSH, purge in booted bookworm containers (root, ~3 min)
 	scripts/bootstrap --apt $(DEB_BUILD_DEPS) $(E2E_DEPS)
 	packaging/build-deb $(VERSION)
 	packaging/build-deb $(NEXT_VERSION)
