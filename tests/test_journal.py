@@ -18,7 +18,7 @@ import pytest
 from edge_relay import sockaddr
 from edge_relay.drops import Drop
 from edge_relay.flows import CONFIRMED, FAILED_OVER, FlowTable
-from edge_relay.journal import (HEADER_SIZE, RECORD_SIZE, Journal, Restored, region_size)
+from edge_relay.journal import (HEADER_SIZE, RECORD_SIZE, Journal, Restored, header, high_mark, region_size)
 
 
 def sa4(i, port=40000):
@@ -152,7 +152,7 @@ def test_fresh_attach_rewrites_the_journal_from_the_table():
 def test_another_layout_is_refused_and_the_region_formatted_afresh():
     t, j, buf = journaled()
     confirmed(t, 0, sa4(1), 1)
-    for patch in (b"XXXX", b"ERFJ\x02", b"ERFJ\x01\x01"):
+    for patch in (b"XXXX", b"ERFJ\x01", b"ERFJ\x03", b"ERFJ\x02\x01"):     # version 1: one unchecked mark
         other = bytearray(buf)
         other[:len(patch)] = patch
         u, k, got = successor(other)
@@ -241,7 +241,7 @@ def test_restore_of_corrupted_bytes_never_raises_and_never_invents_a_flow(seed):
                 data[ob:ob + RECORD_SIZE] = data[oa:oa + RECORD_SIZE]
             else:                                       # a kind byte set on a free record
                 data[HEADER_SIZE + rng.randrange(j.capacity) * RECORD_SIZE] = rng.randrange(256)
-        high = min(struct.unpack_from("<I", data, 12)[0], j.capacity)    # what restore reads
+        high = min(high_mark(data) or 0, j.capacity)     # what restore reads
         kinds = sum(1 for i in range(high) if data[HEADER_SIZE + i * RECORD_SIZE])
         u, _, got = successor(data)
         for f in u:
@@ -260,7 +260,7 @@ def test_whole_garbage_regions_never_raise_and_restore_nothing():
             data = bytearray(os.urandom(size))
             ours = rng.random() < 0.5
             if ours:                # our header over garbage records: each one is checked and counted
-                data[:HEADER_SIZE] = struct.pack("<4sBBHII48x", b"ERFJ", 1, 0, RECORD_SIZE, cap, cap)
+                data[:HEADER_SIZE] = header(cap, cap)
             kinds = sum(1 for i in range(cap) if data[HEADER_SIZE + i * RECORD_SIZE])
             u, _, got = successor(data)
             assert len(u) == 0 and got.restored == 0
@@ -303,6 +303,38 @@ def test_a_writer_killed_mid_record_leaves_old_new_or_nothing_counted():
                     assert got.bad == 1, (step, k, forward)
                 if k in (0, RECORD_SIZE):
                     assert seen == meaning[step + (k == RECORD_SIZE)]   # whole writes are exact
+
+
+def _header_stores(old, new, forward):
+    """The header bytes after each byte store of a writer going from `old` to `new` header:
+    4-byte words in address order, each written byte by byte (struct.pack_into) in either direction."""
+    out = bytearray(old)
+    yield bytes(out)
+    for word in range(0, HEADER_SIZE, 4):
+        for i in (range(word, word + 4) if forward else range(word + 3, word - 1, -1)):
+            if out[i] != new[i]:
+                out[i] = new[i]
+                yield bytes(out)
+
+
+def test_a_writer_killed_while_raising_the_high_mark_hides_no_record():
+    # 255 -> 256 changes two bytes of the mark: a store torn between them must not
+    # leave a mark below the records already written (nor one that unformats the region)
+    t, j, buf = journaled(capacity=300, n_listeners=1)
+    flows = [confirmed(t, 0, sa4(i), 1) for i in range(255)]
+    before = bytes(buf[:HEADER_SIZE])
+    confirmed(t, 0, sa4(255), 1)
+    after = bytes(buf[:HEADER_SIZE])
+    assert before != after
+    want = {(0, f.key): (1, 0) for f in flows}
+    last = HEADER_SIZE + 255 * RECORD_SIZE
+    for forward in (True, False):
+        for k, head in enumerate(_header_stores(before, after, forward)):
+            data = bytearray(buf)
+            data[:HEADER_SIZE] = head
+            data[last:last + RECORD_SIZE] = bytes(RECORD_SIZE)     # killed before the record itself
+            u, _, got = successor(data, n_listeners=1)
+            assert not got.reformatted and state(u) == want, (forward, k, got)
 
 
 def test_a_failed_over_flow_is_journaled_and_its_successor_still_says_so(tmp_path):
