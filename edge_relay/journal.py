@@ -164,9 +164,12 @@ def region_size(capacity):
 class Journal:
     """The journal of one worker slot over `buf`, a writable buffer of region_size(capacity) bytes.
 
-    Attributes (plain ints, read-only for callers): `capacity` records,
-    `full` (puts that found no free record), `unjournaled` (flows whose
-    owner id does not fit 32 bits), `seq` (the last write's number).
+    Attributes (read-only for callers): `capacity` records, `full` (puts
+    that found no free record), `unjournaled` (flows whose owner id does not
+    fit 32 bits), `seq` (the last write's number), `restored` (the Restored
+    of the last `attach`, or None). `restore_seconds` is set by whoever
+    times the attach (worker.start_flows); `in_use` counts the records held.
+    The worker publishes them all (metrics.publish, edge_relay_journal_*).
     """
 
     def __init__(self, buf):
@@ -177,6 +180,13 @@ class Journal:
         self.seq = 0
         self.full = 0
         self.unjournaled = 0
+        self.restored = None
+        self.restore_seconds = 0.0
+
+    @property
+    def in_use(self):
+        """Records that hold a flow now (journaled flows)."""
+        return self._next - len(self._free)
 
     # -- the worker's writes (flows.FlowTable calls them) -----------------------
 
@@ -250,7 +260,8 @@ class Journal:
                 flow.jslot = None           # an index into some other region means nothing here
                 if flow.state == CONFIRMED:
                     self.put(flow)
-        return Restored(len(found) - skipped, bad, duplicate, skipped, reformatted)
+        self.restored = Restored(len(found) - skipped, bad, duplicate, skipped, reformatted)
+        return self.restored
 
     def _check_header(self):
         """Format the region unless its header is ours; True if it was not (counted by attach)."""

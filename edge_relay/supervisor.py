@@ -695,7 +695,7 @@ class Supervisor:
         old = metrics.totals(self.shared)
         self.shared.close()
         self.shared = metrics.SharedCounters(n)
-        self.shared.base[0] = old.stats + old.drops
+        self.shared.base[0] = old.stats + old.drops + old.journal
         self.extra.close()
         self.extra = metrics.ExtraShared(n)
         self.n = n

@@ -448,13 +448,27 @@ def test_a_sigkilled_workers_calls_resume_without_a_new_binding_request(tmp_path
         print(next((line for line in log.splitlines() if "crash journal" in line), "no journal line"))
         assert f"worker 0: {len(victims)} flows restored from the crash journal" in log, log
         assert "(records: 0 bad, 0 duplicate, 0 refused)" in log
-        m = metrics(setup)
+        m = wait_for(lambda: (lambda m: m if value(m, "edge_relay_workers_up") == 2 else None)(metrics(setup)),
+                     10, what="both workers serving in /metrics")
         assert value(m, "edge_relay_worker_restarts_total") == 1
+        # what the log line says, /metrics says too: the successor's restore and the journal in use
+        assert value(m, "edge_relay_journal_restored_flows", worker="0") == len(victims)
+        assert value(m, "edge_relay_journal_restored_flows", worker="1") == 0
+        assert value(m, "edge_relay_journal_restore_records_total", result="restored") == len(victims)
+        assert value(m, "edge_relay_journal_records", worker="0") == len(victims)
+        assert value(m, "edge_relay_journal_records", worker="1") == len(others)
+        assert value(m, "edge_relay_journal_capacity", worker="0") == setup_max_flows(setup)
+        assert value(m, "edge_relay_journal_restore_seconds", worker="0") > 0
     finally:
         if traffic is not None:
             traffic.close()
         relay.kill()
         setup.tx_sock.close()
+
+
+def setup_max_flows(setup):
+    from edge_relay import config
+    return config.load(setup.path).limits.max_flows
 
 
 def test_the_bench_runs_at_tiny_scale(tmp_path, capsys):
