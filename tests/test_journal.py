@@ -337,6 +337,23 @@ def test_a_writer_killed_while_raising_the_high_mark_hides_no_record():
             assert not got.reformatted and state(u) == want, (forward, k, got)
 
 
+def test_a_restored_flow_whose_transceiver_left_the_config_is_never_forwarded_to():
+    # the worker died after a reload removed transceiver 3; its successor runs the new config
+    import socket
+    from edge_relay import keys
+    from edge_relay.router import Policy, Router
+    t, j, buf = journaled(n_listeners=1)
+    kept, gone = confirmed(t, 0, sa4(1), 1), confirmed(t, 0, sa4(2), 3)
+    u, _, got = successor(buf, n_listeners=1)
+    assert got.restored == 2                    # restored like the live table kept it ...
+    tx = {1: sockaddr.from_tuple(("10.9.0.5", 5000))}
+    router = Router(u, keys.KeyRing({1: bytes(range(32))}), tx, [socket.AF_INET], Policy())
+    rtp = b"\x80" + bytes(40)
+    router.from_clients(0, [memoryview(rtp)] * 2, [kept.key, gone.key], 2, 501.0, int(time.time() * 1000))
+    assert [dest for dest, *_ in router.to_transceivers] == [tx[1]]     # ... but only kept's datagram leaves
+    assert router.drops[Drop.UNKNOWN_TRANSCEIVER] == 1
+
+
 def test_a_failed_over_flow_is_journaled_and_its_successor_still_says_so(tmp_path):
     """The router's failover (flags set before the move) reaches the journal; the restored flow's
     datagrams carry FLAG_FAILOVER to the backup, as through a snapshot (test_failover.py)."""
