@@ -987,6 +987,10 @@ class Supervisor:
                 s.close()
         self.shared.close()
         self.extra.close()
+        for memory in self.journals.values():
+            if memory is not None:
+                memory.close()
+        self.journals = {}
 
 
 def _report_flows(ctl, worker, payload, index):

@@ -409,6 +409,29 @@ def test_start_flows_restores_the_journal_unless_a_snapshot_was_handed_over(tmp_
         h.close()
 
 
+def test_the_supervisor_closes_the_journals_it_holds(tmp_path):
+    """Supervisor.close releases every slot's region (fd and mapping) as it does its sockets."""
+    from edge_relay import config, keys
+    from edge_relay.log import Log
+    from edge_relay.supervisor import Supervisor
+    from edge_relay.worker import journal_memory
+    from relayproc import free_port
+    (tmp_path / "keys").mkdir(mode=0o700)
+    keys.write_key_file(tmp_path / "keys", 1)
+    cfg = config.parse({"listeners": [{"address": "127.0.0.1", "port": free_port()}],
+                        "internal": {"address": "127.0.0.1", "port": free_port()},
+                        "keys": {"dir": str(tmp_path / "keys")},
+                        "transceivers": [{"id": 1, "address": "127.0.0.1", "port": 9}],
+                        "management": {"port": 0}, "probes": {"enabled": False}}, tmp_path)
+    log = Log(level="err", stream=open(os.devnull, "w"))
+    sup = Supervisor(None, cfg, keys.load_dir(tmp_path / "keys"), log, workers=1, env={})
+    sup.journals[0] = memory = journal_memory(cfg, 0, log)
+    sup.close()
+    with pytest.raises(OSError):
+        os.fstat(memory.fd)
+    assert memory.map.closed
+
+
 # -- real processes -----------------------------------------------------------------
 
 
