@@ -45,9 +45,14 @@ versioned so another layout is refused and overwritten, never misread)
     20  key 28 bytes     the client's raw sockaddr, zero-padded
     48  reserved 12      0
     60  crc32 u32        of bytes 0..59
-  A write is one record: body, then its crc. Removal clears the kind byte
+  A write is one record (`record_stores`): bytes 1..63 (the body after the
+  kind byte, and the crc), then the kind byte. Removal clears the kind byte
   first (one store: the record is free from then on) and then zeroes the
-  rest, so a freed record carries nothing a corrupted kind byte could revive.
+  rest. So a record taken from the free list stays free until it is whole,
+  even over the remains of a removal torn between its two stores (kind 0,
+  the old flow still in the rest: with the kind byte written first, a
+  successor killed just after it would have revived the removed flow); a
+  record rewritten in place is caught by its crc.
   Only one process writes a region at a time (a slot's worker is restarted
   after it has been reaped), and nobody reads it meanwhile: the stores need
   no ordering, only the pages, which the memfd keeps when the writer dies.
@@ -156,6 +161,12 @@ def high_mark(buf):
     return max(valid) if valid else None
 
 
+def record_stores(off, body):
+    """The stores, in order, that write the record at `off` whose bytes 0..59 are `body`:
+    ((off + 1, bytes 1..63), (off, the kind byte)). See Layout for why the kind byte goes last."""
+    return (off + 1, body[1:] + _CRC.pack(binascii.crc32(body))), (off, body[:1])
+
+
 def region_size(capacity):
     """Bytes a journal of `capacity` records needs."""
     return HEADER_SIZE + RECORD_SIZE * capacity
@@ -212,9 +223,9 @@ class Journal:
         key = flow.key
         buf = self._buf
         off = HEADER_SIZE + slot * RECORD_SIZE
-        _BODY.pack_into(buf, off, FLOW, len(key), flow.flags, 0, flow.listener, 0, self.seq,
-                        flow.transceiver, key)
-        _CRC.pack_into(buf, off + _CRC_AT, binascii.crc32(buf[off:off + _CRC_AT]))
+        for at, data in record_stores(off, _BODY.pack(FLOW, len(key), flow.flags, 0, flow.listener, 0,
+                                                      self.seq, flow.transceiver, key)):
+            buf[at:at + len(data)] = data
 
     def drop(self, flow):
         """Free `flow`'s record (it left the table)."""

@@ -18,7 +18,8 @@ import pytest
 from edge_relay import sockaddr
 from edge_relay.drops import Drop
 from edge_relay.flows import CONFIRMED, FAILED_OVER, FlowTable
-from edge_relay.journal import (HEADER_SIZE, RECORD_SIZE, Journal, Restored, header, high_mark, region_size)
+from edge_relay.journal import (HEADER_SIZE, RECORD_SIZE, Journal, Restored, header, high_mark, record_stores,
+                                region_size)
 
 
 def sa4(i, port=40000):
@@ -303,6 +304,32 @@ def test_a_writer_killed_mid_record_leaves_old_new_or_nothing_counted():
                     assert got.bad == 1, (step, k, forward)
                 if k in (0, RECORD_SIZE):
                     assert seen == meaning[step + (k == RECORD_SIZE)]   # whole writes are exact
+
+
+def test_a_removal_torn_and_then_a_reuse_torn_never_revive_the_removed_flow():
+    t, j, buf = journaled(capacity=1, n_listeners=1)
+    x = confirmed(t, 0, sa4(1), 1)
+    rec = slice(HEADER_SIZE, HEADER_SIZE + RECORD_SIZE)
+    buf[HEADER_SIZE] = 0                    # the worker was killed inside drop(): kind cleared, x still there
+    u, k, got = successor(buf, n_listeners=1)
+    assert got.restored == 0 and state(u) == {}
+    before = bytes(buf[rec])
+    y = confirmed(u, 0, sa4(2), 2, now=600.0)       # the successor reuses the record for y ...
+    assert y.jslot == 0
+    after = bytes(buf[rec])
+    stores = record_stores(0, after[:60])  # the record's stores, at offset 0 of `before`
+    for forward in (True, False):
+        for i, (at, data) in enumerate(stores):
+            for n in range(len(data) + 1):  # ... and is killed after n bytes of its i-th store
+                cur = bytearray(before)
+                for a, d in stores[:i]:
+                    cur[a:a + len(d)] = d
+                part = slice(at, at + n) if forward else slice(at + len(data) - n, at + len(data))
+                cur[part] = data[part.start - at:part.stop - at]
+                data2 = bytearray(buf)
+                data2[rec] = cur
+                seen = state(successor(data2, n_listeners=1)[0])
+                assert seen in ({}, {(0, y.key): (2, 0)}), (forward, i, n, seen)
 
 
 def _header_stores(old, new, forward):
