@@ -78,7 +78,10 @@ Guarantees (tests/test_journal.py checks them by fuzzing and by tearing writes)
   * Not journaled, so lost with the worker: pending flows (the client's
     Binding Request retransmission opens them again), an ICE restart in
     progress (`restart_to`; the client's next request with the new token
-    starts it again), the router's cached prefix (rebuilt), quality samples.
+    starts it again), the router's cached prefix (rebuilt), quality samples,
+    and the flow's session (a restored flow counts toward neither its
+    routing token's max_flows_per_session nor any other token's: as after a
+    snapshot restore).
   * Two valid records for one (listener, client): the higher seq is kept,
     the other freed and counted `duplicate`. Records the table refuses
     (listener it does not have, table full) are freed, counted `skipped`.

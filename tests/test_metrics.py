@@ -184,6 +184,8 @@ def test_metrics_match_the_traffic_and_stats_prints_them(tmp_path):
                            capture_output=True, text=True, timeout=30, env=env, cwd=ROOT)
         assert r.returncode == 0, r.stderr
         assert "2/2 up" in r.stdout and f"{len(clients)} confirmed" in r.stdout and "unknown_flow 1" in r.stdout
+        capacity = 2 * int(value(fams, "edge_relay_flows_max"))       # two workers, one journal each
+        assert f"journal      {len(clients)} of {capacity} records, 0 not journaled (full)" in r.stdout, r.stdout
         r = subprocess.run([sys.executable, "-m", "edge_relay", "stats", "--url", setup.url + "/metrics", "--json"],
                            capture_output=True, text=True, timeout=30, env=env, cwd=ROOT)
         assert json.loads(r.stdout)["edge_relay_packets_total{direction=client_in}"] == out
