@@ -19,13 +19,20 @@ Theory of operation
 Layout (little-endian; read only by the same build on the same host, but
 versioned so another layout is refused and overwritten, never misread)
   header  64 bytes at offset 0, written when the region is formatted:
-          magic "ERFJ" | version u8 (1) | reserved u8 | record size u16 (64)
-          | capacity u32 | high u32 | 48 zero bytes
-          `high`: records [0, high) have been used; it grows (one aligned
-          4-byte store) before a record beyond it is first written, and
-          restore reads nothing above it. A memfd allocates a page when it is
-          first read as well as written, so this keeps the memory of a slot
-          at its peak of journaled flows, not at capacity.
+          magic "ERFJ" | version u8 (2) | reserved u8 | record size u16 (64)
+          | capacity u32 | mark A | mark B | 36 zero bytes
+          mark    high u32 | high ^ 0xFFFFFFFF u32
+          `high`: records [0, high) have been used; it grows before a record
+          beyond it is first written, and restore reads nothing above it. A
+          memfd allocates a page when it is first read as well as written,
+          so this keeps the memory of a slot at its peak of journaled flows,
+          not at capacity. It is written twice, mark A whole and then mark
+          B, because a store is not atomic here (struct writes byte by
+          byte): a writer killed inside one mark leaves that mark failing
+          its complement check and the other one whole, old or new, and
+          restore takes the higher valid mark. (Version 1 had one unchecked
+          `high`: a kill inside its store could leave 0 and hide every
+          record, e.g. between the two byte stores of 255 -> 256.)
   record  `capacity` records of 64 bytes from offset 64; record i at 64 + 64 i:
      0  kind u8          0 free, 1 a confirmed flow
      1  key length u8    16 (sockaddr_in) or 28 (sockaddr_in6)
@@ -38,9 +45,14 @@ versioned so another layout is refused and overwritten, never misread)
     20  key 28 bytes     the client's raw sockaddr, zero-padded
     48  reserved 12      0
     60  crc32 u32        of bytes 0..59
-  A write is one record: body, then its crc. Removal clears the kind byte
+  A write is one record (`record_stores`): bytes 1..63 (the body after the
+  kind byte, and the crc), then the kind byte. Removal clears the kind byte
   first (one store: the record is free from then on) and then zeroes the
-  rest, so a freed record carries nothing a corrupted kind byte could revive.
+  rest. So a record taken from the free list stays free until it is whole,
+  even over the remains of a removal torn between its two stores (kind 0,
+  the old flow still in the rest: with the kind byte written first, a
+  successor killed just after it would have revived the removed flow); a
+  record rewritten in place is caught by its crc.
   Only one process writes a region at a time (a slot's worker is restarted
   after it has been reaped), and nobody reads it meanwhile: the stores need
   no ordering, only the pages, which the memfd keeps when the writer dies.
@@ -54,9 +66,10 @@ Guarantees (tests/test_journal.py checks them by fuzzing and by tearing writes)
     old record or the new one whole. A record that passes carries exactly
     what some `put` wrote, except with probability 2^-32 per torn record (a
     crc32 collision). The header is checked whole (a `high` above capacity
-    makes it unusable: counted `reformatted`); a corrupted but plausible
-    `high` hides the records above it, which are then neither restored nor
-    counted.
+    makes it unusable: counted `reformatted`), and so are both marks (no
+    valid one, or one above capacity: counted `reformatted`); a corrupted
+    but plausible mark hides the records above it, which are then neither
+    restored nor counted.
   * A restored flow is CONFIRMED with `last_seen` = the restore's `now`: a
     fresh idle deadline (idle_timeout). It may therefore outlive its
     client by up to one idle_timeout; that is safe because it was confirmed
@@ -65,7 +78,10 @@ Guarantees (tests/test_journal.py checks them by fuzzing and by tearing writes)
   * Not journaled, so lost with the worker: pending flows (the client's
     Binding Request retransmission opens them again), an ICE restart in
     progress (`restart_to`; the client's next request with the new token
-    starts it again), the router's cached prefix (rebuilt), quality samples.
+    starts it again), the router's cached prefix (rebuilt), quality samples,
+    and the flow's session (a restored flow counts toward neither its
+    routing token's max_flows_per_session nor any other token's: as after a
+    snapshot restore).
   * Two valid records for one (listener, client): the higher seq is kept,
     the other freed and counted `duplicate`. Records the table refuses
     (listener it does not have, table full) are freed, counted `skipped`.
@@ -95,14 +111,15 @@ from .flows import CONFIRMED, FLAG_BITS
 from .sockaddr import SOCKADDR_IN6_LEN, SOCKADDR_IN_LEN
 
 MAGIC = b"ERFJ"
-VERSION = 1
+VERSION = 2
 HEADER_SIZE = 64
 RECORD_SIZE = 64
 FLOW = 1                    # record kind; 0 is free
 
-_HEAD = struct.Struct("<4sBBHII48x")
-_HIGH = struct.Struct("<I")
-_HIGH_AT = 12
+_HEAD = struct.Struct("<4sBBHI")
+_MARK = struct.Struct("<II")                    # high, high ^ 0xFFFFFFFF
+_MARKS_AT = (12, 20)                            # mark A, then mark B
+_HEAD_END = 28                                  # zero from here to HEADER_SIZE
 _BODY = struct.Struct("<BBBBHHQI28s12x")       # bytes 0..59 of a record
 _CRC = struct.Struct("<I")
 _RECORD = struct.Struct("<BBBBHHQI28s12sI")     # a whole record, as restore reads it
@@ -117,12 +134,40 @@ _KEY_AT = 20
 _U32 = 0xFFFFFFFF
 _ZERO_RECORD = bytes(RECORD_SIZE)
 _WRITTEN = re.compile(b"[^\x00]")
-assert _BODY.size + _CRC.size == _RECORD.size == RECORD_SIZE and _HEAD.size == HEADER_SIZE
+assert _BODY.size + _CRC.size == _RECORD.size == RECORD_SIZE and _HEAD.size == _MARKS_AT[0]
+assert _MARKS_AT[1] + _MARK.size == _HEAD_END <= HEADER_SIZE
 
 Restored = collections.namedtuple("Restored", "restored bad duplicate skipped reformatted")
 Restored.__doc__ = """What `Journal.attach` found: flows added to the table; records that failed a
 check; duplicates dropped; valid records the table refused; and whether the header was
 unusable (another layout or garbage), so that the whole region was formatted afresh."""
+
+
+def header(capacity, high):
+    """The 64 header bytes of a region of `capacity` records whose records [0, high) are used."""
+    mark = _MARK.pack(high, high ^ _U32)
+    return _HEAD.pack(MAGIC, VERSION, 0, RECORD_SIZE, capacity) + mark + mark + bytes(HEADER_SIZE - _HEAD_END)
+
+
+def high_mark(buf):
+    """The high mark restore uses in `buf` (a region), or None if its header is not ours.
+
+    The capacity field is not compared with the region's size here (Journal does that).
+    """
+    if len(buf) < HEADER_SIZE:
+        return None
+    magic, version, res, rsize, cap = _HEAD.unpack_from(buf, 0)
+    if (magic, version, res, rsize) != (MAGIC, VERSION, 0, RECORD_SIZE) or any(buf[_HEAD_END:HEADER_SIZE]):
+        return None
+    valid = [high for high, check in (_MARK.unpack_from(buf, at) for at in _MARKS_AT)
+             if check == high ^ _U32 and high <= cap]
+    return max(valid) if valid else None
+
+
+def record_stores(off, body):
+    """The stores, in order, that write the record at `off` whose bytes 0..59 are `body`:
+    ((off + 1, bytes 1..63), (off, the kind byte)). See Layout for why the kind byte goes last."""
+    return (off + 1, body[1:] + _CRC.pack(binascii.crc32(body))), (off, body[:1])
 
 
 def region_size(capacity):
@@ -133,9 +178,12 @@ def region_size(capacity):
 class Journal:
     """The journal of one worker slot over `buf`, a writable buffer of region_size(capacity) bytes.
 
-    Attributes (plain ints, read-only for callers): `capacity` records,
-    `full` (puts that found no free record), `unjournaled` (flows whose
-    owner id does not fit 32 bits), `seq` (the last write's number).
+    Attributes (read-only for callers): `capacity` records, `full` (puts
+    that found no free record), `unjournaled` (flows whose owner id does not
+    fit 32 bits), `seq` (the last write's number), `restored` (the Restored
+    of the last `attach`, or None). `restore_seconds` is set by whoever
+    times the attach (worker.start_flows); `in_use` counts the records held.
+    The worker publishes them all (metrics.publish, edge_relay_journal_*).
     """
 
     def __init__(self, buf):
@@ -146,6 +194,13 @@ class Journal:
         self.seq = 0
         self.full = 0
         self.unjournaled = 0
+        self.restored = None
+        self.restore_seconds = 0.0
+
+    @property
+    def in_use(self):
+        """Records that hold a flow now (journaled flows)."""
+        return self._next - len(self._free)
 
     # -- the worker's writes (flows.FlowTable calls them) -----------------------
 
@@ -162,7 +217,7 @@ class Journal:
             elif self._next < self.capacity:
                 slot = self._next
                 self._next += 1
-                _HIGH.pack_into(self._buf, _HIGH_AT, self._next)      # before the record it covers
+                self._mark(self._next)          # before the record it covers
             else:
                 self.full += 1
                 return
@@ -171,9 +226,9 @@ class Journal:
         key = flow.key
         buf = self._buf
         off = HEADER_SIZE + slot * RECORD_SIZE
-        _BODY.pack_into(buf, off, FLOW, len(key), flow.flags, 0, flow.listener, 0, self.seq,
-                        flow.transceiver, key)
-        _CRC.pack_into(buf, off + _CRC_AT, binascii.crc32(buf[off:off + _CRC_AT]))
+        for at, data in record_stores(off, _BODY.pack(FLOW, len(key), flow.flags, 0, flow.listener, 0,
+                                                      self.seq, flow.transceiver, key)):
+            buf[at:at + len(data)] = data
 
     def drop(self, flow):
         """Free `flow`'s record (it left the table)."""
@@ -219,24 +274,31 @@ class Journal:
                 flow.jslot = None           # an index into some other region means nothing here
                 if flow.state == CONFIRMED:
                     self.put(flow)
-        return Restored(len(found) - skipped, bad, duplicate, skipped, reformatted)
+        self.restored = Restored(len(found) - skipped, bad, duplicate, skipped, reformatted)
+        return self.restored
 
     def _check_header(self):
         """Format the region unless its header is ours; True if it was not (counted by attach)."""
         buf = self._buf
         if len(buf) < HEADER_SIZE:
             return True
-        magic, version, res, rsize, cap, high = _HEAD.unpack_from(buf, 0)
-        if (magic, version, res, rsize, cap) == (MAGIC, VERSION, 0, RECORD_SIZE, self.capacity) \
-                and high <= cap and not any(buf[_HIGH_AT + 4:HEADER_SIZE]):
+        high = high_mark(buf)
+        if high is not None and high <= self.capacity and \
+                _HEAD.unpack_from(buf, 0)[4] == self.capacity:
             self._next = high
             return False
         fresh = not any(buf[:HEADER_SIZE])          # a new region is all zero: nothing to count
         if not fresh:
             self._wipe()
-        _HEAD.pack_into(buf, 0, MAGIC, VERSION, 0, RECORD_SIZE, self.capacity, 0)
+        buf[:HEADER_SIZE] = header(self.capacity, 0)
         self._next = 0
         return not fresh
+
+    def _mark(self, high):
+        """Raise the high mark: mark A whole, then mark B (see Layout)."""
+        buf = self._buf
+        for at in _MARKS_AT:
+            _MARK.pack_into(buf, at, high, high ^ _U32)
 
     def _wipe(self):
         # (allocates the whole region: only for a header that is not ours, never in normal operation)

@@ -12,7 +12,10 @@ Theory of operation
   Counters of a worker start at zero in a new process. When the supervisor
   reaps a dead worker it adds the slot's last values to that slot's `base`
   and clears the slot, so totals never go backwards across restarts (a
-  SIGKILLed worker loses at most its last half second of counts).
+  SIGKILLed worker loses at most its last half second of counts). The
+  crash journal's counters (JOURNAL_COUNTERS: writes it could not make,
+  what each start restored) are carried the same way; its gauges (records
+  in use, capacity, the last start's restore) are the serving worker's own.
 
   Host-side numbers are read only when /metrics is scraped, never on the
   packet path: `process_*` of the supervisor and each worker from
@@ -56,7 +59,14 @@ HEARTBEAT, PID, FLOWS_PENDING, FLOWS_CONFIRMED, RELOADS, RELOAD_FAILURES, GENERA
 HEAD_WORDS = 8
 STATS_AT = HEAD_WORDS
 DROPS_AT = STATS_AT + N_STATS
-SLOT_WORDS = DROPS_AT + N_DROPS
+# The crash journal (journal.py): counters carried across restarts like the
+# stats and drops, then gauges of the worker's own journal and start.
+JOURNAL_COUNTERS = ("full", "unjournaled", "restored", "bad", "duplicate", "refused", "reformatted")
+JOURNAL_AT = DROPS_AT + N_DROPS
+N_JOURNAL = len(JOURNAL_COUNTERS)
+J_RECORDS, J_CAPACITY, J_RESTORED, J_RESTORE_US = range(JOURNAL_AT + N_JOURNAL, JOURNAL_AT + N_JOURNAL + 4)
+SLOT_WORDS = J_RESTORE_US + 1
+CARRIED = N_STATS + N_DROPS + N_JOURNAL        # words from STATS_AT folded into `base` by retire
 _WORD = struct.calcsize("Q")
 
 
@@ -72,7 +82,7 @@ class SharedCounters:
         self._map = mmap.mmap(-1, max(1, n) * SLOT_WORDS * _WORD, flags=mmap.MAP_SHARED,
                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.words = memoryview(self._map).cast("Q")
-        self.base = [[0] * (N_STATS + N_DROPS) for _ in range(n)]
+        self.base = [[0] * CARRIED for _ in range(n)]
 
     def slot(self, i):
         """A writable view of slot `i` (the worker's side)."""
@@ -85,7 +95,7 @@ class SharedCounters:
         """Slot `i`'s worker is gone: fold its counters into the base and clear the slot."""
         values = self.read(i)
         base = self.base[i]
-        for k, v in enumerate(values[STATS_AT:]):
+        for k, v in enumerate(values[STATS_AT:STATS_AT + CARRIED]):
             base[k] += v
         self.slot(i)[:] = memoryview(bytes(SLOT_WORDS * _WORD)).cast("Q")
 
@@ -368,7 +378,18 @@ def publish(slot, router, generation, reloads=0, reload_failures=0, started_ns=0
     """Copy one worker's counters into its slot (called by the worker)."""
     flows = router.flows
     slot[STATS_AT:DROPS_AT] = memoryview(struct.pack(f"{N_STATS}Q", *router.stats)).cast("Q")
-    slot[DROPS_AT:SLOT_WORDS] = memoryview(struct.pack(f"{N_DROPS}Q", *router.drops)).cast("Q")
+    slot[DROPS_AT:JOURNAL_AT] = memoryview(struct.pack(f"{N_DROPS}Q", *router.drops)).cast("Q")
+    journal = getattr(flows, "journal", None)
+    if journal is not None:
+        got = journal.restored
+        slot[JOURNAL_AT:J_RECORDS] = memoryview(struct.pack(
+            f"{N_JOURNAL}Q", journal.full, journal.unjournaled,
+            *((got.restored, got.bad, got.duplicate, got.skipped, int(got.reformatted)) if got else (0,) * 5))
+        ).cast("Q")
+        slot[J_RECORDS] = journal.in_use
+        slot[J_CAPACITY] = journal.capacity
+        slot[J_RESTORED] = got.restored if got else 0
+        slot[J_RESTORE_US] = int(journal.restore_seconds * 1e6)
     slot[FLOWS_PENDING] = flows.pending
     slot[FLOWS_CONFIRMED] = flows.confirmed
     slot[RELOADS] = reloads
@@ -400,6 +421,9 @@ class Totals:
         self.extra = []         # extra_of documents of the serving workers
         self.worker_flows = {}  # {worker index: live flows} of the serving workers
         self.flows_max = 0      # limits.max_flows: each worker's own cap
+        self.journal = [0] * N_JOURNAL      # JOURNAL_COUNTERS summed over workers, dead ones included
+        self.worker_journal = {}  # {worker index: (records, capacity, restored, restore seconds)} of serving
+        #                           workers that have a crash journal
         self.processes = []     # [(worker label, pid)]: process_* read at render time
         self.sockets = []       # [(socket name, inode)]: edge_relay_socket_drops_total read at render time
 
@@ -415,6 +439,11 @@ def totals(shared, up=()):
             t.stats[k] += values[STATS_AT + k] + base[k]
         for k in range(N_DROPS):
             t.drops[k] += values[DROPS_AT + k] + base[N_STATS + k]
+        for k in range(N_JOURNAL):
+            t.journal[k] += values[JOURNAL_AT + k] + base[N_STATS + N_DROPS + k]
+        if i in up and values[J_CAPACITY]:
+            t.worker_journal[i] = (values[J_RECORDS], values[J_CAPACITY], values[J_RESTORED],
+                                   values[J_RESTORE_US] / 1e6)
         if i in up:
             t.flows_pending += values[FLOWS_PENDING]
             t.flows_confirmed += values[FLOWS_CONFIRMED]
@@ -463,6 +492,31 @@ def render(t):
            [((("worker", str(i)),), n) for i, n in sorted(t.worker_flows.items())])
     family("edge_relay_flows_max", "gauge", "Cap on one worker's live flows (limits.max_flows).",
            [((), t.flows_max)])
+    journal = dict(zip(JOURNAL_COUNTERS, t.journal))
+    workers = sorted(t.worker_journal.items())
+    family("edge_relay_journal_records", "gauge",
+           "Crash-journal records holding a confirmed flow, by serving worker.",
+           [((("worker", str(i)),), j[0]) for i, j in workers])
+    family("edge_relay_journal_capacity", "gauge",
+           "Records in each worker slot's crash journal (limits.max_flows when the slot first started).",
+           [((("worker", str(i)),), j[1]) for i, j in workers])
+    family("edge_relay_journal_unjournaled_total", "counter",
+           "Confirmed-flow transitions not written to the crash journal: every record in use (full), "
+           "or an owner id wider than 32 bits (transceiver_id).",
+           [((("reason", "full"),), journal["full"]), ((("reason", "transceiver_id"),), journal["unjournaled"])])
+    family("edge_relay_journal_restore_records_total", "counter",
+           "Crash-journal records found by restarted workers: restored as flows, bad (failed a check), "
+           "duplicate (an older record of the same flow), refused (by the flow table: no such listener, full).",
+           [((("result", r),), journal[r]) for r in ("restored", "bad", "duplicate", "refused")])
+    family("edge_relay_journal_reformatted_total", "counter",
+           "Crash journals whose header was unreadable at a worker's start, so formatted afresh (flows lost).",
+           [((), journal["reformatted"])])
+    family("edge_relay_journal_restored_flows", "gauge",
+           "Flows the serving worker restored from the crash journal when it started (0 after a clean start).",
+           [((("worker", str(i)),), j[2]) for i, j in workers])
+    family("edge_relay_journal_restore_seconds", "gauge",
+           "Time the serving worker's start spent restoring flows (handed-over snapshot and crash journal).",
+           [((("worker", str(i)),), repr(j[3])) for i, j in workers])
     family("edge_relay_workers", "gauge", "Configured worker processes.", [((), t.workers)])
     family("edge_relay_workers_up", "gauge", "Worker processes serving (fresh heartbeat).",
            [((), t.workers_up)])

@@ -695,7 +695,7 @@ class Supervisor:
         old = metrics.totals(self.shared)
         self.shared.close()
         self.shared = metrics.SharedCounters(n)
-        self.shared.base[0] = old.stats + old.drops
+        self.shared.base[0] = old.stats + old.drops + old.journal
         self.extra.close()
         self.extra = metrics.ExtraShared(n)
         self.n = n
@@ -987,6 +987,10 @@ class Supervisor:
                 s.close()
         self.shared.close()
         self.extra.close()
+        for memory in self.journals.values():
+            if memory is not None:
+                memory.close()
+        self.journals = {}
 
 
 def _report_flows(ctl, worker, payload, index):

@@ -266,11 +266,13 @@ def _restore(flows, log, index, snapshot, memory, clock):
             log.warning("restore", "worker %d: flow snapshot refused: %s", index, exc)
     if memory is None:
         return
-    got = Journal(memory.map).attach(flows, clock(), fresh=handed)
+    journal = Journal(memory.map)
+    got = journal.attach(flows, clock(), fresh=handed)
+    journal.restore_seconds = clock() - start
     if not handed and (got.restored or got.bad or got.duplicate or got.skipped or got.reformatted):
         log.notice("journal", "worker %d: %d flows restored from the crash journal in %.1f ms "
                    "(records: %d bad, %d duplicate, %d refused%s)", index, got.restored,
-                   (clock() - start) * 1000, got.bad, got.duplicate, got.skipped,
+                   journal.restore_seconds * 1000, got.bad, got.duplicate, got.skipped,
                    "; unreadable header, region formatted afresh" if got.reformatted else "")
 
 

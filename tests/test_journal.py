@@ -18,7 +18,8 @@ import pytest
 from edge_relay import sockaddr
 from edge_relay.drops import Drop
 from edge_relay.flows import CONFIRMED, FAILED_OVER, FlowTable
-from edge_relay.journal import HEADER_SIZE, RECORD_SIZE, Journal, Restored, region_size
+from edge_relay.journal import (HEADER_SIZE, RECORD_SIZE, Journal, Restored, header, high_mark, record_stores,
+                                region_size)
 
 
 def sa4(i, port=40000):
@@ -152,7 +153,7 @@ def test_fresh_attach_rewrites_the_journal_from_the_table():
 def test_another_layout_is_refused_and_the_region_formatted_afresh():
     t, j, buf = journaled()
     confirmed(t, 0, sa4(1), 1)
-    for patch in (b"XXXX", b"ERFJ\x02", b"ERFJ\x01\x01"):
+    for patch in (b"XXXX", b"ERFJ\x01", b"ERFJ\x03", b"ERFJ\x02\x01"):     # version 1: one unchecked mark
         other = bytearray(buf)
         other[:len(patch)] = patch
         u, k, got = successor(other)
@@ -241,7 +242,7 @@ def test_restore_of_corrupted_bytes_never_raises_and_never_invents_a_flow(seed):
                 data[ob:ob + RECORD_SIZE] = data[oa:oa + RECORD_SIZE]
             else:                                       # a kind byte set on a free record
                 data[HEADER_SIZE + rng.randrange(j.capacity) * RECORD_SIZE] = rng.randrange(256)
-        high = min(struct.unpack_from("<I", data, 12)[0], j.capacity)    # what restore reads
+        high = min(high_mark(data) or 0, j.capacity)     # what restore reads
         kinds = sum(1 for i in range(high) if data[HEADER_SIZE + i * RECORD_SIZE])
         u, _, got = successor(data)
         for f in u:
@@ -260,7 +261,7 @@ def test_whole_garbage_regions_never_raise_and_restore_nothing():
             data = bytearray(os.urandom(size))
             ours = rng.random() < 0.5
             if ours:                # our header over garbage records: each one is checked and counted
-                data[:HEADER_SIZE] = struct.pack("<4sBBHII48x", b"ERFJ", 1, 0, RECORD_SIZE, cap, cap)
+                data[:HEADER_SIZE] = header(cap, cap)
             kinds = sum(1 for i in range(cap) if data[HEADER_SIZE + i * RECORD_SIZE])
             u, _, got = successor(data)
             assert len(u) == 0 and got.restored == 0
@@ -303,6 +304,81 @@ def test_a_writer_killed_mid_record_leaves_old_new_or_nothing_counted():
                     assert got.bad == 1, (step, k, forward)
                 if k in (0, RECORD_SIZE):
                     assert seen == meaning[step + (k == RECORD_SIZE)]   # whole writes are exact
+
+
+def test_a_removal_torn_and_then_a_reuse_torn_never_revive_the_removed_flow():
+    t, j, buf = journaled(capacity=1, n_listeners=1)
+    confirmed(t, 0, sa4(1), 1)
+    rec = slice(HEADER_SIZE, HEADER_SIZE + RECORD_SIZE)
+    buf[HEADER_SIZE] = 0                    # the worker was killed inside drop(): kind cleared, x still there
+    u, k, got = successor(buf, n_listeners=1)
+    assert got.restored == 0 and state(u) == {}
+    before = bytes(buf[rec])
+    y = confirmed(u, 0, sa4(2), 2, now=600.0)       # the successor reuses the record for y ...
+    assert y.jslot == 0
+    after = bytes(buf[rec])
+    stores = record_stores(0, after[:60])  # the record's stores, at offset 0 of `before`
+    for forward in (True, False):
+        for i, (at, data) in enumerate(stores):
+            for n in range(len(data) + 1):  # ... and is killed after n bytes of its i-th store
+                cur = bytearray(before)
+                for a, d in stores[:i]:
+                    cur[a:a + len(d)] = d
+                part = slice(at, at + n) if forward else slice(at + len(data) - n, at + len(data))
+                cur[part] = data[part.start - at:part.stop - at]
+                data2 = bytearray(buf)
+                data2[rec] = cur
+                seen = state(successor(data2, n_listeners=1)[0])
+                assert seen in ({}, {(0, y.key): (2, 0)}), (forward, i, n, seen)
+
+
+def _header_stores(old, new, forward):
+    """The header bytes after each byte store of a writer going from `old` to `new` header:
+    4-byte words in address order, each written byte by byte (struct.pack_into) in either direction."""
+    out = bytearray(old)
+    yield bytes(out)
+    for word in range(0, HEADER_SIZE, 4):
+        for i in (range(word, word + 4) if forward else range(word + 3, word - 1, -1)):
+            if out[i] != new[i]:
+                out[i] = new[i]
+                yield bytes(out)
+
+
+def test_a_writer_killed_while_raising_the_high_mark_hides_no_record():
+    # 255 -> 256 changes two bytes of the mark: a store torn between them must not
+    # leave a mark below the records already written (nor one that unformats the region)
+    t, j, buf = journaled(capacity=300, n_listeners=1)
+    flows = [confirmed(t, 0, sa4(i), 1) for i in range(255)]
+    before = bytes(buf[:HEADER_SIZE])
+    confirmed(t, 0, sa4(255), 1)
+    after = bytes(buf[:HEADER_SIZE])
+    assert before != after
+    want = {(0, f.key): (1, 0) for f in flows}
+    last = HEADER_SIZE + 255 * RECORD_SIZE
+    for forward in (True, False):
+        for k, head in enumerate(_header_stores(before, after, forward)):
+            data = bytearray(buf)
+            data[:HEADER_SIZE] = head
+            data[last:last + RECORD_SIZE] = bytes(RECORD_SIZE)     # killed before the record itself
+            u, _, got = successor(data, n_listeners=1)
+            assert not got.reformatted and state(u) == want, (forward, k, got)
+
+
+def test_a_restored_flow_whose_transceiver_left_the_config_is_never_forwarded_to():
+    # the worker died after a reload removed transceiver 3; its successor runs the new config
+    import socket
+    from edge_relay import keys
+    from edge_relay.router import Policy, Router
+    t, j, buf = journaled(n_listeners=1)
+    kept, gone = confirmed(t, 0, sa4(1), 1), confirmed(t, 0, sa4(2), 3)
+    u, _, got = successor(buf, n_listeners=1)
+    assert got.restored == 2                    # restored like the live table kept it ...
+    tx = {1: sockaddr.from_tuple(("10.9.0.5", 5000))}
+    router = Router(u, keys.KeyRing({1: bytes(range(32))}), tx, [socket.AF_INET], Policy())
+    rtp = b"\x80" + bytes(40)
+    router.from_clients(0, [memoryview(rtp)] * 2, [kept.key, gone.key], 2, 501.0, int(time.time() * 1000))
+    assert [dest for dest, *_ in router.to_transceivers] == [tx[1]]     # ... but only kept's datagram leaves
+    assert router.drops[Drop.UNKNOWN_TRANSCEIVER] == 1
 
 
 def test_a_failed_over_flow_is_journaled_and_its_successor_still_says_so(tmp_path):
@@ -361,6 +437,29 @@ def test_start_flows_restores_the_journal_unless_a_snapshot_was_handed_over(tmp_
         h.close()
 
 
+def test_the_supervisor_closes_the_journals_it_holds(tmp_path):
+    """Supervisor.close releases every slot's region (fd and mapping) as it does its sockets."""
+    from edge_relay import config, keys
+    from edge_relay.log import Log
+    from edge_relay.supervisor import Supervisor
+    from edge_relay.worker import journal_memory
+    from relayproc import free_port
+    (tmp_path / "keys").mkdir(mode=0o700)
+    keys.write_key_file(tmp_path / "keys", 1)
+    cfg = config.parse({"listeners": [{"address": "127.0.0.1", "port": free_port()}],
+                        "internal": {"address": "127.0.0.1", "port": free_port()},
+                        "keys": {"dir": str(tmp_path / "keys")},
+                        "transceivers": [{"id": 1, "address": "127.0.0.1", "port": 9}],
+                        "management": {"port": 0}, "probes": {"enabled": False}}, tmp_path)
+    log = Log(level="err", stream=open(os.devnull, "w"))
+    sup = Supervisor(None, cfg, keys.load_dir(tmp_path / "keys"), log, workers=1, env={})
+    sup.journals[0] = memory = journal_memory(cfg, 0, log)
+    sup.close()
+    with pytest.raises(OSError):
+        os.fstat(memory.fd)
+    assert memory.map.closed
+
+
 # -- real processes -----------------------------------------------------------------
 
 
@@ -417,13 +516,27 @@ def test_a_sigkilled_workers_calls_resume_without_a_new_binding_request(tmp_path
         print(next((line for line in log.splitlines() if "crash journal" in line), "no journal line"))
         assert f"worker 0: {len(victims)} flows restored from the crash journal" in log, log
         assert "(records: 0 bad, 0 duplicate, 0 refused)" in log
-        m = metrics(setup)
+        m = wait_for(lambda: (lambda m: m if value(m, "edge_relay_workers_up") == 2 else None)(metrics(setup)),
+                     10, what="both workers serving in /metrics")
         assert value(m, "edge_relay_worker_restarts_total") == 1
+        # what the log line says, /metrics says too: the successor's restore and the journal in use
+        assert value(m, "edge_relay_journal_restored_flows", worker="0") == len(victims)
+        assert value(m, "edge_relay_journal_restored_flows", worker="1") == 0
+        assert value(m, "edge_relay_journal_restore_records_total", result="restored") == len(victims)
+        assert value(m, "edge_relay_journal_records", worker="0") == len(victims)
+        assert value(m, "edge_relay_journal_records", worker="1") == len(others)
+        assert value(m, "edge_relay_journal_capacity", worker="0") == setup_max_flows(setup)
+        assert value(m, "edge_relay_journal_restore_seconds", worker="0") > 0
     finally:
         if traffic is not None:
             traffic.close()
         relay.kill()
         setup.tx_sock.close()
+
+
+def setup_max_flows(setup):
+    from edge_relay import config
+    return config.load(setup.path).limits.max_flows
 
 
 def test_the_bench_runs_at_tiny_scale(tmp_path, capsys):

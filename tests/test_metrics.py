@@ -67,6 +67,65 @@ def test_restarted_worker_never_makes_counters_go_backwards():
         shared.close()
 
 
+class JournaledRouter(FakeRouter):
+    """A router stand-in whose flow table writes a crash journal over `buf`."""
+
+    def __init__(self, buf, restore_seconds=0.0):
+        from edge_relay.flows import FlowTable
+        from edge_relay.journal import Journal
+        super().__init__(0)
+        self.flows = FlowTable(max_flows=8)
+        journal = Journal(buf)
+        journal.attach(self.flows, 100.0)
+        journal.restore_seconds = restore_seconds
+
+
+def test_the_crash_journal_is_published_per_worker_and_its_counters_survive_the_worker():
+    from edge_relay import sockaddr
+    from edge_relay.journal import HEADER_SIZE, RECORD_SIZE, region_size
+    buf = bytearray(region_size(2))         # a journal smaller than the table: the third flow finds it full
+    shared = metrics.SharedCounters(2)
+    try:
+        first = JournaledRouter(buf)
+        for i in range(3):
+            f = first.flows.open(0, sockaddr.from_tuple((f"198.51.100.{i + 1}", 4000)), 7, 1.0)
+            first.flows.confirm(f, 1.0)
+        metrics.publish(shared.slot(0), first, generation=1)
+        metrics.publish(shared.slot(1), FakeRouter(1), generation=1)      # a worker without a journal
+        fams = parse_prometheus(metrics.render(metrics.totals(shared, up={0, 1})))
+        assert fams["edge_relay_journal_records"]["type"] == "gauge"
+        assert fams["edge_relay_journal_unjournaled_total"]["type"] == "counter"
+        assert value(fams, "edge_relay_journal_records", worker="0") == 2
+        assert value(fams, "edge_relay_journal_capacity", worker="0") == 2
+        assert ("worker", "1") not in {k for key in fams["edge_relay_journal_records"]["samples"] for k in key}
+        assert value(fams, "edge_relay_journal_unjournaled_total", reason="full") == 1
+        assert value(fams, "edge_relay_journal_unjournaled_total", reason="transceiver_id") == 0
+        assert value(fams, "edge_relay_journal_restored_flows", worker="0") == 0
+        # worker 0 is SIGKILLed with one of its two records torn; its successor restores the other
+        shared.retire(0)
+        buf[HEADER_SIZE + RECORD_SIZE + 21] ^= 0xFF
+        second = JournaledRouter(buf, restore_seconds=0.0025)
+        metrics.publish(shared.slot(0), second, generation=1)
+        fams = parse_prometheus(metrics.render(metrics.totals(shared, up={0, 1})))
+        assert value(fams, "edge_relay_journal_unjournaled_total", reason="full") == 1      # carried over
+        assert value(fams, "edge_relay_journal_restore_records_total", result="restored") == 1
+        assert value(fams, "edge_relay_journal_restore_records_total", result="bad") == 1
+        assert value(fams, "edge_relay_journal_restore_records_total", result="duplicate") == 0
+        assert value(fams, "edge_relay_journal_restore_records_total", result="refused") == 0
+        assert value(fams, "edge_relay_journal_reformatted_total") == 0
+        assert value(fams, "edge_relay_journal_restored_flows", worker="0") == 1
+        assert value(fams, "edge_relay_journal_restore_seconds", worker="0") == 0.0025
+        assert value(fams, "edge_relay_journal_records", worker="0") == 1
+        # a dead worker's gauges go with it; the counters stay
+        shared.retire(0)
+        fams = parse_prometheus(metrics.render(metrics.totals(shared, up={1})))
+        assert not fams["edge_relay_journal_records"]["samples"]
+        assert value(fams, "edge_relay_journal_restore_records_total", result="bad") == 1
+        del first, second       # their journals' views of buf
+    finally:
+        shared.close()
+
+
 def test_parse_reads_what_render_writes_and_rejects_garbage():
     shared = metrics.SharedCounters(1)
     try:
@@ -125,6 +184,8 @@ def test_metrics_match_the_traffic_and_stats_prints_them(tmp_path):
                            capture_output=True, text=True, timeout=30, env=env, cwd=ROOT)
         assert r.returncode == 0, r.stderr
         assert "2/2 up" in r.stdout and f"{len(clients)} confirmed" in r.stdout and "unknown_flow 1" in r.stdout
+        capacity = 2 * int(value(fams, "edge_relay_flows_max"))       # two workers, one journal each
+        assert f"journal      {len(clients)} of {capacity} records, 0 not journaled (full)" in r.stdout, r.stdout
         r = subprocess.run([sys.executable, "-m", "edge_relay", "stats", "--url", setup.url + "/metrics", "--json"],
                            capture_output=True, text=True, timeout=30, env=env, cwd=ROOT)
         assert json.loads(r.stdout)["edge_relay_packets_total{direction=client_in}"] == out
