@@ -282,7 +282,9 @@ def cmd_stats(args):
           f"{get('edge_relay_reloads_total')} reloads, {get('edge_relay_reload_failures_total')} refused")
     print(f"flows        {get('edge_relay_flows', state='confirmed')} confirmed, "
           f"{get('edge_relay_flows', state='pending')} pending")
-    total = lambda name: int(sum(v for (n, _), v in samples.items() if n == name))  # noqa: E731
+
+    def total(name):
+        return int(sum(v for (n, _), v in samples.items() if n == name))
     print(f"journal      {total('edge_relay_journal_records')} of {total('edge_relay_journal_capacity')} "
           f"records, {get('edge_relay_journal_unjournaled_total', reason='full')} not journaled (full); "
           f"restarts restored {get('edge_relay_journal_restore_records_total', result='restored')} flows, "
