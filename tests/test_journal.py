@@ -367,6 +367,7 @@ def test_a_writer_killed_while_raising_the_high_mark_hides_no_record():
 def test_a_restored_flow_whose_transceiver_left_the_config_is_never_forwarded_to():
     # the worker died after a reload removed transceiver 3; its successor runs the new config
     import socket
+
     from edge_relay import keys
     from edge_relay.router import Policy, Router
     t, j, buf = journaled(n_listeners=1)
