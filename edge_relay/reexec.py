@@ -49,7 +49,6 @@ import importlib
 import json
 import os
 import pkgutil
-import select
 import signal
 import socket
 import sys
@@ -314,22 +313,28 @@ def stray_fds():
 
 
 def stray_pool(fds):
-    """{fd-store-like name: socket} is unknown without a state: the UDP sockets among `fds`, others closed.
+    """The UDP sockets among inherited `fds`, for supervisor.bind_sockets to match by address.
 
-    Returns [socket]; the caller matches them by address (supervisor.bind_sockets).
+    The previous image's other fds are closed: its control channels and
+    management socket (AF_UNIX and TCP sockets) and its memfds. Anything else
+    came from whoever started us and is left alone.
     """
     socks = []
     for fd in fds:
         try:
-            flags = fcntl.fcntl(fd, fcntl.F_GETFD)
-            fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("/memfd:"):
+            os.close(fd)
+            continue
+        if not target.startswith("socket:"):
+            continue
+        try:
             sock = socket.socket(fileno=fd)
         except OSError:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
             continue
+        sock.set_inheritable(False)
         if sock.type == socket.SOCK_DGRAM and sock.family in (socket.AF_INET, socket.AF_INET6):
             socks.append(sock)
         else:
@@ -385,8 +390,3 @@ def await_turn(ctl, ctl_max):
         return None
     finally:
         ctl.setblocking(False)
-
-
-def wait_readable(fd, timeout):
-    """True if `fd` becomes readable within `timeout` seconds (bounded)."""
-    return bool(select.select([fd], [], [], max(0.0, timeout))[0])
