@@ -23,8 +23,19 @@ Theory of operation
       FLOWS + memfd         the flow table snapshot, sent as the worker exits
       FLOW_REPORT + memfd   the JSON answer to REPORT_FLOWS
 
-  An unknown or malformed message decodes to (None, None) and is ignored:
-  the two sides are always the same code, so that only happens by a bug.
+  A worker started to take over a running one (an upgrade, reexec.py) is
+  built but does not read its sockets until its turn:
+    worker -> supervisor   READY         config and keys loaded, loop built
+    supervisor -> worker   TAKE [+ memfd] the old worker has stopped: restore
+                                         the flow snapshot (if any) and serve
+
+  During an upgrade the supervisor runs the new code and the workers it
+  took over still run the old one: STOP and FLOWS (what it asks of them)
+  and the rest of this protocol must keep their meaning from one version to
+  the next. A new verb is safe (the old side ignores it); a changed one is
+  not.
+
+  An unknown or malformed message decodes to (None, None) and is ignored.
 """
 
 import json
@@ -39,8 +50,10 @@ RELOADED = b"reloaded"
 RELOAD_FAILED = b"reload-failed"
 FLOWS = b"flows"
 FLOW_REPORT = b"flow-report"
+READY = b"ready"
+TAKE = b"take"
 
-_PLAIN = (DRAIN, STOP, RELOADED, FLOWS, FLOW_REPORT)
+_PLAIN = (DRAIN, STOP, RELOADED, FLOWS, FLOW_REPORT, READY, TAKE)
 
 
 def encode_reload(generation):

@@ -14,6 +14,10 @@ Theory of operation
     RESTRUCTURING  the new config needs other sockets or another number of
                    workers: the old workers hand their flows over and exit;
                    then new workers start (-> RELOADING)
+    UPGRADING      SIGUSR2 (reexec.py): the new code on disk is being checked
+                   (-> SERVING when refused; else this image is replaced by
+                   execve); in the new image, from the takeover until every
+                   old worker has handed its flows to a new one (-> SERVING)
     STOPPING       SIGTERM: the workers are leaving; their flows and the
                    sockets go to the fd store
     STOPPED        every worker is gone; the loop ends
@@ -38,17 +42,20 @@ class Phase(enum.Enum):
     SERVING = "serving"
     RELOADING = "reloading"
     RESTRUCTURING = "restructuring"
+    UPGRADING = "upgrading"
     STOPPING = "stopping"
     STOPPED = "stopped"
 
 
 P = Phase
 TRANSITIONS = {
-    P.STARTING: {P.SERVING, P.STOPPING},
-    P.SERVING: {P.RELOADING, P.RESTRUCTURING, P.STOPPING},
+    # a new image that took over running workers starts by replacing them
+    P.STARTING: {P.SERVING, P.UPGRADING, P.STOPPING},
+    P.SERVING: {P.RELOADING, P.RESTRUCTURING, P.UPGRADING, P.STOPPING},
     # a second SIGHUP before the verdict supersedes the pending reload
     P.RELOADING: {P.SERVING, P.RELOADING, P.RESTRUCTURING, P.STOPPING},
     P.RESTRUCTURING: {P.RELOADING, P.STOPPING},
+    P.UPGRADING: {P.SERVING, P.STOPPING},
     P.STOPPING: {P.STOPPED},
     P.STOPPED: set(),
 }

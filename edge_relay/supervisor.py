@@ -59,7 +59,7 @@ import signal
 import socket
 import time
 
-from . import config as config_mod, httpd, metrics, nft, sdnotify, workerproc
+from . import __version__, config as config_mod, httpd, metrics, nft, reexec, sdnotify, workerproc
 from .control import CTL_MAX, DRAIN, STOP, encode_reload, encode_report_flows
 from .errors import EdgeRelayError, StartupError, reason
 from .fdstore import FdStore, bind_sockets, structure, worker_sockets
@@ -145,17 +145,26 @@ class Supervisor:
         self._next_status = self._next_watchdog = 0.0
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [None]
         self.fdstore = FdStore(self.notifier, log)
-        self.socks, stored_flows = self.fdstore.adopt(env, cfg, self.n)
-        self.shared = metrics.SharedCounters(self.n)
-        self.extra = metrics.ExtraShared(self.n)
-        self.slots = [Slot(i, self.cpus[i % len(self.cpus)]) for i in range(self.n)]
+        self.upgrades = self.upgrade_failures = 0
+        self.last_upgrade = reexec.no_upgrade()
+        self.upgrader = reexec.Upgrader(self)
+        self.shared = self.extra = None
+        taken = self.upgrader.take_over(env, cfg, clock())     # after an upgrade's execve: the old image's state
+        if taken is None:
+            self.socks, stored_flows = self.fdstore.adopt(env, cfg, self.n)
+        else:
+            self.socks, stored_flows = taken
+        if self.shared is None:
+            self.shared = metrics.SharedCounters(self.n)
+            self.extra = metrics.ExtraShared(self.n)
+            self.slots = [Slot(i, self.cpus[i % len(self.cpus)]) for i in range(self.n)]
         for i, data in stored_flows.items():
             if i < self.n:
                 self.slots[i].restore = data
         if cfg.management.enabled:
             m = cfg.management
             try:
-                sock = httpd.listen(m.address, m.port)
+                sock = self.upgrader.management_socket(m) or httpd.listen(m.address, m.port)
             except OSError as exc:
                 raise StartupError(f"management {m.address}:{m.port}: cannot listen: "
                                    f"{exc.strerror or exc}") from None
@@ -173,12 +182,17 @@ class Supervisor:
 
     # -- workers ----------------------------------------------------------------
 
-    def _spawn(self, slot, now):
+    def _spawn(self, slot, now, on_ctl=None):
+        """Fork `slot`'s worker. With `on_ctl`: an upgrade's new worker beside the running one (reexec.py),
+        built but waiting for TAKE, its channel read by `on_ctl` and its pid not yet the slot's."""
         listeners, internal = worker_sockets(self.socks, self.cfg, slot.index)
         spec = WorkerSpec(cfg=self.cfg, keyring=self.keyring, config_path=self.config_path,
                           generation=self.generation, listeners=listeners, internal=internal,
-                          shared=self.shared, extra=self.extra)
+                          shared=self.shared, extra=self.extra, await_turn=on_ctl is not None)
         ours = workerproc.spawn(slot, spec, lambda: self._close_in_child(listeners, internal), now)
+        if on_ctl is not None:
+            self.sel.register(ours, selectors.EVENT_READ, on_ctl)
+            return
         self.by_pid[slot.pid] = slot
         self.sel.register(ours, selectors.EVENT_READ, lambda s=slot: self._read_ctl(s))
 
@@ -263,7 +277,7 @@ class Supervisor:
         return out
 
     def healthy(self, now=None):
-        return self.phase in (Phase.STARTING, Phase.SERVING, Phase.RELOADING) and \
+        return self.phase in (Phase.STARTING, Phase.SERVING, Phase.RELOADING, Phase.UPGRADING) and \
             len(self.up(now)) == self.n
 
     def readiness(self, now=None):
@@ -288,10 +302,12 @@ class Supervisor:
 
     def reload(self, now):
         requested = _usec(now)
-        if self.phase in (Phase.STARTING, Phase.STOPPING, Phase.STOPPED, Phase.RESTRUCTURING):
-            # no RELOADING=1: systemd is told of starting or stopping, or waits for the pending reload's READY=1
+        if self.phase in (Phase.STARTING, Phase.STOPPING, Phase.STOPPED, Phase.RESTRUCTURING, Phase.UPGRADING):
+            # no RELOADING=1: systemd is told of starting or stopping, or waits for the pending reload's
+            # (or upgrade's) READY=1
             busy = {Phase.STARTING: "starting: the workers do not all serve yet",
-                    Phase.RESTRUCTURING: "a previous reload is still handing flows to new workers"}
+                    Phase.RESTRUCTURING: "a previous reload is still handing flows to new workers",
+                    Phase.UPGRADING: "an upgrade is under way"}
             return self._refuse(now, requested, f"not now: {busy.get(self.phase, 'stopping')}", notify=False)
         self.notifier.reloading()
         try:
@@ -427,6 +443,8 @@ class Supervisor:
         if self.life.stopping:
             self._send_all(STOP)            # asked twice: skip the rest of the drain
             return
+        if self.phase is Phase.UPGRADING:
+            self.upgrader.abort("stopped (SIGTERM) during the upgrade", now)
         self.life.set(Phase.STOPPING, now, "SIGTERM")
         self.notifier.stopping(self._status_text(now))
         self.log.notice("stop", "stopping: draining %d workers for up to %.1f s",
@@ -584,7 +602,9 @@ class Supervisor:
                 "phase": self.phase.value,
                 "config": {"path": str(self.config_path), "sha256": self.config_sha256},
                 "reloads": self.reloads, "reload_failures": self.reload_failures,
-                "last_reload": dict(self.last_reload), "now_usec": _usec(now)}
+                "last_reload": dict(self.last_reload), "now_usec": _usec(now),
+                "version": __version__, "upgrades": self.upgrades, "upgrade_failures": self.upgrade_failures,
+                "last_upgrade": dict(self.last_upgrade)}
 
     def _status(self):
         return 200, "application/json", (json.dumps(self.status(), sort_keys=True) + "\n").encode("utf-8")
@@ -600,6 +620,8 @@ class Supervisor:
             self._reap(now)
         if signal.SIGHUP in signums:
             self.reload(now)
+        if signal.SIGUSR2 in signums:
+            self.upgrader.request(now)
 
     def _tick(self, now):
         """Everything due at `now`; returns the time of the next thing due (the loop waits until then)."""
@@ -620,6 +642,8 @@ class Supervisor:
                 self._apply_restructure(now)
         elif phase is not Phase.STOPPED:
             self._tend_workers(now, deadlines)
+            if self.phase is Phase.UPGRADING:
+                self.upgrader.tick(now, deadlines)
             healthy = self.healthy(now)
             if healthy and phase is Phase.STARTING:
                 self.life.set(Phase.SERVING, now, f"every one of {self.n} workers serves")
@@ -665,8 +689,8 @@ class Supervisor:
         for s in self._wake:
             s.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(self._wake[1].fileno(), warn_on_full_buffer=False)
-        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
-        old = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
+        old = {sig: signal.signal(sig, lambda *_: None) for sig in reexec.HANDLED}
+        reexec.unblock()        # held across an upgrade's execve until these handlers were in place
         self.sel.register(self._wake[0], selectors.EVENT_READ, self._on_signal)
         now = self.clock()
         self._next_status = now + STATUS_INTERVAL
@@ -678,7 +702,9 @@ class Supervisor:
         self.write_ruleset(self.cfg)
         try:
             for slot in self.slots:
-                self._spawn(slot, now)
+                if slot.pid is None:        # not a worker taken over by an upgrade
+                    self._spawn(slot, now)
+            self.upgrader.start(now)
             timeout = 0.0
             while self.phase is not Phase.STOPPED:
                 for key, _ in self.sel.select(timeout):

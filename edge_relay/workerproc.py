@@ -14,6 +14,10 @@ Theory of operation
   memfd). A closed channel means the supervisor is gone: the worker drains
   and leaves.
 
+  An upgrade's new worker (spec.await_turn) is built first, then says READY
+  and blocks until TAKE: only then has its old worker stopped reading, and
+  it restores the flows TAKE carries before its first read (reexec.py).
+
   read_ctl() is the supervisor side: it reads every pending message of one
   slot and records what it says in the slot (the handed-over flows, a flow
   report, a refused reload).
@@ -65,6 +69,7 @@ class WorkerSpec:
     internal: object
     shared: object          # metrics.SharedCounters
     extra: object           # metrics.ExtraShared
+    await_turn: bool = False    # an upgrade's new worker: build, say READY, read only after TAKE
 
 
 def spawn(slot, spec, close_inherited, now):
@@ -140,6 +145,18 @@ def _child(slot, spec, ctl):
 
     worker = Worker(cfg, spec.keyring, spec.listeners, spec.internal, log, config_path=spec.config_path,
                     publish=publish, flows=flows, log_transceivers=i == 0)
+    if spec.await_turn:
+        # built (config, keys, buffers): only now does the old worker of this slot stop reading,
+        # so the gap in service is its snapshot and our restore, not our start-up
+        handed = await_turn(ctl)
+        if handed is None:
+            return 0                # the supervisor called the upgrade off: never served
+        if handed:
+            try:
+                added = worker.router.flows.restore(handed, time.monotonic(), on_marked=mark_failed_over)
+                log.notice("restore", "worker %d: took over %d flows", i, added)
+            except ValueError as exc:
+                log.warning("restore", "worker %d: flow snapshot refused: %s", i, exc)
     ctl.setblocking(False)
 
     def on_ctl():
@@ -175,6 +192,32 @@ def _child(slot, spec, ctl):
     except OSError:
         pass
     return 0
+
+
+def await_turn(ctl):
+    """Child side of a takeover: send READY, block until TAKE; the flow snapshot bytes (b"" for none).
+
+    None when the supervisor hung up instead (the upgrade was called off).
+    """
+    ctl.setblocking(True)
+    try:
+        ctl.send(control.READY)
+        while True:
+            msg, fds, _, _ = socket.recv_fds(ctl, control.CTL_MAX, 1)
+            data = b""
+            for fd in fds:
+                try:
+                    data = sdnotify.memfd_read(fd)
+                except (OSError, ValueError):
+                    data = b""
+                finally:
+                    os.close(fd)
+            if not msg:
+                return None
+            if control.decode(msg)[0] == control.TAKE:
+                return data
+    except OSError:
+        return None
 
 
 def _report_flows(ctl, worker, filters, index):
