@@ -109,7 +109,7 @@ def preflight_main(config_path, workers):
             print(f"edge-relay preflight: cannot import edge_relay.{name}: {type(exc).__name__}: {text}",
                   file=sys.stderr, flush=True)
             return 70       # EX_SOFTWARE, as cli.main exits for a bug
-    from .supervisor import structure
+    from .fdstore import structure
     cfg, _ = config_mod.load_with_keys(config_path)
     n = workers or cfg.effective_workers()
     doc = {"version": __version__, "reads": list(READS_VERSIONS), "structure": structure_doc(structure(cfg, n))}
