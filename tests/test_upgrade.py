@@ -270,3 +270,56 @@ def test_the_exec_target_is_the_command_line_that_started_the_relay(relay):
         argv = f.read().rstrip(b"\0").split(b"\0")
     assert [a.decode() for a in argv[1:]] == ["-m", "edge_relay", "run", "--config", setup.path]
     assert reexec.PREFLIGHT_FLAG not in (a.decode() for a in argv)
+
+
+def test_systemd_sees_reloading_then_ready_and_the_fd_store_is_untouched(tmp_path):
+    """RELOADING=1 (MONOTONIC_USEC) when the upgrade is asked, READY=1 only with its verdict (a refusal's
+    reason in STATUS=); the stored sockets stay as they are (same pid, nothing stored or removed)."""
+    from test_systemd_protocol import FakeSystemd
+    code = Code(tmp_path / "code")
+    setup = Setup(tmp_path / "r", workers=2)
+    sysd = FakeSystemd(str(tmp_path / "notify"))
+    r = Relay(setup, env=dict(os.environ, NOTIFY_SOCKET=sysd.path), pythonpath=code.link, cwd=str(tmp_path))
+    tx = Transceiver(setup.keyring, setup.tx_sock)
+    clients = clients_for(setup, 4)
+    traffic = Traffic(clients, tx, extra={sysd.sock: sysd.pump})
+
+    def answer(since):
+        return next((m for m in sysd.messages[since:] if "READY" in m), None)
+
+    try:
+        assert traffic.run(30, until=lambda: answer(0) or r.proc.poll() is not None)
+        assert r.proc.poll() is None, r.log()
+        assert traffic.run(10, until=connected(clients))
+        store = {name: [os.fstat(fd).st_ino for fd in fds] for name, fds in sysd.store.items()}
+        # refused: the new code cannot import
+        code.install(patch("__init__.py", '__version__', 'raise ImportError("broken on purpose")\n__version__'))
+        mark = len(sysd.messages)
+        rc, out, err = upgrade(setup, traffic)
+        assert rc == 1, (out, err)
+        assert traffic.run(10, until=lambda: answer(mark))
+        ready = answer(mark)
+        assert ready["STATUS"].startswith("upgrade refused: ") and "broken on purpose" in ready["STATUS"], ready
+        reloading = [m for m in sysd.messages[mark:] if "RELOADING" in m]
+        assert len(reloading) == 1 and int(reloading[0]["MONOTONIC_USEC"]) > 0
+        # ok: one RELOADING=1, then READY=1 once every worker runs the new code
+        code.install(set_version("9.9.9"))
+        mark = len(sysd.messages)
+        rc, out, err = upgrade(setup, traffic)
+        assert rc == 0, (out, err, r.log()[-3000:])
+        assert traffic.run(10, until=lambda: answer(mark))
+        after = sysd.messages[mark:]
+        first_reloading = next(i for i, m in enumerate(after) if "RELOADING" in m)
+        first_ready = next(i for i, m in enumerate(after) if "READY" in m)
+        assert first_reloading < first_ready and "upgrade" not in after[first_ready].get("STATUS", "")
+        assert not any("FDSTORE" in m or "FDSTOREREMOVE" in m or "MAINPID" in m for m in after), after
+        assert {name: [os.fstat(fd).st_ino for fd in fds] for name, fds in sysd.store.items()} == store
+        assert status(setup)["pid"] == r.pid
+        traffic.run(0.5)
+        traffic.quiesce()
+        assert sum(c.sent for c in clients) == sum(c.received for c in clients)
+    finally:
+        traffic.close()
+        r.kill()
+        sysd.close()
+        setup.tx_sock.close()
