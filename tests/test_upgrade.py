@@ -158,9 +158,14 @@ def test_an_upgrade_keeps_the_pid_and_the_sockets_and_hands_every_flow_over(rela
         before = status(setup)
         assert before["last_upgrade"]["state"] == "none"
         code.install(set_version("9.9.9"))
+        for c in clients:
+            c.rtts.clear()
         rc, out, err = upgrade(setup, traffic)
         assert rc == 0, (out, err, r.log()[-3000:])
         assert f"pid {r.pid} runs edge-relay 9.9.9" in out and f"(was {before['version']})" in out
+        rtts = [x for c in clients for x in c.rtts]
+        print(f"\nacross the upgrade: {len(rtts)} echoes, max RTT {max(rtts) * 1000:.1f} ms, "
+              f"{sum(1 for x in rtts if x > 0.060)} over 60 ms")
         received = {c: c.received for c in clients}
         traffic.run(1.0)                    # the flows confirmed before forward on the new workers
         traffic.quiesce()
