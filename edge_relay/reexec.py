@@ -53,6 +53,8 @@ import signal
 import socket
 import sys
 
+# Only these at import: the preflight imports this module first, then every other one of the
+# (new) package itself, so that a broken module is named in its reason rather than a traceback.
 from . import sdnotify
 from .control import CTL_MAX
 
@@ -193,6 +195,8 @@ def judge(output):
             except ValueError:
                 pass
             return False, f"the new code's preflight answer is unreadable: {line[:200]!r}", None
+    # cli.main's own last word after a traceback says only "internal error": the exception line says why
+    lines = [line for line in lines if not line.endswith("internal error (a bug); exit 70")] or lines
     if not lines:
         return False, "the new code's preflight exited without a word", None
     return False, f"the new code does not start: {lines[-1][:300]}", None
@@ -421,11 +425,16 @@ class Upgrader:
         from .lifecycle import Phase
         requested = _usec(now)
         from_version = _version()
+        if sup.phase is Phase.UPGRADING and sup.last_upgrade["state"] == "pending":
+            # a second request joins the one under way: its verdict answers both
+            sup.last_upgrade["requested_usec"] = requested
+            sup.log.notice("upgrade", "upgrade asked again: the one under way answers it")
+            return True
         if sup.phase is not Phase.SERVING:
             why = {Phase.STARTING: "starting: the workers do not all serve yet",
                    Phase.RELOADING: "a reload is waiting for its verdict",
                    Phase.RESTRUCTURING: "a reload is handing flows to new workers",
-                   Phase.UPGRADING: "an upgrade is already under way"}.get(sup.phase, "stopping")
+                   }.get(sup.phase, "stopping")
             return self._refuse(now, requested, f"not now: {why}", notify=False)
         sup.last_upgrade = dict(no_upgrade(), state="pending", requested_usec=requested, from_version=from_version)
         sup.life.set(Phase.UPGRADING, now, "SIGUSR2: checking the new code")
@@ -457,14 +466,19 @@ class Upgrader:
         if why:
             return self._refuse(now, requested, why)
         sup.last_upgrade["to_version"] = doc.get("version", "")
-        state, fds = capture(sup)
-        sup.log.verdict("notice", "upgrade: the new code (edge-relay %s) passed its preflight; executing it "
-                        "in place (pid %d)", doc.get("version", "?"), os.getpid())
-        sup.log.flush()
+        made = []
         try:
+            state, fds = capture(sup, made)
+            sup.log.verdict("notice", "upgrade: the new code (edge-relay %s) passed its preflight; executing "
+                            "it in place (pid %d)", doc.get("version", "?"), os.getpid())
+            sup.log.flush()
             execute(self.argv, state, fds, os.environ)
-        except OSError as exc:
-            return self._refuse(now, requested, f"execve {self.argv[0]}: {exc.strerror or exc}")
+        except Exception as exc:  # noqa: BLE001 - still the old image: it must keep serving whatever happened
+            for fd in made:
+                os.close(fd)
+            why = f"execve {self.argv[0]}: {exc.strerror or exc}" if isinstance(exc, OSError) else \
+                f"cannot hand over: {type(exc).__name__}: {exc}"
+            return self._refuse(now, requested, why)
 
     def _refuse(self, now, requested, why, notify=True):
         from .lifecycle import Phase
@@ -745,32 +759,40 @@ class Upgrader:
                             f"; {v['reason']}" if v["reason"] else "")
         if sup.phase is Phase.UPGRADING:
             sup.life.set(Phase.SERVING, now, "upgrade " + ("failed" if why else "done"))
-        sup.write_ruleset(sup.cfg)
         sup.notifier.ready((f"upgrade failed: {why}; " if why else "") + sup._status_text(now))
 
     def abort(self, why, now):
-        """SIGTERM while UPGRADING: no more replacements (what runs now is what drains)."""
+        """SIGTERM while UPGRADING: no more replacements; what runs now is what stops.
+
+        A successor is called off (it never read a datagram); if its old worker
+        was already stopping, that one's flows reach the fd store as any
+        stopping worker's do.
+        """
+        sup = self.sup
         if self.preflight is not None:
             pf, self.preflight = self.preflight, None
-            self.sup.sel.unregister(pf.fd)
+            sup.sel.unregister(pf.fd)
             try:
                 os.kill(pf.pid, signal.SIGKILL)
             except OSError:
                 pass
             pf.close()
-            self._refuse(now, self.sup.last_upgrade["requested_usec"], why, notify=False)
+            self._refuse(now, sup.last_upgrade["requested_usec"], why, notify=False)
             return
-        if self.current is not None or self.todo:
-            self.todo = []
-            if self.current is not None:
-                slot, _, stage, _ = self.current
-                if stage == "handing":
-                    return          # the old worker is already stopping: let the successor take its flows
-                self._drop_successor()
-            v = self.sup.last_upgrade
-            v.update(state="failed", finished_usec=_usec(self.sup.clock()), reason=why)
-            self.sup.upgrade_failures += 1
-            self.sup.log.verdict("err", "upgrade to edge-relay %s stopped: %s", _version(), why)
+        self.todo = []
+        if self.current is not None:
+            self._drop_successor()
+        if sup.last_upgrade["state"] == "pending":
+            sup.last_upgrade.update(state="failed", finished_usec=_usec(sup.clock()), reason=why)
+            sup.upgrade_failures += 1
+            sup.log.verdict("err", "upgrade to edge-relay %s stopped: %s", _version(), why)
+
+    def close_in_child(self):
+        """In a freshly forked worker: close what the upgrade holds (a successor's channel, the preflight's pipe)."""
+        if self.current is not None and self.current[1].ctl is not None:
+            self.current[1].ctl.close()
+        if self.preflight is not None:
+            os.close(self.preflight.fd)
 
 
 def _version():
@@ -785,8 +807,11 @@ def selectors_read():
 
 # -- what crosses the execve --------------------------------------------------------------------
 
-def capture(sup):
-    """(state document, fds to keep) of supervisor `sup`, for the new image's `adopt_state`."""
+def capture(sup, made):
+    """(state document, fds to keep) of supervisor `sup`, for the new image's `Upgrader.take_over`.
+
+    Memfds created here are appended to `made` (the caller closes them if the execve fails).
+    """
     fds = []
 
     def keep(fd):
@@ -798,6 +823,7 @@ def capture(sup):
         flows = slot.handed
         if flows is None and slot.restore:
             flows = sdnotify.memfd_write(f"edge-relay-flows{slot.index}", slot.restore)
+            made.append(flows)
         slots.append({"index": slot.index, "cpu": slot.cpu, "pid": slot.pid,
                       "ctl": keep(slot.ctl.fileno()) if slot.ctl is not None else None,
                       "started": slot.started, "flows": keep(flows) if flows is not None else None,

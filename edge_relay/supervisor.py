@@ -214,6 +214,7 @@ class Supervisor:
         for sock in self.socks.values():
             if id(sock) not in mine:
                 sock.close()
+        self.upgrader.close_in_child()
 
     def _read_ctl(self, slot):
         if slot.ctl is not None and not workerproc.read_ctl(slot, self.log):

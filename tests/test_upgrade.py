@@ -328,3 +328,30 @@ def test_systemd_sees_reloading_then_ready_and_the_fd_store_is_untouched(tmp_pat
         r.kill()
         sysd.close()
         setup.tx_sock.close()
+
+
+def test_a_new_worker_that_never_gets_ready_fails_the_upgrade_and_the_old_workers_serve_on(relay):
+    """After the execve: the first new worker dies before READY; the verdict is "failed", no old worker
+    was asked to stop, and every call keeps flowing through them under the new supervisor."""
+    setup, r, code, tx = relay(workers=2)
+    clients = clients_for(setup, 6)
+    traffic = Traffic(clients, tx)
+    try:
+        assert traffic.run(10, until=connected(clients))
+        old_workers = r.worker_pids()
+        code.install(lambda pkg: (set_version("9.9.9")(pkg),
+                                  patch("workerproc.py", "        ctl.send(control.READY)",
+                                        "        raise SystemExit(3)")(pkg)))
+        rc, out, err = upgrade(setup, traffic)
+        assert rc == 1 and "failed" in err and "exited before it was ready" in err, (out, err)
+        st = status(setup)
+        assert st["pid"] == r.pid and st["version"] == "9.9.9" and st["last_upgrade"]["state"] == "failed"
+        assert "the old workers keep serving" in st["last_upgrade"]["reason"]
+        assert st["phase"] == "serving" and st["workers_up"] == 2
+        assert r.worker_pids() == old_workers
+        traffic.run(1.0)
+        traffic.quiesce()
+        assert sum(c.sent for c in clients) == sum(c.received for c in clients)
+    finally:
+        traffic.close()
+    assert "stops reading" not in r.log()
