@@ -355,3 +355,32 @@ def test_a_new_worker_that_never_gets_ready_fails_the_upgrade_and_the_old_worker
     finally:
         traffic.close()
     assert "stops reading" not in r.log()
+
+
+def test_the_packages_launcher_is_re_executed_as_it_was_started(tmp_path):
+    """/usr/bin/edge-relay is `#!/usr/bin/python3 -I` with the package folder put first on sys.path:
+    started that way (its folder swapped for a symlink to our code), the upgrade's preflight and execve
+    run that same script with -I, so the new files under that folder are what runs."""
+    code = Code(tmp_path / "code")
+    launcher = tmp_path / "edge-relay"
+    with open(os.path.join(ROOT, "packaging", "debian", "edge-relay.bin")) as f:
+        text = f.read()
+    assert 'sys.path.insert(0, "/usr/share/edge-relay")' in text
+    launcher.write_text(text.replace("/usr/share/edge-relay", code.link))
+    setup = Setup(tmp_path / "r", workers=1)
+    r = Relay(setup, args=[sys.executable, "-I", str(launcher), "run", "--config", setup.path],
+              pythonpath="/nonexistent", cwd=str(tmp_path))
+    try:
+        wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200 or r.proc.poll() is not None,
+                 30, what="/healthz 200")
+        assert r.proc.poll() is None, r.log()
+        code.install(set_version("9.9.9"))
+        rc, out, err = upgrade(setup)
+        assert rc == 0, (out, err, r.log()[-3000:])
+        st = status(setup)
+        assert st["pid"] == r.pid and st["version"] == "9.9.9"
+        with open(f"/proc/{r.pid}/cmdline", "rb") as f:
+            assert f.read().split(b"\0")[1:3] == [b"-I", str(launcher).encode()]
+    finally:
+        r.kill()
+        setup.tx_sock.close()
