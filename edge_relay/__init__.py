@@ -8,7 +8,7 @@ Runtime code is the Python standard library only.
 Layers (tests/test_layers.py reads this table and enforces it)
   codec     stun token header keys sockaddr drops errors histogram transceiver control
   policy    flows router ratelimit quality probes directory lifecycle
-  io        batchio worker sockets httpd supervisor fdstore workerproc sdnotify resp reexec adapter*
+  io        batchio worker sockets httpd supervisor fdstore workerproc sdnotify resp reexec upgrade adapter*
   operator  config cli log metrics nft effective __main__
   demo      demo demo_run demo_state
 

@@ -23,7 +23,7 @@ Theory of operation
       FLOWS + memfd         the flow table snapshot, sent as the worker exits
       FLOW_REPORT + memfd   the JSON answer to REPORT_FLOWS
 
-  A worker started to take over a running one (an upgrade, reexec.py) is
+  A worker started to take over a running one (an upgrade, upgrade.py) is
   built but does not read its sockets until its turn:
     worker -> supervisor   READY         config and keys loaded, loop built
     supervisor -> worker   TAKE [+ memfd] the old worker has stopped: restore

@@ -14,7 +14,7 @@ Theory of operation
     RESTRUCTURING  the new config needs other sockets or another number of
                    workers: the old workers hand their flows over and exit;
                    then new workers start (-> RELOADING)
-    UPGRADING      SIGUSR2 (reexec.py): the new code on disk is being checked
+    UPGRADING      SIGUSR2 (upgrade.py): the new code on disk is being checked
                    (-> SERVING when refused; else this image is replaced by
                    execve); in the new image, from the takeover until every
                    old worker has handed its flows to a new one (-> SERVING)

@@ -47,7 +47,14 @@ Theory of operation
   go to the fd store as "flows<worker>", BARRIER=1, exit 0. WATCHDOG=1 is
   sent at half $WATCHDOG_USEC only while every worker is up.
 
-  Signals arrive through signal.set_wakeup_fd and are handled in the loop.
+  Upgrade in place (upgrade.py, reexec.py): SIGUSR2 -> UPGRADING, RELOADING=1;
+  the new code on disk is checked in a child, then this process execve()s it
+  with its sockets, workers and state; the new image replaces the workers one
+  at a time with their flows and sends READY=1 with the verdict, kept in
+  `last_upgrade` (GET /status) like a reload's.
+
+  Signals arrive through signal.set_wakeup_fd and are handled in the loop
+  (reexec.HANDLED; held blocked across an upgrade's execve until handled).
 """
 
 import hashlib
@@ -59,7 +66,7 @@ import signal
 import socket
 import time
 
-from . import __version__, config as config_mod, httpd, metrics, nft, reexec, sdnotify, workerproc
+from . import __version__, config as config_mod, httpd, metrics, nft, reexec, sdnotify, upgrade, workerproc
 from .control import CTL_MAX, DRAIN, STOP, encode_reload, encode_report_flows
 from .errors import EdgeRelayError, StartupError, reason
 from .fdstore import FdStore, bind_sockets, structure, worker_sockets
@@ -146,8 +153,8 @@ class Supervisor:
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [None]
         self.fdstore = FdStore(self.notifier, log)
         self.upgrades = self.upgrade_failures = 0
-        self.last_upgrade = reexec.no_upgrade()
-        self.upgrader = reexec.Upgrader(self)
+        self.last_upgrade = upgrade.no_upgrade()
+        self.upgrader = upgrade.Upgrader(self)
         self.shared = self.extra = None
         taken = self.upgrader.take_over(env, cfg, clock())     # after an upgrade's execve: the old image's state
         if taken is None:
@@ -183,7 +190,7 @@ class Supervisor:
     # -- workers ----------------------------------------------------------------
 
     def _spawn(self, slot, now, on_ctl=None):
-        """Fork `slot`'s worker. With `on_ctl`: an upgrade's new worker beside the running one (reexec.py),
+        """Fork `slot`'s worker. With `on_ctl`: an upgrade's new worker beside the running one (upgrade.py),
         built but waiting for TAKE, its channel read by `on_ctl` and its pid not yet the slot's."""
         listeners, internal = worker_sockets(self.socks, self.cfg, slot.index)
         spec = WorkerSpec(cfg=self.cfg, keyring=self.keyring, config_path=self.config_path,

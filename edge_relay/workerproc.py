@@ -16,7 +16,7 @@ Theory of operation
 
   An upgrade's new worker (spec.await_turn) is built first, then says READY
   and blocks until TAKE: only then has its old worker stopped reading, and
-  it restores the flows TAKE carries before its first read (reexec.py).
+  it restores the flows TAKE carries before its first read (upgrade.py).
 
   read_ctl() is the supervisor side: it reads every pending message of one
   slot and records what it says in the slot (the handed-over flows, a flow
