@@ -650,8 +650,7 @@ class Supervisor:
                 self._apply_restructure(now)
         elif phase is not Phase.STOPPED:
             self._tend_workers(now, deadlines)
-            if self.phase is Phase.UPGRADING:
-                self.upgrader.tick(now, deadlines)
+            self.upgrader.tick(now, deadlines)
             healthy = self.healthy(now)
             if healthy and phase is Phase.STARTING:
                 self.life.set(Phase.SERVING, now, f"every one of {self.n} workers serves")

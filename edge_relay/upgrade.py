@@ -33,14 +33,18 @@ Theory of operation
   fallback of reexec.py: a fresh start on the inherited sockets, "failed".
 """
 
+import array
 import fcntl
 import ipaddress
+import mmap
 import os
 import selectors
 import signal
 import socket
 
 from . import __version__, metrics, sdnotify
+from .drops import Drop
+from .router import STAT_NAMES
 from .control import CTL_MAX, READY, STOP, TAKE, decode
 from .fdstore import bind_sockets, socket_matches, structure, wanted_sockets
 from .lifecycle import Phase, Restarts
@@ -60,6 +64,50 @@ def no_upgrade():
 
 def _usec(now):
     return int(now * 1_000_000)
+
+
+_HEAD = {"heartbeat": metrics.HEARTBEAT, "pid": metrics.PID, "flows_pending": metrics.FLOWS_PENDING,
+         "flows_confirmed": metrics.FLOWS_CONFIRMED, "reloads": metrics.RELOADS,
+         "reload_failures": metrics.RELOAD_FAILURES, "generation": metrics.GENERATION, "started": metrics.STARTED}
+
+
+def counters_layout():
+    """Where each word of a metrics.SharedCounters slot is, by name: what the next version translates from."""
+    return {"slot_words": metrics.SLOT_WORDS, "head": dict(_HEAD), "stats_at": metrics.STATS_AT,
+            "stats": list(STAT_NAMES), "drops_at": metrics.DROPS_AT,
+            "drops": [d.label for d in sorted(Drop, key=int)], "extra_bytes": metrics.EXTRA_BYTES}
+
+
+class Translation:
+    """Slot words of an older counters layout moved to this version's, by name (a name new here
+    starts at 0, one gone is dropped). Only used when the layouts differ."""
+
+    def __init__(self, old):
+        new = counters_layout()
+        self.old_words = old["slot_words"]
+        self.pairs = [(old["head"][k], v) for k, v in new["head"].items() if k in old["head"]]
+        for kind in ("stats", "drops"):
+            at = {name: old[f"{kind}_at"] + i for i, name in enumerate(old[kind])}
+            self.pairs += [(at[name], new[f"{kind}_at"] + i) for i, name in enumerate(new[kind]) if name in at]
+        # a slot's `base` is its stats then its drops, without the head
+        old_names = [("stats", n) for n in old["stats"]] + [("drops", n) for n in old["drops"]]
+        new_names = [("stats", n) for n in new["stats"]] + [("drops", n) for n in new["drops"]]
+        at = {key: i for i, key in enumerate(old_names)}
+        self.base_pairs = [(at[key], j) for j, key in enumerate(new_names) if key in at]
+
+    def slot(self, old_words, i):
+        """Slot `i` of the old region (a memoryview of its words) as a whole slot of this version."""
+        first = i * self.old_words
+        out = [0] * metrics.SLOT_WORDS
+        for src, dst in self.pairs:
+            out[dst] = old_words[first + src]
+        return out
+
+    def base(self, old_base):
+        out = [0] * (metrics.SLOT_WORDS - metrics.STATS_AT)
+        for src, dst in self.base_pairs:
+            out[dst] = old_base[src]
+        return out
 
 
 class Upgrader:
@@ -82,6 +130,8 @@ class Upgrader:
         self.todo = []              # slot indexes still running the old code (new image)
         self.current = None         # the slot being handed over: [slot, successor Slot, stage, deadline]
         self.notes = []             # what went less than perfectly, said in the "ok" verdict
+        self.legacy = None          # (Translation, mmap, words view, fd) of an older counters layout
+        self.legacy_pids = {}       # slot index -> pid of an old worker still writing that layout
 
     # -- this image: preflight and exec --------------------------------------------------
 
@@ -179,9 +229,23 @@ class Upgrader:
         socks, fresh = bind_sockets(cfg, sup.n, pool)
         sup.fdstore.retire(pool)
         sup.fdstore.store_sockets(socks, fresh)
-        sup.shared = metrics.SharedCounters(sup.n, fd=claim(doc["shared"]["fd"], "counters"))
-        sup.shared.base = [list(b) for b in doc["shared"]["base"]]
-        sup.extra = metrics.ExtraShared(sup.n, fd=claim(doc["extra"], "extra counters"))
+        layout = doc["layout"]
+        if layout == counters_layout():
+            sup.shared = metrics.SharedCounters(sup.n, fd=claim(doc["shared"]["fd"], "counters"))
+            sup.shared.base = [list(b) for b in doc["shared"]["base"]]
+        else:
+            # the old workers keep writing the old layout until replaced: copied across by name
+            translation = Translation(layout)
+            fd = claim(doc["shared"]["fd"], "counters")
+            region = mmap.mmap(fd, sup.n * layout["slot_words"] * 8, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            self.legacy = (translation, region, memoryview(region).cast("Q"), fd)
+            sup.shared = metrics.SharedCounters(sup.n)
+            sup.shared.base = [translation.base(b) for b in doc["shared"]["base"]]
+        if layout["extra_bytes"] == metrics.EXTRA_BYTES:
+            sup.extra = metrics.ExtraShared(sup.n, fd=claim(doc["extra"], "extra counters"))
+        else:
+            os.close(claim(doc["extra"], "extra counters"))     # the old workers' probe numbers are not shown
+            sup.extra = metrics.ExtraShared(sup.n)
         if doc["http"] is not None:
             self.http_sock = claim_socket(doc["http"], "management socket", socket.SOCK_STREAM)
         sup.slots = []
@@ -198,6 +262,8 @@ class Upgrader:
                 slot.ctl = claim_socket(s["ctl"], f"worker {slot.index} control", socket.SOCK_SEQPACKET)
                 slot.ctl.setblocking(False)
                 sup.by_pid[slot.pid] = slot
+                if self.legacy is not None:
+                    self.legacy_pids[slot.index] = slot.pid
                 sup.sel.register(slot.ctl, selectors.EVENT_READ, lambda sl=slot: sup._read_ctl(sl))
             sup.slots.append(slot)
         for key in ("generation", "reloads", "reload_failures", "last_reload", "last_reload_success",
@@ -210,6 +276,7 @@ class Upgrader:
         sup.last_upgrade = dict(no_upgrade(), **doc["last_upgrade"])
         sup.last_upgrade.update(state="pending", to_version=__version__)
         self.todo = [slot.index for slot in sup.slots if slot.pid is not None]
+        self._copy_legacy()         # the old workers' heartbeats and counters, before anyone reads them
         stored = {}
         for slot in sup.slots:      # a slot whose worker is not running: its flows go to its next one
             if slot.pid is None and slot.handed is not None:
@@ -266,8 +333,28 @@ class Upgrader:
         sup.life.set(Phase.UPGRADING, now, f"took over {len(self.todo)} running workers: replacing them "
                                            "one at a time")
 
+    def _copy_legacy(self, only=None):
+        """Copy the old-layout slots of the old workers still running into this version's region."""
+        if self.legacy is None:
+            return
+        translation, region, words, fd = self.legacy
+        for i, pid in list(self.legacy_pids.items()):
+            if self.sup.slots[i].pid != pid:
+                del self.legacy_pids[i]         # replaced or reaped: that slot is this version's now
+            elif only is None or i == only:
+                self.sup.shared.slot(i)[:] = array.array("Q", translation.slot(words, i))
+        if not self.legacy_pids:
+            words.release()
+            region.close()
+            os.close(fd)
+            self.legacy = None
+
     def tick(self, now, deadlines):
-        """Move the upgrade on; append the next time something is due to `deadlines`."""
+        """Every turn: copy old-layout counters if any; while UPGRADING, move the upgrade on
+        (append the next time something is due to `deadlines`)."""
+        self._copy_legacy()
+        if self.sup.phase is not Phase.UPGRADING:
+            return
         if self.preflight is not None:
             if self.preflight.expire(now):
                 self._preflight_done(now)
@@ -345,6 +432,8 @@ class Upgrader:
         if slot.ctl is not None:
             sup._close_ctl(slot)
         if old is not None:
+            self._copy_legacy(only=slot.index)      # its last publication, if it wrote an older layout
+            self.legacy_pids.pop(slot.index, None)
             sup.by_pid.pop(old, None)       # its exit is no death of the slot's worker
             base = slot.index * metrics.SLOT_WORDS
             heartbeat = sup.shared.words[base + metrics.HEARTBEAT]
@@ -472,6 +561,7 @@ def capture(sup, made):
         "shared": {"fd": keep(sup.shared.fd), "base": sup.shared.base},
         "extra": keep(sup.extra.fd),
         "http": keep(sup.http.sock.fileno()) if sup.http is not None else None,
+        "layout": counters_layout(),
         "slots": slots,
         "generation": sup.generation, "reloads": sup.reloads, "reload_failures": sup.reload_failures,
         "config_sha256": sup.config_sha256, "last_reload": sup.last_reload,
@@ -511,7 +601,12 @@ def check_state(doc, n):
         for key in ("generation", "reloads", "reload_failures", "restarts", "upgrades", "upgrade_failures"):
             if not isinstance(doc[key], int):
                 raise HandoverError(f"{key}: {doc[key]!r} is not a number")
-    except (KeyError, TypeError) as exc:
+        Translation(doc["layout"])      # every name and position it needs is there
+        if not isinstance(doc["layout"]["extra_bytes"], int):
+            raise HandoverError("layout: extra_bytes is not a number")
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        if isinstance(exc, HandoverError):
+            raise
         raise HandoverError(f"state incomplete: {exc!r}") from None
 
 

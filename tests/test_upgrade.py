@@ -384,3 +384,35 @@ def test_the_packages_launcher_is_re_executed_as_it_was_started(tmp_path):
     finally:
         r.kill()
         setup.tx_sock.close()
+
+
+def test_counters_carry_over_when_the_new_code_counts_more_things(relay):
+    """A new version with another drop reason has another counter layout: the old workers' counters are
+    moved across by name while they run and when they hand over; no counter goes backwards."""
+    import socket
+    from edge_relay.drops import Drop
+    setup, r, code, tx = relay(workers=2)
+    assert carries_calls(setup, tx)
+    junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for _ in range(20):
+            junk.sendto(b"\xff" * 24, setup.public)      # not STUN, DTLS or RTP: a not_webrtc drop each
+    finally:
+        junk.close()
+    wait_for(lambda: value(metrics(setup), "edge_relay_drops_total", reason="not_webrtc") == 20, 10,
+             what="20 not_webrtc drops counted")
+    before = metrics(setup)
+    packets = {d: value(before, "edge_relay_packets_total", direction=d)
+               for d in ("client_in", "to_transceiver", "transceiver_in", "to_client")}
+    extra = max(Drop) + 1
+    code.install(lambda pkg: (set_version("9.9.9")(pkg),
+                              patch("drops.py", "    @property", f"    UPGRADE_TEST_REASON = {extra}\n\n    @property")(pkg)))
+    rc, out, err = upgrade(setup)
+    assert rc == 0, (out, err, r.log()[-3000:])
+    after = metrics(setup)
+    assert value(after, "edge_relay_drops_total", reason="not_webrtc") == 20
+    assert value(after, "edge_relay_drops_total", reason="upgrade_test_reason") == 0
+    for d, n in packets.items():
+        assert value(after, "edge_relay_packets_total", direction=d) >= n > 0, d
+    assert value(after, "edge_relay_workers_up") == 2
+    assert carries_calls(setup, tx)
