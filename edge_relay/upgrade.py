@@ -25,11 +25,15 @@ Theory of operation
               folded into the slot's base and the new worker gets TAKE with
               the flows: it restores them, then reads. It is the slot's
               worker from then on.
+    taking    the next slot waits for this one's first publication (it
+              serves); the flows stay ours too until then, so that if the new
+              worker dies first, its restart (new code, as after any death)
+              gets them.
 
   Verdict "ok" (-> SERVING, READY=1) once no slot is left. A new worker that
-  exits or is not READY within SUCCESSOR_TIMEOUT ends the upgrade "failed"
-  with the old workers of the remaining slots serving on (no old worker is
-  asked to stop before its successor is ready). An unusable state is the
+  exits or is not READY within SUCCESSOR_TIMEOUT, or dies before it serves,
+  ends the upgrade "failed" with the old workers of the remaining slots
+  serving on (no old worker is asked to stop before its successor is ready). An unusable state is the
   fallback of reexec.py: a fresh start on the inherited sockets, "failed".
 """
 
@@ -132,6 +136,7 @@ class Upgrader:
         self.notes = []             # what went less than perfectly, said in the "ok" verdict
         self.legacy = None          # (Translation, mmap, words view, fd) of an older counters layout
         self.legacy_pids = {}       # slot index -> pid of an old worker still writing that layout
+        self.kept = (None, 0)       # (flows memfd given to the new worker, when): until it serves
 
     # -- this image: preflight and exec --------------------------------------------------
 
@@ -388,25 +393,73 @@ class Upgrader:
                 return
             if stage == "ready":
                 if slot.pid is not None and slot.ctl is not None:
+                    if slot.handed is not None:     # not from this worker's stop: what it sends now counts
+                        os.close(slot.handed)
+                        slot.handed = None
                     slot.asked_to_stop = True
                     send(slot.ctl, STOP)
                 sup.log.verdict("info", "upgrade: worker %d: new pid %d ready; old pid %s stops reading and "
                                 "hands over", slot.index, succ.pid, slot.pid)
                 self.current[2:] = ["handing", now + HANDOVER_TIMEOUT]
                 continue
-            # handing: the old worker's flows came, or it is gone, or it took too long
-            if slot.handed is None and slot.pid is not None:
-                if now < deadline:
-                    deadlines.append(deadline)
-                    return
-                self.notes.append(f"worker {slot.index}'s old process did not hand over within "
-                                  f"{HANDOVER_TIMEOUT:g} s (killed; its flows are relearned)")
-                try:
-                    os.kill(slot.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            self._hand_over(slot, succ, now)
-            self.current = None
+            if stage == "handing":
+                # handing: the old worker's flows came, or it is gone, or it took too long
+                if succ.ctl is None:
+                    # the new worker died after READY, its old one is stopping: the slot is the reaper's
+                    # now, restarted (with the new code) as after any death, with the flows handed over
+                    slot.asked_to_stop = False
+                    if slot.pid is None:
+                        if slot.handed is not None:
+                            slot.restore = take_handed(slot)
+                        slot.restarts.died(now)
+                    self.current = None
+                    return self._fail(now, f"worker {slot.index}: the new code's worker (pid {succ.pid}) died "
+                                           "while taking over (its log says why); that slot restarts with the "
+                                           "new code, the other old workers keep serving")
+                if slot.handed is None and slot.pid is not None:
+                    if now < deadline:
+                        deadlines.append(deadline)
+                        return
+                    self.notes.append(f"worker {slot.index}'s old process did not hand over within "
+                                      f"{HANDOVER_TIMEOUT:g} s (killed; its flows are relearned)")
+                    try:
+                        os.kill(slot.pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                self._hand_over(slot, succ, now)
+                self.current[2:] = ["taking", now + SUCCESSOR_TIMEOUT]
+                continue
+            # taking: the slot is the new worker's; the next slot waits until it serves (its first
+            # publication), so that a new code that dies once it reads fails the upgrade at one slot
+            flows_fd, handed_ns = self.kept
+            if slot.pid != succ.pid:
+                # it died: the reaper restarts the slot (new code); the flows we kept go with it
+                if flows_fd is not None:
+                    try:
+                        slot.restore = sdnotify.memfd_read(flows_fd)
+                    except (OSError, ValueError):
+                        pass
+                self._release_kept()
+                self.current = None
+                return self._fail(now, f"worker {slot.index}: the new code's worker (pid {succ.pid}) died while "
+                                       "taking over (its log says why); that slot restarts with the new code, "
+                                       "the other old workers keep serving")
+            if sup.shared.words[slot.index * metrics.SLOT_WORDS + metrics.HEARTBEAT] > handed_ns:
+                self._release_kept()
+                self.current = None
+                continue
+            if now >= deadline:
+                self._release_kept()
+                self.current = None
+                return self._fail(now, f"worker {slot.index}: the new code's worker (pid {succ.pid}) took over "
+                                       f"but did not serve within {SUCCESSOR_TIMEOUT:g} s")
+            deadlines.append(min(deadline, now + 0.01))
+            return
+
+    def _release_kept(self):
+        fd, self.kept = self.kept[0], (None, 0)
+        if fd is not None:
+            os.close(fd)
 
     def _successor_readable(self):
         slot, succ, stage, _ = self.current
@@ -443,15 +496,18 @@ class Upgrader:
             # the new worker's first publication a moment from now
             sup.shared.words[base + metrics.HEARTBEAT] = heartbeat
             sup.shared.words[base + metrics.GENERATION] = generation
+        slot.restarts.cancel()              # an old worker that died meanwhile: the successor is its restart
+        if slot.handed is None and slot.restore:
+            slot.handed = sdnotify.memfd_write(f"edge-relay-flows{slot.index}", slot.restore)
+        slot.restore = None
         fds = [slot.handed] if slot.handed is not None else []
         slot.handed = None
+        # the flows stay ours too until the new worker serves: if it dies first, its restart gets them
+        self.kept = (fds[0] if fds else None, metrics.monotonic_ns())
         try:
             socket.send_fds(succ.ctl, [TAKE], fds)
         except OSError:
             pass                            # it died this instant: the reaper restarts the slot
-        finally:
-            for fd in fds:
-                os.close(fd)
         sup.sel.modify(succ.ctl, selectors.EVENT_READ, lambda s=slot: sup._read_ctl(s))
         slot.pid, slot.ctl, slot.started = succ.pid, succ.ctl, succ.started
         slot.asked_to_stop = False
@@ -515,6 +571,9 @@ class Upgrader:
             self._refuse(now, sup.last_upgrade["requested_usec"], why, notify=False)
             return
         self.todo = []
+        if self.current is not None and self.current[2] == "taking":
+            self._release_kept()            # it is the slot's worker already: it stops like the others
+            self.current = None
         if self.current is not None:
             self._drop_successor()
         if sup.last_upgrade["state"] == "pending":
@@ -523,11 +582,14 @@ class Upgrader:
             sup.log.verdict("err", "upgrade to edge-relay %s stopped: %s", __version__, why)
 
     def close_in_child(self):
-        """In a freshly forked worker: close what the upgrade holds (a successor's channel, the preflight's pipe)."""
+        """In a freshly forked worker: close what the upgrade holds (a successor's channel, the preflight's
+        pipe, the flows kept for a new worker)."""
         if self.current is not None and self.current[1].ctl is not None:
             self.current[1].ctl.close()
         if self.preflight is not None:
             os.close(self.preflight.fd)
+        if self.kept[0] is not None:
+            os.close(self.kept[0])
 
 
 # -- what crosses the execve --------------------------------------------------------------------

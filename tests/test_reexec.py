@@ -21,7 +21,8 @@ def test_a_preflight_passes_only_with_its_mark_and_a_readable_answer():
     ok, reason, doc = reexec.judge(b"Traceback (most recent call last):\n  ...\nImportError: broken on purpose\n")
     assert not ok and doc is None and reason.endswith("ImportError: broken on purpose")
     # an older version that knows no --preflight: argparse's usage error
-    ok, reason, _ = reexec.judge(b"usage: edge-relay [-h]\nedge-relay: error: unrecognized arguments: --preflight\n")
+    ok, reason, _ = reexec.judge(b"usage: edge-relay [-h]\n"
+                                 b"edge-relay: error: unrecognized arguments: --preflight\n")
     assert not ok and "unrecognized arguments: --preflight" in reason
     assert reexec.judge(b"") == (False, "the new code's preflight exited without a word", None)
     ok, reason, _ = reexec.judge(reexec.PREFLIGHT_MARK.encode() + b"{not json\n")

@@ -186,7 +186,8 @@ def test_an_upgrade_keeps_the_pid_and_the_sockets_and_hands_every_flow_over(rela
     assert value(m, "edge_relay_drops_total", reason="unknown_flow") == 0
     log = r.log()
     # one slot at a time, each new worker ready before its old one stops reading, then taking its flows
-    events = [(kind, int(w)) for w, kind in re.findall(r"worker (\d+): new pid \d+ (starting|ready|took over)", log)]
+    events = [(kind, int(w)) for w, kind in
+              re.findall(r"worker (\d+): new pid \d+ (starting|ready|took over)", log)]
     assert events == [("starting", 0), ("ready", 0), ("took over", 0),
                       ("starting", 1), ("ready", 1), ("took over", 1)], events
     for w in on_worker:
@@ -256,8 +257,8 @@ def test_new_code_that_cannot_read_the_state_still_comes_up_serving_on_the_same_
     assert carries_calls(setup, tx)
     sockets_before = udp_inodes(r.pid)
     old_workers = r.worker_pids()
-    code.install(patch("reexec.py", "    if not (text.isascii() and text.isdigit()):",
-                       "    raise HandoverError('unreadable on purpose')\n    if not (text.isascii() and text.isdigit()):"))
+    check = "    if not (text.isascii() and text.isdigit()):"
+    code.install(patch("reexec.py", check, "    raise HandoverError('unreadable on purpose')\n" + check))
     rc, out, err = upgrade(setup)
     assert rc == 1 and "failed" in err and "unreadable on purpose" in err, (out, err)
     wait_for(lambda: http_get(setup.url + "/healthz")[0] == 200, 20, what="/healthz 200 after the fallback")
@@ -405,8 +406,8 @@ def test_counters_carry_over_when_the_new_code_counts_more_things(relay):
     packets = {d: value(before, "edge_relay_packets_total", direction=d)
                for d in ("client_in", "to_transceiver", "transceiver_in", "to_client")}
     extra = max(Drop) + 1
-    code.install(lambda pkg: (set_version("9.9.9")(pkg),
-                              patch("drops.py", "    @property", f"    UPGRADE_TEST_REASON = {extra}\n\n    @property")(pkg)))
+    one_more = patch("drops.py", "    @property", f"    UPGRADE_TEST_REASON = {extra}\n\n    @property")
+    code.install(lambda pkg: (set_version("9.9.9")(pkg), one_more(pkg)))
     rc, out, err = upgrade(setup)
     assert rc == 0, (out, err, r.log()[-3000:])
     after = metrics(setup)
@@ -415,4 +416,30 @@ def test_counters_carry_over_when_the_new_code_counts_more_things(relay):
     for d, n in packets.items():
         assert value(after, "edge_relay_packets_total", direction=d) >= n > 0, d
     assert value(after, "edge_relay_workers_up") == 2
+    assert carries_calls(setup, tx)
+
+
+def test_a_new_worker_that_dies_while_taking_over_is_restarted_with_the_flows(relay):
+    """After READY its old worker has stopped: the slot is restarted as after any death (new code, the
+    handed-over flows restored), the verdict is "failed", the other slot's old worker serves on."""
+    setup, r, code, tx = relay(workers=2)
+    clients = clients_for(setup, 6)
+    traffic = Traffic(clients, tx)
+    try:
+        assert traffic.run(10, until=connected(clients))
+        old_workers = r.worker_pids()
+        code.install(lambda pkg: (set_version("9.9.9")(pkg),
+                                  patch("workerproc.py", "        handed = await_turn(ctl)\n",
+                                        "        handed = await_turn(ctl)\n        raise SystemExit(3)\n")(pkg)))
+        rc, out, err = upgrade(setup, traffic)
+        assert rc == 1 and "died while taking over" in err, (out, err)
+        assert traffic.run(20, until=lambda: status(setup)["workers_up"] == 2)
+        st = status(setup)
+        assert st["pid"] == r.pid and st["last_upgrade"]["state"] == "failed"
+        now = r.worker_pids()
+        assert now[0] != old_workers[0] and now[1] == old_workers[1]
+        assert re.search(r"worker 0: restored [1-9]\d* flows", r.log()) or \
+            all(tx.worker_of[tuple(c.address)] != setup.ports["internal_port"] for c in clients)
+    finally:
+        traffic.close()
     assert carries_calls(setup, tx)
