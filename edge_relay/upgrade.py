@@ -590,6 +590,8 @@ class Upgrader:
             os.close(self.preflight.fd)
         if self.kept[0] is not None:
             os.close(self.kept[0])
+        if self.legacy is not None:
+            os.close(self.legacy[3])
 
 
 # -- what crosses the execve --------------------------------------------------------------------
