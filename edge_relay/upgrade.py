@@ -398,6 +398,9 @@ class Upgrader:
                         slot.handed = None
                     slot.asked_to_stop = True
                     send(slot.ctl, STOP)
+                    # its exit is no death of the slot's worker: the reaper leaves it to us (its FLOWS
+                    # and its hang-up still come through its channel) and the slot keeps its pid
+                    sup.by_pid.pop(slot.pid, None)
                 sup.log.verdict("info", "upgrade: worker %d: new pid %d ready; old pid %s stops reading and "
                                 "hands over", slot.index, succ.pid, slot.pid)
                 self.current[2:] = ["handing", now + HANDOVER_TIMEOUT]
@@ -405,10 +408,16 @@ class Upgrader:
             if stage == "handing":
                 # handing: the old worker's flows came, or it is gone, or it took too long
                 if succ.ctl is None:
-                    # the new worker died after READY, its old one is stopping: the slot is the reaper's
-                    # now, restarted (with the new code) as after any death, with the flows handed over
+                    # the new worker died after READY, its old one is stopping: the slot restarts (with
+                    # the new code) as after any death, with the flows the old one handed over
                     slot.asked_to_stop = False
-                    if slot.pid is None:
+                    if slot.ctl is not None and slot.pid is not None:
+                        sup.by_pid[slot.pid] = slot     # still running: the reaper restarts the slot
+                    else:
+                        if slot.pid is not None:
+                            sup.shared.retire(slot.index)
+                            sup.extra.clear(slot.index)
+                            slot.pid = None
                         if slot.handed is not None:
                             slot.restore = take_handed(slot)
                         slot.restarts.died(now)
@@ -416,7 +425,7 @@ class Upgrader:
                     return self._fail(now, f"worker {slot.index}: the new code's worker (pid {succ.pid}) died "
                                            "while taking over (its log says why); that slot restarts with the "
                                            "new code, the other old workers keep serving")
-                if slot.handed is None and slot.pid is not None:
+                if slot.handed is None and slot.ctl is not None:
                     if now < deadline:
                         deadlines.append(deadline)
                         return
@@ -426,6 +435,9 @@ class Upgrader:
                         os.kill(slot.pid, signal.SIGKILL)
                     except OSError:
                         pass
+                elif slot.handed is None and slot.pid is not None:
+                    self.notes.append(f"worker {slot.index}'s old process exited without handing over "
+                                      "(its flows are relearned)")
                 self._hand_over(slot, succ, now)
                 self.current[2:] = ["taking", now + SUCCESSOR_TIMEOUT]
                 continue
@@ -513,8 +525,9 @@ class Upgrader:
         slot.asked_to_stop = False
         slot.reload_failed = None
         sup.by_pid[slot.pid] = slot
-        sup.log.verdict("notice", "upgrade: worker %d: new pid %d took over from old pid %s%s", slot.index,
-                        slot.pid, old, " with its flows" if fds else " (no flows handed over)")
+        sup.log.verdict("notice", "upgrade: worker %d: new pid %d took over from %s%s", slot.index, slot.pid,
+                        f"old pid {old}" if old is not None else "a worker that had died",
+                        " with its flows" if fds else " (no flows handed over)")
 
     def _drop_successor(self):
         """Call the current successor off: it never read a datagram (hang up: it exits; kill to be sure)."""
@@ -575,6 +588,9 @@ class Upgrader:
             self._release_kept()            # it is the slot's worker already: it stops like the others
             self.current = None
         if self.current is not None:
+            slot = self.current[0]
+            if self.current[2] == "handing" and slot.pid is not None:
+                sup.by_pid[slot.pid] = slot     # stopping already: the stop waits for it and keeps its flows
             self._drop_successor()
         if sup.last_upgrade["state"] == "pending":
             sup.last_upgrade.update(state="failed", finished_usec=_usec(sup.clock()), reason=why)
