@@ -6,9 +6,9 @@ transceiver's authenticated answers back. It holds no session secrets.
 Runtime code is the Python standard library only.
 
 Layers (tests/test_layers.py reads this table and enforces it)
-  codec     stun token header keys sockaddr drops errors histogram transceiver
-  policy    flows journal router ratelimit quality probes directory defaults
-  io        batchio worker sockets httpd supervisor sdnotify resp adapter*
+  codec     stun token header keys sockaddr drops errors histogram transceiver control
+  policy    flows journal router ratelimit quality probes directory defaults lifecycle
+  io        batchio worker sockets httpd supervisor fdstore workerproc sdnotify resp reexec upgrade adapter*
   operator  config cli log metrics nft effective __main__
   demo      demo
 

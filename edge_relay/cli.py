@@ -5,6 +5,9 @@ Exit codes (documented in --help and edge-relay(8)):
   1   an operator error other than the config: a socket that cannot be bound, a
       relay that cannot be reached; the message names what
   2   usage error (unknown subcommand or option)
+  3   `upgrade` only: the running relay cannot be upgraded in place (its
+      version predates it, or it has no management endpoint to give a
+      verdict on); nothing was sent: restart it instead
   70  internal error (EX_SOFTWARE, sysexits.h): a bug; the traceback follows
   78  configuration error (EX_CONFIG): invalid config or unusable key file, the
       message names the key or file. edge-relay.service has
@@ -23,6 +26,7 @@ from . import __version__, config as config_mod, keys
 from .errors import ConfigError, EdgeRelayError, KeyFileError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_UNSUPPORTED = 3                     # `upgrade`: the running relay cannot upgrade in place; nothing sent
 EXIT_SOFTWARE, EXIT_CONFIG = 70, 78      # sysexits.h EX_SOFTWARE, EX_CONFIG
 DEFAULT_CONFIG = config_mod.DEFAULT_PATH
 SERVICE_GROUP = "edge-relay"             # the group edge-relay.service runs as (debian/edge-relay.sysusers)
@@ -30,6 +34,9 @@ DEFAULT_KEY_DIR = "/etc/edge-relay/keys"
 
 
 def cmd_run(args):
+    if args.preflight:
+        from . import reexec
+        return reexec.preflight_main(args.config, args.workers)
     cfg = config_mod.load(args.config)
     from . import supervisor
     return supervisor.run(args.config, cfg, workers=args.workers)
@@ -323,9 +330,15 @@ def _running_management(path):
         return m
 
 
-def cmd_reload(args):
-    """SIGHUP the running relay and wait for its own verdict on this request (ExecReload=)."""
-    import signal
+def _signal_for_verdict(args, command, signum, key):
+    """Send `signum` to the relay answering /status and wait for its verdict `key` on this very request.
+
+    Returns (exit code, /status document or None, verdict or None); the
+    failures that leave no verdict (no endpoint, nobody answering, another
+    pid, no verdict in time) are printed here and give (EXIT_ERROR, None, None),
+    or EXIT_UNSUPPORTED when the running relay has no such verdict at all
+    (it predates it: nothing was sent).
+    """
     import urllib.request
 
     from .metrics import monotonic_ns
@@ -333,10 +346,10 @@ def cmd_reload(args):
     if url is None:
         m = _running_management(args.config)
         if not m.enabled:
-            print(f"edge-relay reload: {args.config}: management.port is 0: no endpoint to read the relay's "
-                  "verdict from (give --url, or send SIGHUP yourself: systemctl kill -s HUP edge-relay)",
-                  file=sys.stderr)
-            return EXIT_ERROR
+            print(f"edge-relay {command}: {args.config}: management.port is 0: no endpoint to read the relay's "
+                  f"verdict from (give --url, or send SIG{signal_name(signum)} yourself: "
+                  f"systemctl kill -s {signal_name(signum)} edge-relay)", file=sys.stderr)
+            return (EXIT_UNSUPPORTED if key == "last_upgrade" else EXIT_ERROR), None, None
         url = _management_url(m, "/status")
 
     def status():
@@ -344,20 +357,26 @@ def cmd_reload(args):
             return json.loads(r.read().decode("utf-8"))
 
     try:
-        serving = status()["pid"]     # reachable before we signal: else no verdict could be read
+        first = status()
+        serving = first["pid"]     # reachable before we signal: else no verdict could be read
     except (OSError, ValueError, KeyError) as exc:
-        print(f"edge-relay reload: {url}: {exc} (is the relay running? --url)", file=sys.stderr)
-        return EXIT_ERROR
+        print(f"edge-relay {command}: {url}: {exc} (is the relay running? --url)", file=sys.stderr)
+        return EXIT_ERROR, None, None
     pid = args.pid or serving
     if pid != serving:
-        print(f"edge-relay reload: {url} is served by pid {serving}, not {pid}", file=sys.stderr)
-        return EXIT_ERROR
+        print(f"edge-relay {command}: {url} is served by pid {serving}, not {pid}", file=sys.stderr)
+        return EXIT_ERROR, None, None
+    if key not in first:
+        print(f"edge-relay {command}: pid {pid} runs edge-relay {first.get('version', '< 0.1.1')}, which cannot "
+              f"{command} in place (no {key} in its /status); nothing was sent: restart it instead",
+              file=sys.stderr)
+        return EXIT_UNSUPPORTED, None, None
     asked = monotonic_ns() // 1000
     try:
-        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, signum)
     except OSError as exc:
-        print(f"edge-relay reload: pid {pid}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_ERROR
+        print(f"edge-relay {command}: pid {pid}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR, None, None
     deadline = time.monotonic() + args.timeout
     last_error = "no answer"
     while time.monotonic() < deadline:
@@ -367,19 +386,57 @@ def cmd_reload(args):
         except (OSError, ValueError) as exc:
             last_error = str(exc)
             continue
-        v = doc.get("last_reload", {})
+        if doc.get("pid") != pid:
+            print(f"edge-relay {command}: {url} is now served by pid {doc.get('pid')}, not {pid}: the relay "
+                  "restarted meanwhile", file=sys.stderr)
+            return EXIT_ERROR, None, None
+        v = doc.get(key, {})
         if v.get("requested_usec", 0) < asked or v.get("state") == "pending":
             continue
-        if v.get("state") == "ok":
-            print(f"edge-relay reload: config generation {v['generation']} accepted; "
-                  f"all {doc['workers']} workers run it")
-            return EXIT_OK
+        return (EXIT_OK if v.get("state") == "ok" else EXIT_ERROR), doc, v
+    print(f"edge-relay {command}: no verdict from pid {pid} within {args.timeout:g} s ({url}: {last_error})",
+          file=sys.stderr)
+    return EXIT_ERROR, None, None
+
+
+def signal_name(signum):
+    import signal
+    return signal.Signals(signum).name[3:]
+
+
+def cmd_reload(args):
+    """SIGHUP the running relay and wait for its own verdict on this request (ExecReload=)."""
+    import signal
+    code, doc, v = _signal_for_verdict(args, "reload", signal.SIGHUP, "last_reload")
+    if v is None:
+        return EXIT_ERROR if code == EXIT_UNSUPPORTED else code
+    if code == EXIT_OK:
+        print(f"edge-relay reload: config generation {v['generation']} accepted; "
+              f"all {doc['workers']} workers run it")
+    else:
         print(f"edge-relay reload: {v.get('state')}: {v.get('reason')} "
               f"(generation {doc['generation']} keeps serving)", file=sys.stderr)
-        return EXIT_ERROR
-    print(f"edge-relay reload: no verdict from pid {pid} within {args.timeout:g} s ({url}: {last_error})",
-          file=sys.stderr)
-    return EXIT_ERROR
+    return code
+
+
+def cmd_upgrade(args):
+    """SIGUSR2 the running relay: it re-executes the code on disk in place; wait for its verdict."""
+    import signal
+    code, doc, v = _signal_for_verdict(args, "upgrade", signal.SIGUSR2, "last_upgrade")
+    if v is None:
+        return code
+    if code == EXIT_OK:
+        print(f"edge-relay upgrade: pid {doc['pid']} runs edge-relay {v.get('to_version')} "
+              f"(was {v.get('from_version')}) on all {doc['workers']} workers")
+        if v.get("reason"):
+            print(f"edge-relay upgrade: note: {v['reason']}")
+    elif v.get("state") == "refused":
+        print(f"edge-relay upgrade: refused: {v.get('reason')} (edge-relay {v.get('from_version')} keeps serving, "
+              f"pid {doc['pid']})", file=sys.stderr)
+    else:
+        print(f"edge-relay upgrade: {v.get('state')}: {v.get('reason')} (pid {doc['pid']} serves "
+              f"edge-relay {doc.get('version')})", file=sys.stderr)
+    return code
 
 
 def cmd_demo(args):
@@ -421,6 +478,7 @@ def build_parser():
         prog="edge-relay",
         description="Edge UDP relay for real-time voice AI over WebRTC.",
         epilog="Exit status: 0 success, 1 operator error (the message names what), 2 usage error, "
+               "3 upgrade cannot be done in place (nothing sent), "
                "70 internal error (a bug), 78 configuration error (the message names the key or file).")
     p.add_argument("--version", action="version", version=_version_text())
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -428,6 +486,9 @@ def build_parser():
     s = sub.add_parser("run", help="run the relay (supervisor and workers)")
     s.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
     s.add_argument("--workers", type=int, default=None, help="override relay.workers")
+    s.add_argument("--preflight", action="store_true",
+                   help="only check that this code can take over a running relay (imports, config, keys), "
+                        "print one line and exit; what `upgrade` runs before it re-executes")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("check-config", help="validate a config file and its keys; one line per problem, "
@@ -496,6 +557,17 @@ def build_parser():
     s.add_argument("--pid", type=int, default=None, help="the supervisor's pid (default: from /status)")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the verdict (default 30)")
     s.set_defaults(func=cmd_reload)
+
+    s = sub.add_parser("upgrade", help="make the running relay re-execute the code now installed, in place "
+                                       "(same pid, sockets and flows) and wait for its verdict; exit 1 with "
+                                       "the reason if it refused, 3 if it cannot")
+    s.add_argument("--config", "-c", default=DEFAULT_CONFIG,
+                   help=f"take management.address/port from this config (default {DEFAULT_CONFIG})")
+    s.add_argument("--url", default=None, help="the status URL, e.g. http://127.0.0.1:9477/status")
+    s.add_argument("--pid", type=int, default=None, help="the supervisor's pid (default: from /status)")
+    s.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for the verdict (default 120)")
+    s.set_defaults(func=cmd_upgrade)
 
     s = sub.add_parser("flows", help="list a running relay's live flows (from its management endpoint)")
     g = s.add_mutually_exclusive_group()

@@ -1,7 +1,7 @@
 """Counters shared by the workers with the supervisor, and their Prometheus text rendering.
 
 Theory of operation
-  The supervisor maps one anonymous MAP_SHARED region before it forks; each
+  The supervisor maps one MAP_SHARED region before it forks; each
   worker owns one slot of 8-byte unsigned counters and overwrites it whole
   at every publication (Worker.publish, every 0.5 s and at exit): its
   Router.stats and Router.drops, its flow gauges and a heartbeat. There is no
@@ -39,6 +39,10 @@ Theory of operation
   workers' estimates. Names: docs/OPERATIONS.md. These extra
   counters restart from zero with a restarted worker (only the main counters
   are carried over by `retire`).
+
+  Both regions are memfds (`fd`), not anonymous maps: a supervisor that
+  re-executes itself (reexec.py) hands the fd to its new image, which maps
+  the very pages its running workers keep writing.
 """
 
 import json
@@ -74,13 +78,29 @@ def monotonic_ns():
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
-class SharedCounters:
-    """`n` slots of SLOT_WORDS unsigned 64-bit counters in memory shared across fork."""
+def _shared_map(name, size, fd):
+    """(fd, MAP_SHARED map of `size` bytes): a new close-on-exec memfd, or `fd` (taken over) if given.
 
-    def __init__(self, n):
+    Raises ValueError when a given `fd` is smaller than `size` (not the region we expect).
+    """
+    if fd is None:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
+    elif os.fstat(fd).st_size < size:
+        raise ValueError(f"shared region fd {fd} holds {os.fstat(fd).st_size} bytes, {size} expected")
+    return fd, mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+class SharedCounters:
+    """`n` slots of SLOT_WORDS unsigned 64-bit counters in memory shared across fork (and re-exec: `fd`)."""
+
+    def __init__(self, n, fd=None):
         self.n = n
-        self._map = mmap.mmap(-1, max(1, n) * SLOT_WORDS * _WORD, flags=mmap.MAP_SHARED,
-                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.fd, self._map = _shared_map("edge-relay-counters", max(1, n) * SLOT_WORDS * _WORD, fd)
         self.words = memoryview(self._map).cast("Q")
         self.base = [[0] * CARRIED for _ in range(n)]
 
@@ -102,6 +122,7 @@ class SharedCounters:
     def close(self):
         self.words.release()
         self._map.close()
+        os.close(self.fd)
 
 
 EXTRA_BYTES = 128 * 1024      # per worker slot: sequence word, length word, JSON
@@ -111,10 +132,9 @@ _EXTRA_HEAD = struct.Struct("=QQ")
 class ExtraShared:
     """`n` slots of EXTRA_BYTES in shared memory for each worker's `extra_of` document."""
 
-    def __init__(self, n):
+    def __init__(self, n, fd=None):
         self.n = n
-        self._map = mmap.mmap(-1, max(1, n) * EXTRA_BYTES, flags=mmap.MAP_SHARED,
-                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.fd, self._map = _shared_map("edge-relay-extra", max(1, n) * EXTRA_BYTES, fd)
         self._last = [None] * max(1, n)
 
     def write(self, i, doc):
@@ -154,6 +174,7 @@ class ExtraShared:
 
     def close(self):
         self._map.close()
+        os.close(self.fd)
 
 
 _PROBE_COUNTERS = (("edge_relay_transceiver_probes_sent_total", "sent", "probes sent"),

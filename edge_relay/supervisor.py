@@ -1,35 +1,25 @@
-"""Process model: the supervisor owns the sockets and runs one pinned worker per core.
+"""The supervisor: the loop that owns the sockets, runs one pinned worker per core and answers for them.
 
 Theory of operation
-  The supervisor validates the config and keys, creates (or takes back from
-  systemd's fd store) every socket: one SO_REUSEPORT socket per worker per
-  listener ("l<listener>w<worker>") and one internal socket per worker
-  ("i<worker>", port internal.port + worker). It holds them for its whole
-  life, so the reuseport group never changes when a worker dies: datagrams
-  for a dead worker's socket wait in that socket's buffer for its successor.
+  The supervisor validates the config and keys, takes its sockets back from
+  systemd's fd store or binds them (fdstore.py), and forks one worker per
+  core (workerproc.py), each over its own sockets, with a control channel
+  (control.py). Its lifecycle is one Phase (lifecycle.py); every transition
+  goes through Lifecycle.set and is logged. The loop reads the clock once per
+  turn and passes `now` to every decision.
 
-  Each worker is a fork()ed child pinned to one CPU, running worker.Worker
-  over its own sockets, with a SOCK_SEQPACKET control channel:
-    supervisor -> worker   b"reload <generation>"  re-read config and keys (already
-                                      validated); on success the worker runs and
-                                      publishes that generation
-                           b"drain"   refuse new flows, forward the rest, exit
-                           b"stop"    exit now (hand-over to a new worker)
-                           b"report-flows" + JSON filters: answer b"flow-report" +
-                           a memfd with the matching flows (GET /flows; bounded)
-    worker -> supervisor   b"reloaded" / b"reload-failed <reason>"
-                           b"flows" + a memfd (SCM_RIGHTS) with the flow table
-                           snapshot, sent as the worker exits
   Counters and the heartbeat go through metrics.SharedCounters (no per-packet
   IPC). A worker is "up" while its heartbeat is fresher than HEARTBEAT_STALE.
 
   A worker that dies unasked is restarted on the same sockets after an
-  exponential backoff; CRASH_LIMIT deaths within CRASH_WINDOW seconds is a
-  crash loop: logged, counted, shown in STATUS=, and backed off up to
-  BACKOFF_MAX. Its confirmed flows are not lost: each slot has a crash
-  journal (journal.py), a memfd the supervisor makes before the slot's first
-  fork and holds, which the worker writes at every flow transition and its
-  successor restores before reading its first datagram (worker.start_flows).
+  exponential backoff (lifecycle.Restarts); CRASH_LIMIT deaths within
+  CRASH_WINDOW seconds is a crash loop: logged, counted, shown in STATUS=,
+  and backed off up to BACKOFF_MAX. Its confirmed flows are not lost: each
+  slot has a crash journal (journal.py), a memfd the supervisor makes before
+  the slot's first fork and holds, which the worker writes at every flow
+  transition and its successor restores before reading its first datagram
+  (worker.start_flows). An upgrade's new image makes new journals: the flows
+  cross the execve in the handed-over snapshots, not in the old journals.
 
   Reload verdicts. Every SIGHUP gets one verdict, kept in `last_reload` and
   shown by GET /status and /metrics: "pending" from the moment the
@@ -40,7 +30,9 @@ Theory of operation
   new generation within RELOAD_ACK_TIMEOUT) or "ok" (every worker publishes
   the new generation in its slot). A requester that read the clock before
   sending SIGHUP knows the verdict is for its request once requested_usec is
-  not older than that reading (cli.py `reload`).
+  not older than that reading (cli.py `reload`). A config that needs other
+  sockets or another number of workers is RESTRUCTURING first: the old
+  workers hand their flows over and exit, new ones start on the new sockets.
 
   Readiness vs liveness: /livez is 200 while the supervisor answers; /healthz
   is 200 while every worker serves and nothing drains (process health);
@@ -58,41 +50,41 @@ Theory of operation
   for relay.drain_seconds (or until no flow is left), their flow snapshots
   go to the fd store as "flows<worker>", BARRIER=1, exit 0. WATCHDOG=1 is
   sent at half $WATCHDOG_USEC only while every worker is up.
-  At start, stored sockets whose family and address match the config are
-  reused (they were never closed: no datagram is lost across a restart),
-  others are closed and bound again; stored flows go back to their worker.
 
-  Signals arrive through signal.set_wakeup_fd and are handled in the loop.
+  Upgrade in place (upgrade.py, reexec.py): SIGUSR2 -> UPGRADING, RELOADING=1;
+  the new code on disk is checked in a child, then this process execve()s it
+  with its sockets, workers and state; the new image replaces the workers one
+  at a time with their flows and sends READY=1 with the verdict, kept in
+  `last_upgrade` (GET /status) like a reload's.
+
+  Signals arrive through signal.set_wakeup_fd and are handled in the loop
+  (reexec.HANDLED; held blocked across an upgrade's execve until handled).
 """
 
-import collections
 import hashlib
-import ipaddress
 import json
 import os
 import select
 import selectors
 import signal
 import socket
-import sys
 import time
-import traceback
 
-from . import config as config_mod, httpd, metrics, nft, sdnotify, sockets
+from . import __version__, config as config_mod, httpd, metrics, nft, reexec, sdnotify, upgrade, workerproc
+from .control import DRAIN, STOP, encode_reload, encode_report_flows
 from .errors import EdgeRelayError, StartupError, reason
+from .fdstore import FdStore, bind_sockets, structure, worker_sockets
+from .lifecycle import CRASH_WINDOW, Lifecycle, Phase
 from .log import Log
-from .worker import Worker, client_filter, journal_memory, start_flows
+from .worker import client_filter, journal_memory
+from .workerproc import Slot, WorkerSpec, send
 
 HEARTBEAT_STALE = 5.0       # seconds without a publication before a worker counts as down
 STATUS_INTERVAL = 2.0       # seconds between STATUS= updates
-CRASH_WINDOW = 30.0         # deaths counted over this many seconds ...
-CRASH_LIMIT = 5             # ... this many of them is a crash loop
-BACKOFF_MIN = 0.1           # first restart delay; doubles with each death in the window
-BACKOFF_MAX = 30.0
 RELOAD_ACK_TIMEOUT = 5.0    # verdict "failed" if a worker does not run the new generation by then
 RULESET_FILE = "edge-relay.nft"     # in $RUNTIME_DIRECTORY: the accepted config's nftables ruleset
 KILL_GRACE = 5.0            # after drain_seconds, SIGKILL workers still running
-CTL_MAX = 256
+TICK_MAX = 0.5              # the loop wakes at least this often (heartbeats are read, not pushed)
 FLOWS_LIMIT_MAX = 10000     # GET /flows?limit= at most this many flows in one answer
 FLOWS_REPORT_TIMEOUT = 1.0  # GET /flows waits this long for the workers' reports at most
 
@@ -109,91 +101,9 @@ def run(config_path, cfg, workers=None):
         sup.close()
 
 
-def structure(cfg, n):
-    """What a reload cannot change without new sockets and new workers."""
-    return (tuple((lst.address, lst.port) for lst in cfg.listeners), cfg.internal.address, cfg.internal.port, n)
-
-
-def wanted_sockets(cfg, n):
-    """[(name, address, port, reuseport, what)] for `n` workers, in a stable order."""
-    out = []
-    for w in range(n):
-        for li, l in enumerate(cfg.listeners):
-            out.append((f"l{li}w{w}", l.address, l.port, True, f"listeners[{li}]"))
-        out.append((f"i{w}", cfg.internal.address, cfg.internal_port_for(w), False, "internal"))
-    return out
-
-
-def socket_matches(sock, address, port, reuseport):
-    """True when `sock` is a UDP socket bound where the config wants it."""
-    try:
-        if sock.type != socket.SOCK_DGRAM or sock.family != sockets.family_of_ip_text(address):
-            return False
-        host, bound = sock.getsockname()[:2]
-        if ipaddress.ip_address(host.split("%")[0]) != ipaddress.ip_address(address):
-            return False
-        if port and bound != port:
-            return False
-        if reuseport and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
-            return False
-        if sock.family == socket.AF_INET6:
-            dual = not reuseport and sockets.internal_dual_stack(address)
-            if bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)) == dual:
-                return False        # e.g. an IPv6-only internal socket stored by an older version
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def bind_sockets(cfg, n, pool):
-    """({name: socket}, fresh names): reuse matching sockets from `pool` (taken out of it), bind the rest.
-
-    On StartupError every socket bound here is closed and `pool` is unchanged.
-    """
-    r = cfg.relay
-    socks, fresh = {}, []
-    try:
-        for name, address, port, reuseport, what in wanted_sockets(cfg, n):
-            old = pool.get(name)
-            if old is not None and socket_matches(old, address, port, reuseport):
-                old.setblocking(False)
-                socks[name] = old
-                continue
-            socks[name] = sockets.udp_socket(address, port, reuseport=reuseport, rcvbuf=r.recv_buffer_bytes,
-                                             sndbuf=r.send_buffer_bytes, what=what,
-                                             dual_stack=not reuseport and sockets.internal_dual_stack(address))
-            fresh.append(name)
-    except StartupError:
-        for name in fresh:
-            socks[name].close()
-        raise
-    for name, sock in socks.items():
-        if name not in fresh:
-            del pool[name]
-    return socks, fresh
-
-
-class Slot:
-    """One worker position: its process, control channel and restart history."""
-
-    def __init__(self, index, cpu):
-        self.index = index
-        self.cpu = cpu
-        self.pid = None
-        self.ctl = None
-        self.started = 0.0
-        self.deaths = collections.deque()
-        self.restart_at = None
-        self.crash_loop = False
-        self.restore = None         # flow snapshot bytes for the next process
-        self.handed = None          # memfd the last process sent as it exited
-        self.asked_to_stop = False
-        self.reload_failed = None   # the worker's reason when it kept its old config
-        self.report = None          # the last b"flow-report" (GET /flows)
-
-
-def _usec():
-    return metrics.monotonic_ns() // 1000
+def _usec(now):
+    """CLOCK_MONOTONIC microseconds of a time.monotonic() reading (the clock of /status's *_usec)."""
+    return int(now * 1_000_000)
 
 
 def config_digest(path):
@@ -206,11 +116,14 @@ def config_digest(path):
 
 
 class Supervisor:
-    def __init__(self, config_path, cfg, keyring, log, *, workers=None, env=os.environ):
+    def __init__(self, config_path, cfg, keyring, log, *, workers=None, env=os.environ,
+                 clock=time.monotonic, wall=time.time):
         self.config_path = config_path
         self.cfg = cfg
         self.keyring = keyring
         self.log = log
+        self.clock = clock
+        self.wall = wall
         self.workers_override = workers
         self.n = workers or cfg.effective_workers()
         self.notifier = sdnotify.Notifier(env)
@@ -219,6 +132,7 @@ class Supervisor:
         except ValueError as exc:
             log.warning("watchdog", "ignoring the watchdog: %s", exc)
             self.watchdog = None
+        self.life = Lifecycle(self._phase_changed, clock())
         self.generation = 1
         self.reloads = 0
         self.reload_failures = 0
@@ -226,35 +140,43 @@ class Supervisor:
         self.runtime_dir = env.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
         self.last_reload = {"state": "none", "generation": 1, "requested_usec": 0, "finished_usec": 0,
                             "reason": ""}
-        self.last_reload_success = time.time()     # wall clock of the last accepted config (start counts)
+        self.last_reload_success = wall()           # wall clock of the last accepted config (start counts)
         self.last_reload_ok = True
         self._pending = None                        # (cfg, sha256) of the reload awaiting its verdict
         self.restarts = 0
-        self.stopping = False
         self.stop_deadline = None
-        self.ready_sent = False
         self.reload_deadline = None
         self.restructure = None
-        self.done = False
         self.sel = selectors.DefaultSelector()
         self.http = None
         self.socks = {}
         self.by_pid = {}
         self._wake = None
         self._last_status = (0.0, 0)
+        self._next_status = self._next_watchdog = 0.0
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [None]
-        self._adopt(env)
-        self.shared = metrics.SharedCounters(self.n)
-        self.extra = metrics.ExtraShared(self.n)
-        self.slots = [Slot(i, self.cpus[i % len(self.cpus)]) for i in range(self.n)]
+        self.fdstore = FdStore(self.notifier, log)
+        self.upgrades = self.upgrade_failures = 0
+        self.last_upgrade = upgrade.no_upgrade()
+        self.upgrader = upgrade.Upgrader(self)
+        self.shared = self.extra = None
         self.journals = {}          # slot index -> worker.JournalMemory (or None), made at its first spawn
-        for i, data in self._stored_flows.items():
+        taken = self.upgrader.take_over(env, cfg, clock())     # after an upgrade's execve: the old image's state
+        if taken is None:
+            self.socks, stored_flows = self.fdstore.adopt(env, cfg, self.n)
+        else:
+            self.socks, stored_flows = taken
+        if self.shared is None:
+            self.shared = metrics.SharedCounters(self.n)
+            self.extra = metrics.ExtraShared(self.n)
+            self.slots = [Slot(i, self.cpus[i % len(self.cpus)]) for i in range(self.n)]
+        for i, data in stored_flows.items():
             if i < self.n:
                 self.slots[i].restore = data
         if cfg.management.enabled:
             m = cfg.management
             try:
-                sock = httpd.listen(m.address, m.port)
+                sock = self.upgrader.management_socket(m) or httpd.listen(m.address, m.port)
             except OSError as exc:
                 raise StartupError(f"management {m.address}:{m.port}: cannot listen: "
                                    f"{exc.strerror or exc}") from None
@@ -263,115 +185,35 @@ class Supervisor:
                                                       "/status": self._status,
                                                       "/flows": httpd.with_query(self._flows)})
 
-    # -- sockets and the fd store ---------------------------------------------
+    @property
+    def phase(self):
+        return self.life.phase
 
-    def _adopt(self, env):
-        try:
-            inherited = sdnotify.listen_fds(env)
-        except (ValueError, OSError) as exc:
-            self.log.warning("fdstore", "ignoring passed fds: %s", exc)
-            inherited = {}
-        self._stored_flows = {}
-        pool = {}
-        for name, fds in inherited.items():
-            for extra in fds[1:]:
-                os.close(extra)
-            fd = fds[0]
-            if name.startswith("flows") and name[5:].isdigit():
-                try:
-                    self._stored_flows[int(name[5:])] = sdnotify.memfd_read(fd)
-                except (OSError, ValueError) as exc:
-                    self.log.warning("fdstore", "stored %s unreadable: %s", name, exc)
-                os.close(fd)
-                self.notifier.fdstore_remove(name)      # consumed; a fresh one is stored at exit
-                continue
-            try:
-                pool[name] = socket.socket(fileno=fd)
-            except OSError:
-                os.close(fd)
-                self.notifier.fdstore_remove(name)
-        try:
-            self.socks, fresh = bind_sockets(self.cfg, self.n, pool)
-        except StartupError:
-            for sock in pool.values():
-                sock.close()
-            raise
-        self._retire_unused(pool)
-        self._store(fresh)
-        self._warn_buffers()
-        reused = len(self.socks) - len(fresh)
-        if inherited:
-            self.log.notice("fdstore", "took back %d of %d sockets and the flows of %d workers from the fd store",
-                            reused, len(self.socks), len(self._stored_flows))
-        elif self.notifier.enabled:
-            self.log.notice("fdstore", "fd store empty: starting fresh")
-        else:
-            self.log.notice("fdstore", "no NOTIFY_SOCKET or LISTEN_FDS: starting fresh, "
-                            "sockets and flows will not outlive this process")
-
-    def _warn_buffers(self):
-        """One warning per buffer size the kernel capped (every socket asks the same)."""
-        r = self.cfg.relay
-        for sock in self.socks.values():
-            for key, asked, granted, sysctl in sockets.buffer_shortfalls(
-                    sock, r.recv_buffer_bytes, r.send_buffer_bytes):
-                self.log.warning("sockets.buffer", "%s = %d, but the kernel granted %d (capped by %s); "
-                                 "raise it: sysctl -w %s=%d (edge-relay ships "
-                                 "/usr/lib/sysctl.d/edge-relay.conf)",
-                                 key, asked, granted, sysctl, sysctl, asked)
-            return
-
-    def _retire_unused(self, pool):
-        for name, sock in pool.items():
-            sock.close()
-            self.notifier.fdstore_remove(name)
-        pool.clear()
-
-    def _store(self, names):
-        if not self.notifier.enabled:
-            return
-        for name in names:
-            self.notifier.fdstore_remove(name)
-            if not self.notifier.fdstore(name, [self.socks[name].fileno()]):
-                self.log.warning("fdstore", "fd store refused %s (FileDescriptorStoreMax too low?)", name)
-
-    def _worker_sockets(self, w):
-        listeners = [self.socks[f"l{li}w{w}"] for li in range(len(self.cfg.listeners))]
-        return listeners, self.socks[f"i{w}"]
+    def _phase_changed(self, old, new, why):
+        self.log.info("phase", "%s -> %s%s", old.value, new.value, f": {why}" if why else "")
 
     # -- workers ----------------------------------------------------------------
 
-    def _spawn(self, slot):
+    def _spawn(self, slot, now, on_ctl=None):
+        """Fork `slot`'s worker. With `on_ctl`: an upgrade's new worker beside the running one (upgrade.py),
+        built but waiting for TAKE, its channel read by `on_ctl` and its pid not yet the slot's."""
+        listeners, internal = worker_sockets(self.socks, self.cfg, slot.index)
         if slot.index not in self.journals:
             self.journals[slot.index] = journal_memory(self.cfg, slot.index, self.log)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 70
-            try:
-                ours.close()
-                code = self._child(slot, theirs)
-            except BaseException:  # noqa: BLE001 - the child must never return into the supervisor
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        theirs.close()
-        ours.setblocking(False)
-        slot.pid, slot.ctl = pid, ours
-        slot.started = time.monotonic()
-        slot.restore = None
-        slot.asked_to_stop = False
-        slot.reload_failed = None
-        self.by_pid[pid] = slot
+        journal = self.journals[slot.index]
+        spec = WorkerSpec(cfg=self.cfg, keyring=self.keyring, config_path=self.config_path,
+                          generation=self.generation, listeners=listeners, internal=internal,
+                          shared=self.shared, extra=self.extra, await_turn=on_ctl is not None, journal=journal)
+        ours = workerproc.spawn(slot, spec, lambda: self._close_in_child(listeners, internal, journal), now)
+        if on_ctl is not None:
+            self.sel.register(ours, selectors.EVENT_READ, on_ctl)
+            return
+        self.by_pid[slot.pid] = slot
         self.sel.register(ours, selectors.EVENT_READ, lambda s=slot: self._read_ctl(s))
 
-    def _child(self, slot, ctl):
-        i = slot.index
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        mine = {id(s) for s in (*self._worker_sockets(i)[0], self._worker_sockets(i)[1])}
+    def _close_in_child(self, listeners, internal, journal):
+        """In a fresh worker: close every fd of the supervisor's that is not that worker's."""
+        mine = {id(s) for s in (*listeners, internal)}
         self.sel.close()
         if self.http is not None:
             for c in list(self.http.conns):
@@ -384,115 +226,27 @@ class Supervisor:
                 other.ctl.close()
             if other.handed is not None:
                 os.close(other.handed)
-        for j, memory in self.journals.items():
-            if j != i and memory is not None:
-                memory.close()
         for sock in self.socks.values():
             if id(sock) not in mine:
                 sock.close()
-        for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-            os.environ.pop(var, None)
-        try:
-            with open("/proc/self/comm", "w") as f:
-                f.write(f"edge-relay w{i}")
-        except OSError:
-            pass
-        if slot.cpu is not None:
-            try:
-                os.sched_setaffinity(0, {slot.cpu})
-            except OSError:
-                pass
-        log = Log(level=self.cfg.log.level, name=f"edge-relay[w{i}]")
-        flows = start_flows(self.cfg, log, i, slot.restore, self.journals.get(i))
-        slot.restore = None
-        view = self.shared.slot(i)
-        extra = self.extra
-        state = {"generation": self.generation, "started": metrics.monotonic_ns()}
-
-        def publish(router, worker):
-            extra.write(i, metrics.extra_of(worker))
-            metrics.publish(view, router, state["generation"], worker.reloads, worker.reload_failures,
-                            state["started"])
-
-        listeners, internal = self._worker_sockets(i)
-        worker = Worker(self.cfg, self.keyring, listeners, internal, log, config_path=self.config_path,
-                        publish=publish, flows=flows, log_transceivers=i == 0)
-        ctl.setblocking(False)
-
-        def on_ctl():
-            while True:
-                try:
-                    msg = ctl.recv(CTL_MAX)
-                except BlockingIOError:
-                    return True
-                except OSError:
-                    msg = b""
-                if not msg:             # the supervisor is gone: drain and leave
-                    worker.drain()
-                    return False
-                if msg.startswith(b"reload "):
-                    ok = worker.reload()
-                    if ok:
-                        state["generation"] = int(msg[7:])
-                    worker._publish()
-                    _send(ctl, b"reloaded" if ok else b"reload-failed " +
-                          (worker.last_reload_error or "").encode("utf-8", "replace")[:CTL_MAX - 16])
-                elif msg.startswith(b"report-flows"):
-                    _report_flows(ctl, worker, msg[len(b"report-flows"):], i)
-                elif msg == b"drain":
-                    worker.drain()
-                elif msg == b"stop":
-                    worker.stop()
-
-        worker.run(handle_signals=True, extra={ctl: on_ctl})
-        fd = sdnotify.memfd_write(f"edge-relay-flows{i}", worker.snapshot())
-        try:
-            ctl.setblocking(True)
-            socket.send_fds(ctl, [b"flows"], [fd])
-        except OSError:
-            pass
-        return 0
+        self._close_journals(keep=journal)
+        self.upgrader.close_in_child()
 
     def _read_ctl(self, slot):
-        while slot.ctl is not None:
-            try:
-                msg, fds, _, _ = socket.recv_fds(slot.ctl, CTL_MAX, 4)
-            except BlockingIOError:
-                return
-            except OSError:
-                msg, fds = b"", []
-            if not msg:
-                self.sel.unregister(slot.ctl)
-                slot.ctl.close()
-                slot.ctl = None
-                for fd in fds:
-                    os.close(fd)
-                return
-            if msg == b"flows" and fds:
-                if slot.handed is not None:
-                    os.close(slot.handed)
-                slot.handed = fds.pop(0)
-            elif msg == b"flow-report" and fds:
-                fd = fds.pop(0)
-                try:
-                    slot.report = json.loads(sdnotify.memfd_read(fd))
-                except (OSError, ValueError):
-                    slot.report = None
-                finally:
-                    os.close(fd)
-            elif msg.startswith(b"reload-failed"):
-                slot.reload_failed = msg[14:].decode("utf-8", "replace") or "see its log"
-                self.log.verdict("err", "worker %d kept its old config: %s", slot.index, slot.reload_failed)
-            for fd in fds:
-                os.close(fd)
+        if slot.ctl is not None and not workerproc.read_ctl(slot, self.log):
+            self._close_ctl(slot)
+
+    def _close_ctl(self, slot):
+        self.sel.unregister(slot.ctl)
+        slot.ctl.close()
+        slot.ctl = None
 
     def _send_all(self, msg):
         for slot in self.slots:
             if slot.ctl is not None:
-                _send(slot.ctl, msg)
+                send(slot.ctl, msg)
 
-    def _reap(self):
-        now = time.monotonic()
+    def _reap(self, now):
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -505,68 +259,54 @@ class Supervisor:
                 continue
             self._read_ctl(slot)
             if slot.ctl is not None:
-                self.sel.unregister(slot.ctl)
-                slot.ctl.close()
-                slot.ctl = None
+                self._close_ctl(slot)
             self.shared.retire(slot.index)
             self.extra.clear(slot.index)
             slot.pid = None
             code = os.waitstatus_to_exitcode(status)
             how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
-            if self.stopping or slot.asked_to_stop:
+            if self.life.stopping or slot.asked_to_stop:
                 self.log.info("worker.exit", "worker %d (pid %d) exited: %s", slot.index, pid, how)
                 continue
             if slot.handed is not None:     # it left on its own (a stray SIGTERM): keep its flows
-                slot.restore = self._take_handed(slot)
-            while slot.deaths and now - slot.deaths[0] > CRASH_WINDOW:
-                slot.deaths.popleft()
-            slot.deaths.append(now)
-            delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (len(slot.deaths) - 1))
-            if len(slot.deaths) >= CRASH_LIMIT:
-                if not slot.crash_loop:
-                    self.log.err("worker.crash-loop", "worker %d died %d times in %.0f s: crash loop, "
-                                 "restarting it in %.1f s", slot.index, len(slot.deaths), CRASH_WINDOW, delay)
-                slot.crash_loop = True
-                self.notifier.status(self._status_text())
+                slot.restore = workerproc.take_handed(slot)
+            delay, looping, began = slot.restarts.died(now)
+            if began:
+                self.log.err("worker.crash-loop", "worker %d died %d times in %.0f s: crash loop, "
+                             "restarting it in %.1f s", slot.index, len(slot.restarts.deaths), CRASH_WINDOW,
+                             delay)
+            if looping:
+                self.notifier.status(self._status_text(now))
             self.log.err("worker.died", "worker %d (pid %d) died (%s); restart in %.1f s",
                          slot.index, pid, how, delay)
-            slot.restart_at = now + delay
 
-    def _take_handed(self, slot):
-        fd, slot.handed = slot.handed, None
-        try:
-            return sdnotify.memfd_read(fd)
-        except (OSError, ValueError):
-            return None
-        finally:
-            os.close(fd)
-
-    def up(self):
-        """Indexes of workers that serve: alive with a fresh heartbeat."""
-        now = metrics.monotonic_ns()
+    def up(self, now=None):
+        """Indexes of workers that serve: alive with a fresh heartbeat (at `now`, time.monotonic() seconds)."""
+        now_ns = metrics.monotonic_ns() if now is None else int(now * 1e9)
         stale = int(HEARTBEAT_STALE * 1e9)
         out = set()
         for slot in self.slots:
             if slot.pid is None:
                 continue
             hb = self.shared.words[slot.index * metrics.SLOT_WORDS + metrics.HEARTBEAT]
-            if hb and now - hb < stale:
+            if hb and now_ns - hb < stale:
                 out.add(slot.index)
         return out
 
-    def healthy(self):
-        return not self.stopping and self.restructure is None and len(self.up()) == self.n
+    def healthy(self, now=None):
+        return self.phase in (Phase.STARTING, Phase.SERVING, Phase.RELOADING, Phase.UPGRADING) and \
+            len(self.up(now)) == self.n
 
-    def readiness(self):
+    def readiness(self, now=None):
         """(ready, why): healthy, and every serving worker's probes see a transceiver up.
 
         A worker without probes (probes.enabled = false) cannot tell, and counts as able to route.
         """
-        if self.stopping:
+        if self.life.stopping:
             return False, "draining"
-        if self.restructure is not None:
+        if self.phase is Phase.RESTRUCTURING:
             return False, "handing the flows to new workers"
-        up = self.up()
+        up = self.up(now)
         if len(up) < self.n:
             return False, f"{len(up)}/{self.n} workers up"
         for i in sorted(up):
@@ -577,17 +317,20 @@ class Supervisor:
 
     # -- reload and stop ----------------------------------------------------------
 
-    def reload(self):
-        requested = _usec()
-        if self.stopping or self.restructure is not None:
-            # no RELOADING=1: systemd is told of stopping, or waits for the pending reload's READY=1
-            busy = "stopping" if self.stopping else "a previous reload is still handing flows to new workers"
-            return self._refuse(requested, f"not now: {busy}", notify=False)
+    def reload(self, now):
+        requested = _usec(now)
+        if self.phase in (Phase.STARTING, Phase.STOPPING, Phase.STOPPED, Phase.RESTRUCTURING, Phase.UPGRADING):
+            # no RELOADING=1: systemd is told of starting or stopping, or waits for the pending reload's
+            # (or upgrade's) READY=1
+            busy = {Phase.STARTING: "starting: the workers do not all serve yet",
+                    Phase.RESTRUCTURING: "a previous reload is still handing flows to new workers",
+                    Phase.UPGRADING: "an upgrade is under way"}
+            return self._refuse(now, requested, f"not now: {busy.get(self.phase, 'stopping')}", notify=False)
         self.notifier.reloading()
         try:
             cfg, keyring = config_mod.load_with_keys(self.config_path)
         except Exception as exc:  # noqa: BLE001 - no config, however broken, may end the supervisor
-            return self._refuse(requested, reason(exc))
+            return self._refuse(now, requested, reason(exc))
         sha = config_digest(self.config_path)
         n = self.workers_override or cfg.effective_workers()
         if structure(cfg, n) != structure(self.cfg, self.n):
@@ -595,13 +338,15 @@ class Supervisor:
                 pool = dict(self.socks)
                 socks, fresh = bind_sockets(cfg, n, pool)
             except (StartupError, ValueError) as exc:
-                return self._refuse(requested, reason(exc))
+                return self._refuse(now, requested, reason(exc))
             self.restructure = (cfg, keyring, n, socks, fresh, pool)
             for slot in self.slots:
-                slot.restart_at = None
+                slot.restarts.cancel()
                 if slot.pid is not None:
                     slot.asked_to_stop = True
-            self._send_all(b"stop")
+            self._send_all(STOP)
+            self.life.set(Phase.RESTRUCTURING, now, "listeners or workers changed: handing the flows to "
+                                                    "new workers")
             self.log.notice("reload", "listeners or workers changed: handing the flows to new workers")
         if cfg.management != self.cfg.management:
             self.log.warning("reload", "management address changes take effect at the next restart")
@@ -611,8 +356,9 @@ class Supervisor:
         if self.restructure is None:
             for slot in self.slots:
                 slot.reload_failed = None
-            self._send_all(b"reload %d" % self.generation)
-        self.reload_deadline = time.monotonic() + RELOAD_ACK_TIMEOUT
+            self._send_all(encode_reload(self.generation))
+            self.life.set(Phase.RELOADING, now, f"generation {self.generation} sent to the workers")
+        self.reload_deadline = now + RELOAD_ACK_TIMEOUT
         self._pending = (cfg, sha)
         self.last_reload = {"state": "pending", "generation": self.generation, "requested_usec": requested,
                             "finished_usec": 0, "reason": ""}
@@ -620,22 +366,23 @@ class Supervisor:
                          self.generation, len(cfg.transceivers), keyring.signing.key_id)
         return True
 
-    def _refuse(self, requested, reason, notify=True):
+    def _refuse(self, now, requested, reason, notify=True):
         self.reload_failures += 1
         self.last_reload_ok = False
+        # loading the config took time: the verdict's own time, not the request's
         self.last_reload = {"state": "refused", "generation": self.generation, "requested_usec": requested,
-                            "finished_usec": _usec(), "reason": reason}
+                            "finished_usec": _usec(self.clock()), "reason": reason}
         self.log.verdict("err", "reload refused, keeping config generation %d: %s", self.generation, reason)
         if notify:
-            self.notifier.ready(f"reload refused: {reason}; " + self._status_text())
+            self.notifier.ready(f"reload refused: {reason}; " + self._status_text(now))
         return False
 
     def _settle_reload(self, now):
         """The verdict of the pending reload, once every worker runs the new generation (or cannot)."""
-        if self._pending is None or self.restructure is not None:
+        if self.phase is not Phase.RELOADING:
             return
         failed = [(s.index, s.reload_failed) for s in self.slots if s.reload_failed]
-        up = self.up()
+        up = self.up(now)
         behind = [s.index for s in self.slots if s.pid is None or s.index not in up or
                   self.shared.words[s.index * metrics.SLOT_WORDS + metrics.GENERATION] != self.generation]
         if failed:
@@ -650,26 +397,27 @@ class Supervisor:
         cfg, sha = self._pending
         self._pending = None
         self.reload_deadline = None
-        v = dict(self.last_reload, state="failed" if reason else "ok", finished_usec=_usec(), reason=reason)
+        v = dict(self.last_reload, state="failed" if reason else "ok", finished_usec=_usec(now), reason=reason)
         self.last_reload = v
         self.last_reload_ok = not reason
+        self.life.set(Phase.SERVING, now, f"reload of generation {self.generation} "
+                                          f"{'failed' if reason else 'ok'}")
         if reason:
             self.reload_failures += 1
             self.log.verdict("err", "reload of generation %d failed: %s", self.generation, reason)
-            self.notifier.ready(f"reload failed: {reason}; " + self._status_text())
+            self.notifier.ready(f"reload failed: {reason}; " + self._status_text(now))
             return
         self.reloads += 1
         self.config_sha256 = sha
-        self.last_reload_success = time.time()
+        self.last_reload_success = self.wall()
         self.write_ruleset(cfg)
         self.log.verdict("notice", "every worker runs config generation %d", self.generation)
-        self.notifier.ready(self._status_text())
+        self.notifier.ready(self._status_text(now))
 
-    def _settle_now(self):
+    def _settle_now(self, now):
         # Whoever reads the workers' generations (a scrape, /status) reads the
         # verdict they imply, not the one of the previous tick.
-        if self._pending is not None and self.reload_deadline is not None:
-            self._settle_reload(time.monotonic())
+        self._settle_reload(now)
 
     def write_ruleset(self, cfg):
         """The accepted config's nftables ruleset to $RUNTIME_DIRECTORY/edge-relay.nft (atomic)."""
@@ -685,13 +433,13 @@ class Supervisor:
         except (OSError, ValueError) as exc:
             self.log.warning("nft", "cannot write %s: %s", path, exc)
 
-    def _apply_restructure(self):
+    def _apply_restructure(self, now):
         cfg, keyring, n, socks, fresh, pool = self.restructure
         self.restructure = None
-        handed = {slot.index: self._take_handed(slot) for slot in self.slots if slot.handed is not None}
-        self._retire_unused(pool)           # old sockets the new config does not use
+        handed = {slot.index: workerproc.take_handed(slot) for slot in self.slots if slot.handed is not None}
+        self.fdstore.retire(pool)           # old sockets the new config does not use
         self.socks = socks
-        self._store(fresh)
+        self.fdstore.store_sockets(socks, fresh)
         old = metrics.totals(self.shared)
         self.shared.close()
         self.shared = metrics.SharedCounters(n)
@@ -699,60 +447,61 @@ class Supervisor:
         self.extra.close()
         self.extra = metrics.ExtraShared(n)
         self.n = n
-        for memory in self.journals.values():
-            if memory is not None:
-                memory.close()          # listener indexes may mean other sockets now: start afresh
-        self.journals = {}
+        self._close_journals()              # listener indexes may mean other sockets now: start afresh
         self.slots = [Slot(i, self.cpus[i % len(self.cpus)]) for i in range(n)]
         for i, data in handed.items():
             if i < n:
                 self.slots[i].restore = data
+        self.reload_deadline = now + RELOAD_ACK_TIMEOUT
+        self.life.set(Phase.RELOADING, now, f"{n} new workers start on the new sockets")
         for slot in self.slots:
-            self._spawn(slot)
-        self.reload_deadline = time.monotonic() + RELOAD_ACK_TIMEOUT
+            self._spawn(slot, now)
 
-    def begin_stop(self):
-        if self.stopping:
-            self._send_all(b"stop")         # asked twice: skip the rest of the drain
+    def begin_stop(self, now):
+        if self.life.stopping:
+            self._send_all(STOP)            # asked twice: skip the rest of the drain
             return
-        self.stopping = True
-        self.notifier.stopping(self._status_text())
+        if self.phase is Phase.UPGRADING:
+            self.upgrader.abort("stopped (SIGTERM) during the upgrade", now)
+        self.life.set(Phase.STOPPING, now, "SIGTERM")
+        self.notifier.stopping(self._status_text(now))
         self.log.notice("stop", "stopping: draining %d workers for up to %.1f s",
                         len(self.by_pid), self.cfg.relay.drain_seconds)
         for slot in self.slots:
-            slot.restart_at = None
-        self._send_all(b"drain")
-        self.stop_deadline = time.monotonic() + self.cfg.relay.drain_seconds + KILL_GRACE
+            slot.restarts.cancel()
+        self._send_all(DRAIN)
+        self.stop_deadline = now + self.cfg.relay.drain_seconds + KILL_GRACE
 
-    def _finish(self):
+    def _finish(self, now):
         kept = 0
         for slot in self.slots:
             if slot.handed is None:
                 continue
-            if self.notifier.enabled and self.notifier.fdstore(f"flows{slot.index}", [slot.handed]):
+            if self.fdstore.store_flows(slot.index, slot.handed):
                 kept += 1
             os.close(slot.handed)
             slot.handed = None
         if self.notifier.enabled:
-            self.notifier.barrier()
+            self.fdstore.barrier()
             self.log.notice("stop", "stopped; flows of %d workers kept in the fd store", kept)
         else:
             self.log.notice("stop", "stopped")
-        self.done = True
+        self.life.set(Phase.STOPPED, now, "every worker is gone")
 
     # -- status, metrics, health ----------------------------------------------------
 
-    def totals(self):
-        self._settle_now()
-        up = self.up()
+    def totals(self, now=None):
+        now = self.clock() if now is None else now
+        self._settle_now(now)
+        up = self.up(now)
         t = metrics.totals(self.shared, up)
         t.extra = [self.extra.read(i) for i in sorted(up)]
         t.worker_restarts = self.restarts
-        t.crash_looping = sum(1 for s in self.slots if s.crash_loop)
+        t.crash_looping = sum(1 for s in self.slots if s.restarts.crash_loop)
         t.reloads = self.reloads
         t.reload_failures = self.reload_failures
         t.generation = self.generation
-        t.ready = self.readiness()[0]
+        t.ready = self.readiness(now)[0]
         t.last_reload_ok = int(self.last_reload_ok)
         t.last_reload_success = self.last_reload_success
         t.flows_max = self.cfg.limits.max_flows
@@ -760,9 +509,8 @@ class Supervisor:
         t.sockets = [(name, os.fstat(sock.fileno()).st_ino) for name, sock in sorted(self.socks.items())]
         return t
 
-    def _status_text(self):
-        t = self.totals()
-        now = time.monotonic()
+    def _status_text(self, now):
+        t = self.totals(now)
         packets = t.stats[0] + t.stats[4]
         last_time, last_packets = self._last_status
         pps = (packets - last_packets) / (now - last_time) if last_time and now > last_time else 0.0
@@ -771,17 +519,17 @@ class Supervisor:
                 f"{pps:.0f} pps, config generation {self.generation}")
         if t.crash_looping:
             text += f"; {t.crash_looping} workers in a crash loop"
-        if self.stopping:
+        if self.life.stopping:
             text = "draining: " + text
         return text
 
     def _metrics(self):
-        return 200, metrics.CONTENT_TYPE, metrics.render(self.totals()).encode("utf-8")
+        return 200, metrics.CONTENT_TYPE, metrics.render(self.totals(self.clock())).encode("utf-8")
 
     def _flows(self, query):
         """GET /flows?limit=N&transceiver=ID|NAME&state=pending|confirmed&client=ADDR|CIDR: live flows as JSON.
 
-        Asks every serving worker (b"report-flows") and waits for their answers for at most
+        Asks every serving worker (REPORT_FLOWS) and waits for their answers for at most
         FLOWS_REPORT_TIMEOUT; a worker that does not answer in time is counted in "missing"."""
         def one(name, default=None):
             values = query.get(name)
@@ -810,18 +558,20 @@ class Supervisor:
                 client_filter(client)
             except ValueError:
                 return 400, "text/plain", b"client: expected an address, address:port or network (CIDR)\n"
-        request = b"report-flows" + json.dumps({"limit": limit, "transceiver": tx, "state": state,
-                                                "client": client}).encode()
-        if len(request) > CTL_MAX:
+        try:
+            request = encode_report_flows(limit, tx, state, client)
+        except ValueError:
             return 400, "text/plain", b"client: too long\n"
-        asked = [self.slots[i] for i in sorted(self.up()) if self.slots[i].ctl is not None]
+        now = self.clock()
+        asked = [self.slots[i] for i in sorted(self.up(now)) if self.slots[i].ctl is not None]
         for slot in asked:
             slot.report = None
-            _send(slot.ctl, request)
-        deadline = time.monotonic() + FLOWS_REPORT_TIMEOUT
+            send(slot.ctl, request)
+        # the one blocking wait of the supervisor: bounded, and only for this request
+        deadline = now + FLOWS_REPORT_TIMEOUT
         waiting = list(asked)
         while waiting:
-            left = deadline - time.monotonic()
+            left = deadline - self.clock()
             if left <= 0:
                 break
             ready, _, _ = select.select([s.ctl for s in waiting], [], [], left)
@@ -840,9 +590,10 @@ class Supervisor:
         return 200, "application/json", (json.dumps(doc, indent=1) + "\n").encode()
 
     def _healthz(self):
-        if self.stopping:
+        now = self.clock()
+        if self.life.stopping:
             return 503, "text/plain", b"draining\n"
-        if not self.ready_sent or not self.healthy():
+        if not self.life.started or not self.healthy(now):
             return 503, "text/plain", b"not ready\n"
         return 200, "text/plain", b"ok\n"
 
@@ -850,23 +601,28 @@ class Supervisor:
         return 200, "text/plain", b"alive\n"
 
     def _readyz(self):
-        ready, why = self.readiness()
-        if ready and not self.ready_sent:
+        ready, why = self.readiness(self.clock())
+        if ready and not self.life.started:
             ready, why = False, "starting"
         return (200 if ready else 503), "text/plain", (why + "\n").encode("utf-8")
 
-    def status(self):
+    def status(self, now=None):
         """The document GET /status answers (docs: edge-relay(8), STATUS)."""
-        self._settle_now()
-        ready, why = self.readiness()
-        t = metrics.totals(self.shared, self.up())
+        now = self.clock() if now is None else now
+        self._settle_now(now)
+        ready, why = self.readiness(now)
+        started = self.life.started
+        t = metrics.totals(self.shared, self.up(now))
         return {"pid": os.getpid(), "generation": self.generation, "workers": self.n,
                 "workers_up": t.workers_up, "workers_generation": t.workers_generation,
-                "healthy": self.healthy(), "ready": ready and self.ready_sent,
-                "ready_reason": why if self.ready_sent else "starting", "draining": self.stopping,
+                "healthy": self.healthy(now), "ready": ready and started,
+                "ready_reason": why if started else "starting", "draining": self.life.stopping,
+                "phase": self.phase.value,
                 "config": {"path": str(self.config_path), "sha256": self.config_sha256},
                 "reloads": self.reloads, "reload_failures": self.reload_failures,
-                "last_reload": dict(self.last_reload), "now_usec": _usec()}
+                "last_reload": dict(self.last_reload), "now_usec": _usec(now),
+                "version": __version__, "upgrades": self.upgrades, "upgrade_failures": self.upgrade_failures,
+                "last_upgrade": dict(self.last_upgrade)}
 
     def _status(self):
         return 200, "application/json", (json.dumps(self.status(), sort_keys=True) + "\n").encode("utf-8")
@@ -875,60 +631,53 @@ class Supervisor:
 
     def _on_signal(self):
         signums = set(self._wake[0].recv(256))
+        now = self.clock()
         if signal.SIGTERM in signums or signal.SIGINT in signums:
-            self.begin_stop()
+            self.begin_stop(now)
         if signal.SIGCHLD in signums:
-            self._reap()
+            self._reap(now)
         if signal.SIGHUP in signums:
-            self.reload()
+            self.reload(now)
+        if signal.SIGUSR2 in signums:
+            self.upgrader.request(now)
 
     def _tick(self, now):
-        """Timers; returns the select timeout."""
-        deadlines = [now + 0.5]
-        if self.stopping:
+        """Everything due at `now`; returns the time of the next thing due (the loop waits until then)."""
+        deadlines = [now + TICK_MAX]
+        phase = self.phase
+        if phase is Phase.STOPPING:
             if not self.by_pid:
-                self._finish()
-                return 0
+                self._finish(now)
+                return now
             if now >= self.stop_deadline:
                 for pid in self.by_pid:
                     self.log.err("stop", "worker pid %d did not drain in time: killing it", pid)
                     os.kill(pid, signal.SIGKILL)
                 self.stop_deadline = now + KILL_GRACE
             deadlines.append(self.stop_deadline)
-        elif self.restructure is not None:
+        elif phase is Phase.RESTRUCTURING:
             if not self.by_pid:
-                self._apply_restructure()
-        else:
-            for slot in self.slots:
-                if slot.restart_at is not None:
-                    if now >= slot.restart_at:
-                        slot.restart_at = None
-                        self.restarts += 1
-                        self.log.notice("worker.restart", "restarting worker %d", slot.index)
-                        self._spawn(slot)
-                    else:
-                        deadlines.append(slot.restart_at)
-                elif slot.crash_loop and slot.pid is not None and now - slot.started > CRASH_WINDOW:
-                    slot.crash_loop = False
-                    slot.deaths.clear()
-                    self.log.notice("worker.crash-loop", "worker %d is stable again", slot.index)
-            healthy = self.healthy()
-            if healthy and not self.ready_sent:
-                self.ready_sent = True
-                self.notifier.ready(self._status_text())
+                self._apply_restructure(now)
+        elif phase is not Phase.STOPPED:
+            self._tend_workers(now, deadlines)
+            self.upgrader.tick(now, deadlines)
+            healthy = self.healthy(now)
+            if healthy and phase is Phase.STARTING:
+                self.life.set(Phase.SERVING, now, f"every one of {self.n} workers serves")
+                self.notifier.ready(self._status_text(now))
                 self._next_status = now + STATUS_INTERVAL
                 self.log.notice("ready", "serving with %d workers", self.n)
-            if self.reload_deadline is not None:
+            if self.phase is Phase.RELOADING:
                 self._settle_reload(now)
-                if self.reload_deadline is not None:
+                if self.phase is Phase.RELOADING:
                     deadlines.append(min(self.reload_deadline, now + 0.05))
             if self.watchdog is not None and now >= self._next_watchdog:
                 if healthy:
                     self.notifier.watchdog()
                 self._next_watchdog = now + self.watchdog
         if now >= self._next_status:
-            if self.ready_sent:
-                self.notifier.status(self._status_text())
+            if self.life.started:
+                self.notifier.status(self._status_text(now))
             self._next_status = now + STATUS_INTERVAL
         deadlines.append(self._next_status)
         if self.watchdog is not None:
@@ -938,17 +687,29 @@ class Supervisor:
             if nearest is not None:
                 deadlines.append(nearest)
         self.log.flush()
-        return max(0.0, min(deadlines) - time.monotonic())
+        return min(deadlines)
+
+    def _tend_workers(self, now, deadlines):
+        """Restart the dead workers whose backoff is over; say when a crash loop has ended."""
+        for slot in self.slots:
+            if slot.restarts.due(now):
+                self.restarts += 1
+                self.log.notice("worker.restart", "restarting worker %d", slot.index)
+                self._spawn(slot, now)
+            elif slot.restarts.restart_at is not None:
+                deadlines.append(slot.restarts.restart_at)
+            elif slot.pid is not None and slot.restarts.stable(slot.started, now):
+                self.log.notice("worker.crash-loop", "worker %d is stable again", slot.index)
 
     def run(self):
         self._wake = socket.socketpair()
         for s in self._wake:
             s.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(self._wake[1].fileno(), warn_on_full_buffer=False)
-        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
-        old = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
+        old = {sig: signal.signal(sig, lambda *_: None) for sig in reexec.HANDLED}
+        reexec.unblock()        # held across an upgrade's execve until these handlers were in place
         self.sel.register(self._wake[0], selectors.EVENT_READ, self._on_signal)
-        now = time.monotonic()
+        now = self.clock()
         self._next_status = now + STATUS_INTERVAL
         self._next_watchdog = now
         self.log.info("start", "supervisor %d: %d workers, %d listeners, management %s",
@@ -958,12 +719,14 @@ class Supervisor:
         self.write_ruleset(self.cfg)
         try:
             for slot in self.slots:
-                self._spawn(slot)
+                if slot.pid is None:        # not a worker taken over by an upgrade
+                    self._spawn(slot, now)
+            self.upgrader.start(now)
             timeout = 0.0
-            while not self.done:
+            while self.phase is not Phase.STOPPED:
                 for key, _ in self.sel.select(timeout):
                     key.data()
-                timeout = self._tick(time.monotonic())
+                timeout = max(0.0, self._tick(self.clock()) - self.clock())
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in old.items():
@@ -987,30 +750,10 @@ class Supervisor:
                 s.close()
         self.shared.close()
         self.extra.close()
+        self._close_journals()
+
+    def _close_journals(self, keep=None):
         for memory in self.journals.values():
-            if memory is not None:
+            if memory is not None and memory is not keep:
                 memory.close()
         self.journals = {}
-
-
-def _report_flows(ctl, worker, payload, index):
-    """Worker side of b"report-flows": the matching flows in a memfd, sent as b"flow-report"."""
-    try:
-        f = json.loads(payload)
-        report = worker.flow_report(int(f["limit"]), f.get("transceiver"), f.get("state"), f.get("client"))
-    except (ValueError, KeyError, TypeError):
-        report = {"matched": 0, "flows": []}
-    fd = sdnotify.memfd_write(f"edge-relay-report{index}", json.dumps(report).encode())
-    try:
-        socket.send_fds(ctl, [b"flow-report"], [fd])
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _send(sock, msg):
-    try:
-        sock.send(msg)
-    except OSError:
-        pass

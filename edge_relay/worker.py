@@ -244,24 +244,29 @@ def start_flows(cfg, log, index, snapshot=None, memory=None, clock=time.monotoni
     from then on. One log line says what was restored and how long it took.
     """
     flows = flow_table(cfg)
-    collecting = gc.isenabled()
-    gc.disable()            # every object made here lives on: collecting them meanwhile halves the speed
-    try:
-        _restore(flows, log, index, snapshot, memory, clock)
-    finally:
-        if collecting:
-            gc.enable()
+    restore_flows(flows, log, index, snapshot, memory, clock)
     return flows
 
 
-def _restore(flows, log, index, snapshot, memory, clock):
+def restore_flows(flows, log, index, snapshot=None, memory=None, clock=time.monotonic, said="restored"):
+    """start_flows into an existing (empty) table: an upgrade's new worker, once its turn came."""
+    collecting = gc.isenabled()
+    gc.disable()            # every object made here lives on: collecting them meanwhile halves the speed
+    try:
+        _restore(flows, log, index, snapshot, memory, clock, said)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _restore(flows, log, index, snapshot, memory, clock, said):
     start = clock()
     handed = False
     if snapshot:
         try:
             added = flows.restore(snapshot, start)
             handed = True
-            log.notice("restore", "worker %d: restored %d flows", index, added)
+            log.notice("restore", "worker %d: %s %d flows", index, said, added)
         except ValueError as exc:
             log.warning("restore", "worker %d: flow snapshot refused: %s", index, exc)
     if memory is None:

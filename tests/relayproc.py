@@ -115,12 +115,14 @@ def run_args(setup, workers=None):
 class Relay:
     """`edge-relay run` in a child process; stderr goes to a file (read with .log())."""
 
-    def __init__(self, setup, env=None, args=None, pass_fds=()):
+    def __init__(self, setup, env=None, args=None, pass_fds=(), pythonpath=ROOT, cwd=ROOT):
+        """`pythonpath`: the folder holding the edge_relay package to run; `cwd` (which `-m` searches
+        first) must then not hold another one."""
         self.setup = setup
         self.log_path = os.path.join(setup.folder, f"relay-{time.monotonic_ns()}.log")
         self._log = open(self.log_path, "w")
-        full_env = dict(os.environ if env is None else env, PYTHONPATH=ROOT)
-        self.proc = subprocess.Popen(args or run_args(setup), env=full_env, cwd=ROOT, stderr=self._log,
+        full_env = dict(os.environ if env is None else env, PYTHONPATH=pythonpath)
+        self.proc = subprocess.Popen(args or run_args(setup), env=full_env, cwd=cwd, stderr=self._log,
                                      stdout=subprocess.DEVNULL, pass_fds=pass_fds)
 
     @property

@@ -265,12 +265,39 @@ def test_ansible_role_uses_the_strongest_check_and_the_relays_own_verdict():
                    "json.workers_generation == edge_relay_status.json.generation",
                    "json.last_reload.state in ['none', 'ok']", "json.ready"):
         assert needle in gate["until"], needle
+    # a new package upgrades the relay in place (postinst): no restart, and the gate waits for its code
+    assert not any(h.get("listen") == "edge-relay package changed" for h in handlers)
+    assert not any("state" in h.get("ansible.builtin.systemd", {}) and h["ansible.builtin.systemd"]["state"]
+                   == "restarted" for h in handlers)
+    for needle in ("json.version == edge_relay_installed.stdout", "json.last_upgrade.state in ['none', 'ok']"):
+        assert needle in gate["until"], needle
+    installed = next(t for t in tasks.values() if "ansible.builtin.command" in t)
+    assert "dpkg-query" in installed["ansible.builtin.command"] and installed["changed_when"] is False
     digest = next(t for t in tasks.values() if "ansible.builtin.stat" in t)
     assert digest["ansible.builtin.stat"]["checksum_algorithm"] == "sha256"
     defaults = load_yaml(role / "defaults" / "main.yml")
     assert defaults["edge_relay_status_url"].endswith("/status")
     play = load_yaml(ANSIBLE / "site.yml")[0]
     assert play["serial"] == 1 and play["any_errors_fatal"] is True and play["max_fail_percentage"] == 0
+
+
+def test_a_package_upgrade_asks_the_running_relay_to_upgrade_in_place_and_fails_with_it():
+    """Issue 12: dpkg neither stops nor restarts the unit around an upgrade; postinst runs
+    `edge-relay upgrade` (same pid) and fails when the relay refuses; exit 3 (a relay that cannot) restarts."""
+    rules = (DEBIAN / "rules").read_text()
+    assert re.search(r"^override_dh_installsystemd:\n\tdh_installsystemd --no-stop-on-upgrade$", rules, re.M)
+    postinst = (DEBIAN / "postinst").read_text()
+    block = postinst[postinst.index('if [ "$1" = configure ] && [ -n "$2" ]'):]
+    assert "systemctl is-active --quiet edge-relay.service" in block
+    assert 'edge-relay upgrade --config /etc/edge-relay/edge-relay.toml --pid "$pid"' in block
+    assert "3)\n            deb-systemd-invoke restart edge-relay.service" in block
+    assert re.search(r"\*\)\n(?:.*\n)*?\s+exit 1 ;;", block)
+    assert "policy-rc.d" in postinst
+    # what the CLI promises postinst
+    assert cli.EXIT_UNSUPPORTED == 3
+    out = subprocess.run([sys.executable, "-m", "edge_relay", "upgrade", "--help"], capture_output=True,
+                         text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0 and "--pid" in out.stdout
 
 
 @pytest.mark.slow
@@ -306,7 +333,14 @@ def test_built_package_contents(tmp_path):
     assert not [p for p in paths if "__pycache__" in p or p.endswith((".pyc", ".pyo"))]
     assert "Architecture: all" in info and "python3 (>= 3.11)" in info
     assert (control / "conffiles").read_text().split() == ["/etc/edge-relay/edge-relay.toml"]
-    assert "edge-relay keygen --group edge-relay" in (control / "postinst").read_text()
+    postinst = (control / "postinst").read_text()
+    assert "edge-relay keygen --group edge-relay" in postinst
+    # --no-stop-on-upgrade: a plain start (a no-op for a running unit), no stop before the upgrade,
+    # a stop only on remove; the only restart is postinst's own for a relay that cannot upgrade in place
+    assert "deb-systemd-invoke start 'edge-relay-nftables.service' 'edge-relay.service'" in postinst
+    assert "_dh_action=restart" not in postinst and "try-restart" not in postinst
+    assert not (control / "preinst").exists() or "stop" not in (control / "preinst").read_text()
+    assert '[ "$1" = remove ]' in (control / "prerm").read_text()
     if (REPO / "docs" / "PROTOCOL.md").exists():
         # uncompressed: the unit's Documentation= links to it
         assert "./usr/share/doc/edge-relay/PROTOCOL.md" in paths

@@ -1,0 +1,131 @@
+"""The supervisor's lifecycle as data: its phases, the allowed transitions, and worker restart timing.
+
+Theory of operation
+  The supervisor is in exactly one Phase. Every change goes through
+  Lifecycle.set(), which refuses a transition the TRANSITIONS table does not
+  list (that is a bug, not an operator error) and logs "old -> new: why"
+  once. Nothing here reads a clock: every method that depends on time takes
+  `now` (time.monotonic() seconds, read once by the supervisor's loop).
+
+    STARTING       workers forked, not all serving yet; no READY=1 sent
+    SERVING        every worker serves the current generation
+    RELOADING      a new generation was sent to the workers; its verdict is
+                   pending until they all run it or RELOAD_ACK_TIMEOUT passes
+    RESTRUCTURING  the new config needs other sockets or another number of
+                   workers: the old workers hand their flows over and exit;
+                   then new workers start (-> RELOADING)
+    UPGRADING      SIGUSR2 (upgrade.py): the new code on disk is being checked
+                   (-> SERVING when refused; else this image is replaced by
+                   execve); in the new image, from the takeover until every
+                   old worker has handed its flows to a new one (-> SERVING)
+    STOPPING       SIGTERM: the workers are leaving; their flows and the
+                   sockets go to the fd store
+    STOPPED        every worker is gone; the loop ends
+
+  Restarts (one per worker slot) decides when a dead worker starts again:
+  an exponential backoff from BACKOFF_MIN, doubling with each death within
+  CRASH_WINDOW seconds, capped at BACKOFF_MAX; CRASH_LIMIT deaths within the
+  window is a crash loop, which ends once the worker has lived CRASH_WINDOW.
+"""
+
+import collections
+import enum
+
+CRASH_WINDOW = 30.0         # deaths counted over this many seconds ...
+CRASH_LIMIT = 5             # ... this many of them is a crash loop
+BACKOFF_MIN = 0.1           # first restart delay; doubles with each death in the window
+BACKOFF_MAX = 30.0
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    RELOADING = "reloading"
+    RESTRUCTURING = "restructuring"
+    UPGRADING = "upgrading"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+P = Phase
+TRANSITIONS = {
+    # a new image that took over running workers starts by replacing them
+    P.STARTING: {P.SERVING, P.UPGRADING, P.STOPPING},
+    P.SERVING: {P.RELOADING, P.RESTRUCTURING, P.UPGRADING, P.STOPPING},
+    # a second SIGHUP before the verdict supersedes the pending reload
+    P.RELOADING: {P.SERVING, P.RELOADING, P.RESTRUCTURING, P.STOPPING},
+    P.RESTRUCTURING: {P.RELOADING, P.STOPPING},
+    P.UPGRADING: {P.SERVING, P.STOPPING},
+    P.STOPPING: {P.STOPPED},
+    P.STOPPED: set(),
+}
+del P
+
+
+class Lifecycle:
+    """The current phase and since when; `on_change(old, new, why)` is told of every transition."""
+
+    def __init__(self, on_change=None, now=0.0):
+        self.phase = Phase.STARTING
+        self.since = now
+        self.on_change = on_change
+        self.history = collections.deque(maxlen=16)    # (now, old, new, why): the last few, for tests and logs
+
+    def set(self, new, now, why=""):
+        old = self.phase
+        if new not in TRANSITIONS[old]:
+            raise ValueError(f"phase {old.value} -> {new.value} is not a transition ({why})")
+        self.phase = new
+        self.since = now
+        self.history.append((now, old, new, why))
+        if self.on_change is not None:
+            self.on_change(old, new, why)
+
+    @property
+    def started(self):
+        """True once the first READY=1 went out (the supervisor left STARTING)."""
+        return self.phase is not Phase.STARTING
+
+    @property
+    def stopping(self):
+        return self.phase in (Phase.STOPPING, Phase.STOPPED)
+
+
+class Restarts:
+    """One worker slot's deaths and the next restart time."""
+
+    def __init__(self):
+        self.deaths = collections.deque()
+        self.restart_at = None
+        self.crash_loop = False
+
+    def died(self, now):
+        """Note a death at `now`: (delay until the restart, crash loop now, crash loop just began)."""
+        while self.deaths and now - self.deaths[0] > CRASH_WINDOW:
+            self.deaths.popleft()
+        self.deaths.append(now)
+        delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (len(self.deaths) - 1))
+        began = False
+        if len(self.deaths) >= CRASH_LIMIT:
+            began = not self.crash_loop
+            self.crash_loop = True
+        self.restart_at = now + delay
+        return delay, self.crash_loop, began
+
+    def due(self, now):
+        """True (once) when a restart is scheduled and its time has come."""
+        if self.restart_at is not None and now >= self.restart_at:
+            self.restart_at = None
+            return True
+        return False
+
+    def cancel(self):
+        self.restart_at = None
+
+    def stable(self, started, now):
+        """True (once) when a crash-looping worker started at `started` has lived CRASH_WINDOW."""
+        if self.crash_loop and now - started > CRASH_WINDOW:
+            self.crash_loop = False
+            self.deaths.clear()
+            return True
+        return False
