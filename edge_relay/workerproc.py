@@ -8,11 +8,12 @@ Theory of operation
   spawn() forks. The child closes everything of the supervisor's it does
   not need (the `close_inherited` callback), resets the signals, pins itself
   to the slot's CPU, restores the flow snapshot into a fresh flow table, and
-  runs worker.Worker over its own sockets until stopped or drained. Control
+  runs worker.Worker over its own sockets until stopped. Control
   messages (control.py) arrive on the SOCK_SEQPACKET channel between turns of
   the worker's loop; as it exits the worker sends its flow table (FLOWS + a
   memfd). A closed channel means the supervisor is gone: the worker drains
-  and leaves.
+  and leaves (worker.Worker.drain). SIGTERM to a worker alone stops it; the
+  supervisor restarts it with the flows it handed over.
 
   read_ctl() is the supervisor side: it reads every pending message of one
   slot and records what it says in the slot (the handed-over flows, a flow
@@ -35,6 +36,12 @@ from .router import mark_failed_over
 from .worker import Worker, flow_table
 
 CHILD_CRASHED = 70      # EX_SOFTWARE: the child raised
+
+# The operator's drain and its cancel (edge-relay drain [--cancel]), after HAProxy's
+# "pause"/"resume" pair. They are the supervisor's; a worker ignores them, because
+# `systemctl kill -s ...` without --kill-whom=main signals every process of the unit.
+DRAIN_SIGNAL = signal.SIGTTOU
+UNDRAIN_SIGNAL = signal.SIGTTIN
 
 
 class Slot:
@@ -65,6 +72,7 @@ class WorkerSpec:
     internal: object
     shared: object          # metrics.SharedCounters
     extra: object           # metrics.ExtraShared
+    refuse_at: float = None  # the operator's drain: refuse new flows from then on (time.monotonic())
 
 
 def spawn(slot, spec, close_inherited, now):
@@ -103,6 +111,8 @@ def _reset_signals():
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    for sig in (DRAIN_SIGNAL, UNDRAIN_SIGNAL):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _child(slot, spec, ctl):
@@ -140,6 +150,8 @@ def _child(slot, spec, ctl):
 
     worker = Worker(cfg, spec.keyring, spec.listeners, spec.internal, log, config_path=spec.config_path,
                     publish=publish, flows=flows, log_transceivers=i == 0)
+    if spec.refuse_at is not None:
+        worker.refuse_new_flows(spec.refuse_at)
     ctl.setblocking(False)
 
     def on_ctl():
@@ -163,7 +175,9 @@ def _child(slot, spec, ctl):
             elif verb == control.REPORT_FLOWS:
                 _report_flows(ctl, worker, arg, i)
             elif verb == control.DRAIN:
-                worker.drain()
+                worker.refuse_new_flows(arg)
+            elif verb == control.UNDRAIN:
+                worker.refuse_new_flows(None)
             elif verb == control.STOP:
                 worker.stop()
 
