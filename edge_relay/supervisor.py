@@ -70,7 +70,7 @@ import signal
 import socket
 import time
 
-from . import config as config_mod, httpd, metrics, nft, sdnotify, workerproc
+from . import config as config_mod, httpd, metrics, sdnotify, workerproc
 from .control import STOP, UNDRAIN, encode_drain, encode_reload, encode_report_flows
 from .errors import EdgeRelayError, StartupError, reason
 from .fdstore import FdStore, bind_sockets, structure, worker_sockets
@@ -85,6 +85,7 @@ RELOAD_ACK_TIMEOUT = 5.0    # verdict "failed" if a worker does not run the new 
 RULESET_FILE = "edge-relay.nft"     # in $RUNTIME_DIRECTORY: the accepted config's nftables ruleset
 KILL_GRACE = 5.0            # SIGKILL a worker that has not exited this long after STOP
 TICK_MAX = 0.5              # the loop wakes at least this often (heartbeats are read, not pushed)
+STARTING_POLL = 0.005       # while starting, look for the workers' first heartbeats this often (READY=1)
 FLOWS_LIMIT_MAX = 10000     # GET /flows?limit= at most this many flows in one answer
 FLOWS_REPORT_TIMEOUT = 1.0  # GET /flows waits this long for the workers' reports at most
 
@@ -414,6 +415,7 @@ class Supervisor:
         """The accepted config's nftables ruleset to $RUNTIME_DIRECTORY/edge-relay.nft (atomic)."""
         if self.runtime_dir is None:
             return
+        from . import nft       # after the workers are forked (run): not on the way to the first packet
         path = os.path.join(self.runtime_dir, RULESET_FILE)
         try:
             text = nft.render_relay(cfg)
@@ -705,6 +707,8 @@ class Supervisor:
         elif phase is not Phase.STOPPED:
             self._tend_workers(now, deadlines)
             healthy = self.healthy(now)
+            if phase is Phase.STARTING:
+                deadlines.append(now + STARTING_POLL)
             if healthy and phase is Phase.STARTING:
                 self.life.set(steady(self.drain), now, f"every one of {self.n} workers serves")
                 self.notifier.ready(self._status_text(now))
@@ -759,10 +763,11 @@ class Supervisor:
                       os.getpid(), self.n, len(self.cfg.listeners),
                       f"{self.cfg.management.address}:{self.cfg.management.port}"
                       if self.http is not None else "off")
-        self.write_ruleset(self.cfg)
         try:
+            # the workers first: they are what callers wait for after a restart
             for slot in self.slots:
                 self._spawn(slot, now)
+            self.write_ruleset(self.cfg)
             timeout = 0.0
             while self.phase is not Phase.STOPPED:
                 for key, _ in self.sel.select(timeout):

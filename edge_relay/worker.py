@@ -49,7 +49,7 @@ import signal
 import socket
 import time
 
-from . import batchio, config as config_mod, header, resp, sockaddr, sockets
+from . import batchio, config as config_mod, header, sockaddr, sockets
 from .directory import Directory
 from .drops import Drop
 from .errors import reason
@@ -236,6 +236,8 @@ class Worker:
         self.redis = None
         if directory is not None:
             d = cfg.directory
+            from . import resp      # only with [directory]: not every start pays for the client
+            self._disconnected = resp.Disconnected
             self.redis = resp.Client(config_mod.redis_target(d.address), timeout=d.timeout,
                                      max_pending=65536, now=clock())
         self._sel = None
@@ -336,7 +338,7 @@ class Worker:
         now = self.clock()
         for lookup in lookups:
             if not self.redis.call(lookup.command, lambda reply, lk=lookup: self._answer(lk, reply), now):
-                router.dir_resolved(lookup, resp.Disconnected("directory unavailable"), now,
+                router.dir_resolved(lookup, self._disconnected("directory unavailable"), now,
                                     int(self.wall() * 1000))
         self.flush_to_transceivers()
         self._redis_register()

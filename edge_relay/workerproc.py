@@ -27,7 +27,6 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 
 from . import control, metrics, sdnotify
 from .lifecycle import Restarts
@@ -61,18 +60,23 @@ class Slot:
         self.report = None          # the last FLOW_REPORT (GET /flows)
 
 
-@dataclass
 class WorkerSpec:
-    """What a worker process is started with."""
-    cfg: object
-    keyring: object
-    config_path: object
-    generation: int
-    listeners: list
-    internal: object
-    shared: object          # metrics.SharedCounters
-    extra: object           # metrics.ExtraShared
-    refuse_at: float = None  # the operator's drain: refuse new flows from then on (time.monotonic())
+    """What a worker process is started with (a plain class: a dataclass costs each start its exec)."""
+
+    __slots__ = ("cfg", "keyring", "config_path", "generation", "listeners", "internal", "shared", "extra",
+                 "refuse_at")
+
+    def __init__(self, cfg, keyring, config_path, generation, listeners, internal, shared, extra,
+                 refuse_at=None):
+        self.cfg = cfg
+        self.keyring = keyring
+        self.config_path = config_path
+        self.generation = generation
+        self.listeners = listeners
+        self.internal = internal
+        self.shared = shared            # metrics.SharedCounters
+        self.extra = extra              # metrics.ExtraShared
+        self.refuse_at = refuse_at      # the operator's drain: refuse new flows from then on (time.monotonic())
 
 
 def spawn(slot, spec, close_inherited, now):

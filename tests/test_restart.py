@@ -118,3 +118,21 @@ def test_a_drain_outlives_a_restart_until_cancelled(systemd):
     second.signal(signal.SIGTTIN)
     soon(lambda: http_get(setup.url + "/healthz") == (200, "ok\n"), "/healthz ok after the cancel")
     soon(lambda: "drain" not in sysd.store, "the drain record removed")
+
+
+def test_the_startup_bench_runs_and_names_every_step(tmp_path):
+    """`make bench-startup` (bench/startup.py) end to end, once, small: no figure is checked, only that
+    it restarts a relay, sees it forward again and accounts for every step."""
+    import json
+    import subprocess
+    from relayproc import ROOT
+    out = tmp_path / "startup.json"
+    done = subprocess.run([sys.executable, "-m", "bench.startup", "--runs", "1", "--flows", "2",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(out.read_text())
+    (run,) = doc["runs"]
+    assert run["exit_status"] == 0 and run["flows"] == 3
+    from bench.startup import STEPS
+    assert set(run["steps_ms"]) == set(STEPS)
+    assert run["steps_ms"]["interpreter"] < run["steps_ms"]["fork"] < run["steps_ms"]["first-forwarded"]
