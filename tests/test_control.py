@@ -42,7 +42,8 @@ def test_report_flows_round_trip_and_limit():
         encode_report_flows(1, client="x" * CTL_MAX)
 
 
-@pytest.mark.parametrize("junk", [b"", b"reload", b"reload x", b"reload -1", b"reload 1 2", b"drain", b"drain ", b"drain 1.5",
+@pytest.mark.parametrize("junk", [b"", b"reload", b"reload x", b"reload -1", b"reload 1 2",
+                                  b"drain", b"drain ", b"drain 1.5",
                                   b"stopp", b"report-flows{", b"report-flows[1]", b"report-flows\xff",
                                   b"hello"])
 def test_junk_decodes_to_nothing(junk):
