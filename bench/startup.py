@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import statistics
@@ -355,6 +356,7 @@ class Bench:
         self.sysd.close()
         for log in self.logs:
             log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def summarize(runs):
