@@ -439,6 +439,93 @@ def cmd_upgrade(args):
     return code
 
 
+def cmd_drain(args):
+    """Take the running relay out of the pool (or back in with --cancel) and wait until it says so.
+
+    Exit 0 once /status shows the drain (or its end) for this request; 1 when the relay cannot be
+    reached, refused (it is stopping) or did not answer within --timeout. With --wait, also wait until
+    no flow is left (then the host can be stopped without cutting a call).
+    """
+    import urllib.request
+
+    from .metrics import monotonic_ns
+    from .workerproc import DRAIN_SIGNAL, UNDRAIN_SIGNAL
+    name = "edge-relay drain" + (" --cancel" if args.cancel else "")
+    url = args.url
+    if url is None:
+        m = _running_management(args.config)
+        if not m.enabled:
+            print(f"{name}: {args.config}: management.port is 0: no endpoint to read the relay's state from "
+                  f"(give --url, or signal it yourself: systemctl kill --kill-whom=main -s "
+                  f"{(UNDRAIN_SIGNAL if args.cancel else DRAIN_SIGNAL).name} edge-relay)", file=sys.stderr)
+            return EXIT_ERROR
+        url = _management_url(m, "/status")
+
+    def status():
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return json.loads(r.read().decode("utf-8"))
+
+    try:
+        serving = status()["pid"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"{name}: {url}: {exc} (is the relay running? --url)", file=sys.stderr)
+        return EXIT_ERROR
+    pid = args.pid or serving
+    if pid != serving:
+        print(f"{name}: {url} is served by pid {serving}, not {pid}", file=sys.stderr)
+        return EXIT_ERROR
+    asked = monotonic_ns() // 1000
+    try:
+        os.kill(pid, UNDRAIN_SIGNAL if args.cancel else DRAIN_SIGNAL)
+    except OSError as exc:
+        print(f"{name}: pid {pid}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+    def took(doc):
+        d = doc.get("drain") or {}
+        if args.cancel:
+            return not d.get("active", True) and d.get("cancelled_usec", 0) >= asked
+        return d.get("active") and d.get("requested_usec", 0) >= asked
+
+    deadline = time.monotonic() + args.timeout
+    last_error, doc, entered = "no answer", None, False
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            doc = status()
+        except (OSError, ValueError) as exc:
+            last_error = str(exc)
+            continue
+        if doc.get("pid") != pid:
+            last_error = f"now served by pid {doc.get('pid')}"
+            continue
+        if not entered:
+            if not took(doc):
+                last_error = f"phase {doc.get('phase')}, draining {doc.get('draining')}"
+                continue
+            entered = True
+            d = doc["drain"]
+            if args.cancel:
+                print(f"{name}: pid {pid} accepts new flows again")
+                return EXIT_OK
+            left = max(0.0, (d["refuse_usec"] - d["requested_usec"]) / 1e6)
+            print(f"{name}: pid {pid} is draining: /healthz 503, "
+                  + ("refusing new flows" if d["refusing"] else f"new flows refused in {left:.1f} s")
+                  + f", {d['flows']} flows left")
+            if not args.wait:
+                return EXIT_OK
+        if not doc.get("draining"):
+            print(f"{name}: the drain was cancelled while waiting", file=sys.stderr)
+            return EXIT_ERROR
+        if doc["drain"]["flows"] == 0:
+            print(f"{name}: no flow left")
+            return EXIT_OK
+        last_error = f"{doc['drain']['flows']} flows left"
+    what = "the flows to end" if entered else "the relay to take the request"
+    print(f"{name}: gave up waiting for {what} after {args.timeout:g} s ({url}: {last_error})", file=sys.stderr)
+    return EXIT_ERROR
+
+
 def cmd_demo(args):
     from .demo import run
     return run.main(duration=args.duration, clients=args.clients, workers=args.workers)
@@ -568,6 +655,19 @@ def build_parser():
     s.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for the verdict (default 120)")
     s.set_defaults(func=cmd_upgrade)
+
+    s = sub.add_parser("drain", help="take the running relay out of the pool: /healthz 503, new flows refused "
+                                     "after relay.drain_seconds, existing ones kept; --cancel undoes it")
+    s.add_argument("--config", "-c", default=DEFAULT_CONFIG,
+                   help=f"take management.address/port from this config (default {DEFAULT_CONFIG})")
+    s.add_argument("--url", default=None, help="the status URL, e.g. http://127.0.0.1:9477/status")
+    s.add_argument("--pid", type=int, default=None, help="the supervisor's pid (default: from /status)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--cancel", action="store_true", help="end the drain: accept new flows, /healthz as before")
+    g.add_argument("--wait", action="store_true", help="then wait until no flow is left (bounded by --timeout)")
+    s.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for the relay (and with --wait for the flows) (default 30)")
+    s.set_defaults(func=cmd_drain)
 
     s = sub.add_parser("flows", help="list a running relay's live flows (from its management endpoint)")
     g = s.add_mutually_exclusive_group()

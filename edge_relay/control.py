@@ -12,8 +12,11 @@ Theory of operation
     supervisor -> worker
       RELOAD <generation>   re-read config and keys (already validated); on
                             success run and publish that generation
-      DRAIN                 refuse new flows, forward the rest, exit when the
-                            flows are gone or after relay.drain_seconds
+      DRAIN <usec>          the operator's drain: refuse new flows from that
+                            CLOCK_MONOTONIC microsecond on (the supervisor and
+                            its workers share the clock), forward the rest,
+                            keep running
+      UNDRAIN               the drain is cancelled: accept new flows again
       STOP                  exit now, sending the flow table (FLOWS) first
       REPORT_FLOWS<json>    answer FLOW_REPORT with the flows matching the
                             filters {"limit", "transceiver", "state", "client"}
@@ -44,6 +47,7 @@ CTL_MAX = 256           # bytes in one control message (a SEQPACKET datagram)
 
 RELOAD = b"reload"
 DRAIN = b"drain"
+UNDRAIN = b"undrain"
 STOP = b"stop"
 REPORT_FLOWS = b"report-flows"
 RELOADED = b"reloaded"
@@ -53,11 +57,17 @@ FLOW_REPORT = b"flow-report"
 READY = b"ready"
 TAKE = b"take"
 
-_PLAIN = (DRAIN, STOP, RELOADED, FLOWS, FLOW_REPORT, READY, TAKE)
+_PLAIN = (UNDRAIN, STOP, RELOADED, FLOWS, FLOW_REPORT, READY, TAKE)
+_WITH_NUMBER = (RELOAD, DRAIN)
 
 
 def encode_reload(generation):
     return RELOAD + b" %d" % generation
+
+
+def encode_drain(refuse_at):
+    """DRAIN from `refuse_at` (time.monotonic() seconds) on."""
+    return DRAIN + b" %d" % max(0, int(refuse_at * 1_000_000))
 
 
 def encode_reload_failed(why):
@@ -77,7 +87,8 @@ def encode_report_flows(limit, transceiver=None, state=None, client=None):
 def decode(msg):
     """(verb, argument) of one message; (None, None) when it is none of the verbs above.
 
-    The argument is the generation (int) for RELOAD, the reason (str) for
+    The argument is the generation (int) for RELOAD, the time to refuse from
+    (time.monotonic() seconds, float) for DRAIN, the reason (str) for
     RELOAD_FAILED, the filters (dict) for REPORT_FLOWS, else None.
     """
     if msg in _PLAIN:
@@ -89,8 +100,10 @@ def decode(msg):
             return None, None
         return (REPORT_FLOWS, filters) if isinstance(filters, dict) else (None, None)
     verb, _, arg = msg.partition(b" ")
-    if verb == RELOAD:
-        return (RELOAD, int(arg)) if arg.isdigit() else (None, None)
+    if verb in _WITH_NUMBER:
+        if not arg.isdigit():
+            return None, None
+        return (RELOAD, int(arg)) if verb == RELOAD else (DRAIN, int(arg) / 1_000_000)
     if verb == RELOAD_FAILED:
         return RELOAD_FAILED, arg.decode("utf-8", "replace")
     return None, None

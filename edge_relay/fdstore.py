@@ -16,6 +16,9 @@ Theory of operation
   A memfd named "flows<worker>" is a worker's flow table snapshot from the
   previous process: read, removed from the store (consumed) and handed to
   that worker. At exit each worker's snapshot is stored under the same name.
+  A memfd named "drain" is the operator's drain (lifecycle.Drain): stored
+  while it lasts, so a restarted relay stays out of the pool; it is read
+  and kept (FdStore.adopted_drain).
 
   Without $NOTIFY_SOCKET the store is a no-op: sockets and flows then do not
   outlive the process (said once in the log).
@@ -29,6 +32,7 @@ from . import sdnotify, sockets
 from .errors import StartupError
 
 FLOWS_PREFIX = "flows"
+DRAIN_NAME = "drain"
 
 
 def flows_name(index):
@@ -130,6 +134,7 @@ class FdStore:
     def __init__(self, notifier, log):
         self.notifier = notifier
         self.log = log
+        self.adopted_drain = None       # the stored drain record's bytes, if adopt() found one
 
     def adopt(self, env, cfg, n):
         """({name: socket}, {worker: flow snapshot bytes}) from what systemd passed, bound to fit `cfg`.
@@ -147,6 +152,14 @@ class FdStore:
                 os.close(extra)
             fd = fds[0]
             index = flows_index(name)
+            if name == DRAIN_NAME:
+                try:
+                    self.adopted_drain = sdnotify.memfd_read(fd)
+                except (OSError, ValueError) as exc:
+                    self.log.warning("fdstore", "stored %s unreadable: %s", name, exc)
+                    self.notifier.fdstore_remove(name)
+                os.close(fd)                            # systemd still holds it: it stays stored
+                continue
             if index is not None:
                 try:
                     stored_flows[index] = sdnotify.memfd_read(fd)
@@ -199,6 +212,21 @@ class FdStore:
     def store_flows(self, index, fd):
         """Keep worker `index`'s flow snapshot memfd for the next process; True when stored."""
         return self.notifier.enabled and self.notifier.fdstore(flows_name(index), [fd])
+
+    def store_drain(self, data):
+        """Keep the operator's drain record for the next process (replacing an older one)."""
+        if not self.notifier.enabled:
+            return
+        self.notifier.fdstore_remove(DRAIN_NAME)
+        fd = sdnotify.memfd_write("edge-relay-drain", data)
+        try:
+            if not self.notifier.fdstore(DRAIN_NAME, [fd]):
+                self.log.warning("fdstore", "fd store refused %s: a restart will end the drain", DRAIN_NAME)
+        finally:
+            os.close(fd)
+
+    def remove_drain(self):
+        self.notifier.fdstore_remove(DRAIN_NAME)
 
     def barrier(self):
         """Wait until systemd has every fd sent so far (before exiting)."""

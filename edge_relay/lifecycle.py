@@ -18,9 +18,17 @@ Theory of operation
                    (-> SERVING when refused; else this image is replaced by
                    execve); in the new image, from the takeover until every
                    old worker has handed its flows to a new one (-> SERVING)
-    STOPPING       SIGTERM: the workers are leaving; their flows and the
-                   sockets go to the fd store
+    DRAINING       SERVING, but an operator asked to take the host out of the
+                   pool (edge-relay drain): /healthz and /readyz are 503, new
+                   flows are refused once Drain.refuse_at has passed
+    STOPPING       SIGTERM: every worker exits at once; its flows and the
+                   sockets go to the fd store for the next process
     STOPPED        every worker is gone; the loop ends
+
+  The drain is the operator's intent, kept apart from the phase (a Drain, or
+  None): a reload while draining passes through RELOADING and comes back to
+  DRAINING, and a new worker started meanwhile starts draining. steady()
+  is where a finished start or reload lands.
 
   Restarts (one per worker slot) decides when a dead worker starts again:
   an exponential backoff from BACKOFF_MIN, doubling with each death within
@@ -30,6 +38,7 @@ Theory of operation
 
 import collections
 import enum
+import json
 
 CRASH_WINDOW = 30.0         # deaths counted over this many seconds ...
 CRASH_LIMIT = 5             # ... this many of them is a crash loop
@@ -43,6 +52,7 @@ class Phase(enum.Enum):
     RELOADING = "reloading"
     RESTRUCTURING = "restructuring"
     UPGRADING = "upgrading"
+    DRAINING = "draining"
     STOPPING = "stopping"
     STOPPED = "stopped"
 
@@ -50,12 +60,13 @@ class Phase(enum.Enum):
 P = Phase
 TRANSITIONS = {
     # a new image that took over running workers starts by replacing them
-    P.STARTING: {P.SERVING, P.UPGRADING, P.STOPPING},
-    P.SERVING: {P.RELOADING, P.RESTRUCTURING, P.UPGRADING, P.STOPPING},
+    P.STARTING: {P.SERVING, P.DRAINING, P.UPGRADING, P.STOPPING},
+    P.SERVING: {P.RELOADING, P.RESTRUCTURING, P.UPGRADING, P.DRAINING, P.STOPPING},
     # a second SIGHUP before the verdict supersedes the pending reload
-    P.RELOADING: {P.SERVING, P.RELOADING, P.RESTRUCTURING, P.STOPPING},
+    P.RELOADING: {P.SERVING, P.DRAINING, P.RELOADING, P.RESTRUCTURING, P.STOPPING},
     P.RESTRUCTURING: {P.RELOADING, P.STOPPING},
-    P.UPGRADING: {P.SERVING, P.STOPPING},
+    P.UPGRADING: {P.SERVING, P.DRAINING, P.STOPPING},
+    P.DRAINING: {P.SERVING, P.RELOADING, P.RESTRUCTURING, P.UPGRADING, P.STOPPING},
     P.STOPPING: {P.STOPPED},
     P.STOPPED: set(),
 }
@@ -89,6 +100,42 @@ class Lifecycle:
     @property
     def stopping(self):
         return self.phase in (Phase.STOPPING, Phase.STOPPED)
+
+
+class Drain:
+    """The operator's drain: since when, and from when new flows are refused (time.monotonic() seconds).
+
+    `requested` is the time of the last drain request the supervisor took
+    (what `edge-relay drain` waits for). Encoded for the fd store so that a
+    restart keeps the host drained (CLOCK_MONOTONIC is shared by the old and
+    the new process).
+    """
+
+    def __init__(self, since, refuse_at, requested=None):
+        self.since = since
+        self.refuse_at = refuse_at
+        self.requested = since if requested is None else requested
+
+    def refusing(self, now):
+        return now >= self.refuse_at
+
+    def encode(self):
+        return json.dumps({"since": self.since, "refuse_at": self.refuse_at}).encode()
+
+    @classmethod
+    def decode(cls, data):
+        """A Drain from encode()'s bytes; ValueError when they are not that."""
+        try:
+            doc = json.loads(data)
+            since, refuse_at = float(doc["since"]), float(doc["refuse_at"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise ValueError("not a drain record") from None
+        return cls(since, refuse_at)
+
+
+def steady(drain):
+    """Where a start or a reload lands: DRAINING while the operator's drain lasts, else SERVING."""
+    return Phase.SERVING if drain is None else Phase.DRAINING
 
 
 class Restarts:

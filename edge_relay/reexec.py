@@ -66,7 +66,9 @@ PREFLIGHT_TIMEOUT = 60.0              # seconds the new code may take to import 
 PREFLIGHT_OUTPUT_MAX = 64 * 1024      # bytes of the child's output kept (its last line is the reason)
 STATE_MAX = 4 << 20                   # a handover state larger than this is not ours
 # Signals the supervisor handles in its loop; blocked across execve until the new image handles them.
-HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR2)
+# the supervisor's signals (workerproc.DRAIN_SIGNAL/UNDRAIN_SIGNAL are SIGTTOU/SIGTTIN)
+HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR2, signal.SIGTTOU,
+           signal.SIGTTIN)
 # The environment a preflight child must not see: it must not notify systemd nor take fds.
 _CHILD_DROPS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS",
                 "LISTEN_FDNAMES", ENV_STATE)

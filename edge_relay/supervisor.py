@@ -35,9 +35,22 @@ Theory of operation
   workers hand their flows over and exit, new ones start on the new sockets.
 
   Readiness vs liveness: /livez is 200 while the supervisor answers; /healthz
-  is 200 while every worker serves and nothing drains (process health);
-  /readyz (and edge_relay_ready) add that calls can be routed: every serving
-  worker's probes see at least one transceiver up (a backup is one too).
+  is 200 while every worker serves, no drain lasts and it is not stopping
+  (process health); /readyz (and edge_relay_ready) add that calls can be
+  routed: every serving worker's probes see at least one transceiver up (a
+  backup is one too).
+
+  Restart is a hand-over, drain an operator's action. SIGTERM -> STOPPING=1:
+  every worker exits at once (STOP), sending its flow table; the snapshots go
+  to the fd store as "flows<worker>" beside the sockets, BARRIER=1, exit 0.
+  Nothing is refused on the way out: a datagram that arrives meanwhile waits
+  in its socket's buffer for the next process. DRAIN_SIGNAL (SIGTTOU,
+  `edge-relay drain`) takes the host out of the pool: /healthz and /readyz
+  503 at once, new flows accepted for relay.drain_seconds more (while the
+  health checker and routing withdraw the host), then refused (DRAINING);
+  existing flows keep forwarding and the relay keeps running. The drain
+  lasts across reloads and restarts (a "drain" record in the fd store) until
+  UNDRAIN_SIGNAL (SIGTTIN, `edge-relay drain --cancel`) or `systemctl stop`.
 
   The firewall follows accepted configs only: with $RUNTIME_DIRECTORY set
   (systemd's RuntimeDirectory=), the nftables ruleset of every accepted
@@ -46,9 +59,7 @@ Theory of operation
 
   systemd (sdnotify.py): READY=1 once every worker serves; STATUS= every few
   seconds; SIGHUP -> RELOADING=1 (+MONOTONIC_USEC), then READY=1 with the
-  verdict; SIGTERM -> STOPPING=1, /healthz 503, workers drain
-  for relay.drain_seconds (or until no flow is left), their flow snapshots
-  go to the fd store as "flows<worker>", BARRIER=1, exit 0. WATCHDOG=1 is
+  verdict; SIGTERM -> STOPPING=1 and the hand-over above. WATCHDOG=1 is
   sent at half $WATCHDOG_USEC only while every worker is up.
 
   Upgrade in place (upgrade.py, reexec.py): SIGUSR2 -> UPGRADING, RELOADING=1;
@@ -70,21 +81,22 @@ import signal
 import socket
 import time
 
-from . import __version__, config as config_mod, httpd, metrics, nft, reexec, sdnotify, upgrade, workerproc
-from .control import DRAIN, STOP, encode_reload, encode_report_flows
+from . import __version__, config as config_mod, httpd, metrics, reexec, sdnotify, upgrade, workerproc
+from .control import STOP, UNDRAIN, encode_drain, encode_reload, encode_report_flows
 from .errors import EdgeRelayError, StartupError, reason
 from .fdstore import FdStore, bind_sockets, structure, worker_sockets
-from .lifecycle import CRASH_WINDOW, Lifecycle, Phase
+from .lifecycle import CRASH_WINDOW, Drain, Lifecycle, Phase, steady
 from .log import Log
 from .worker import client_filter, journal_memory
-from .workerproc import Slot, WorkerSpec, send
+from .workerproc import DRAIN_SIGNAL, UNDRAIN_SIGNAL, Slot, WorkerSpec, send
 
 HEARTBEAT_STALE = 5.0       # seconds without a publication before a worker counts as down
 STATUS_INTERVAL = 2.0       # seconds between STATUS= updates
 RELOAD_ACK_TIMEOUT = 5.0    # verdict "failed" if a worker does not run the new generation by then
 RULESET_FILE = "edge-relay.nft"     # in $RUNTIME_DIRECTORY: the accepted config's nftables ruleset
-KILL_GRACE = 5.0            # after drain_seconds, SIGKILL workers still running
+KILL_GRACE = 5.0            # SIGKILL a worker that has not exited this long after STOP
 TICK_MAX = 0.5              # the loop wakes at least this often (heartbeats are read, not pushed)
+STARTING_POLL = 0.005       # while starting, look for the workers' first heartbeats this often (READY=1)
 FLOWS_LIMIT_MAX = 10000     # GET /flows?limit= at most this many flows in one answer
 FLOWS_REPORT_TIMEOUT = 1.0  # GET /flows waits this long for the workers' reports at most
 
@@ -152,6 +164,7 @@ class Supervisor:
         self.socks = {}
         self.by_pid = {}
         self._wake = None
+        self._drain_cancelled = None
         self._last_status = (0.0, 0)
         self._next_status = self._next_watchdog = 0.0
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [None]
@@ -161,9 +174,17 @@ class Supervisor:
         self.upgrader = upgrade.Upgrader(self)
         self.shared = self.extra = None
         self.journals = {}          # slot index -> worker.JournalMemory (or None), made at its first spawn
+        self.drain = None           # the operator's drain (lifecycle.Drain) while it lasts
         taken = self.upgrader.take_over(env, cfg, clock())     # after an upgrade's execve: the old image's state
         if taken is None:
             self.socks, stored_flows = self.fdstore.adopt(env, cfg, self.n)
+            if self.fdstore.adopted_drain is not None:
+                try:
+                    self.drain = Drain.decode(self.fdstore.adopted_drain)
+                    log.notice("drain", "still draining (since before this process started): "
+                               "edge-relay drain --cancel ends it")
+                except ValueError as exc:
+                    log.warning("fdstore", "stored drain record ignored: %s", exc)
         else:
             self.socks, stored_flows = taken
         if self.shared is None:
@@ -203,7 +224,9 @@ class Supervisor:
         journal = self.journals[slot.index]
         spec = WorkerSpec(cfg=self.cfg, keyring=self.keyring, config_path=self.config_path,
                           generation=self.generation, listeners=listeners, internal=internal,
-                          shared=self.shared, extra=self.extra, await_turn=on_ctl is not None, journal=journal)
+                          shared=self.shared, extra=self.extra,
+                          refuse_at=self.drain.refuse_at if self.drain is not None else None,
+                          await_turn=on_ctl is not None, journal=journal)
         ours = workerproc.spawn(slot, spec, lambda: self._close_in_child(listeners, internal, journal), now)
         if on_ctl is not None:
             self.sel.register(ours, selectors.EVENT_READ, on_ctl)
@@ -294,7 +317,8 @@ class Supervisor:
         return out
 
     def healthy(self, now=None):
-        return self.phase in (Phase.STARTING, Phase.SERVING, Phase.RELOADING, Phase.UPGRADING) and \
+        """Every worker serves (process health: the watchdog's and READY=1's test; a drain does not count)."""
+        return self.phase in (Phase.STARTING, Phase.SERVING, Phase.RELOADING, Phase.DRAINING, Phase.UPGRADING) and \
             len(self.up(now)) == self.n
 
     def readiness(self, now=None):
@@ -303,6 +327,8 @@ class Supervisor:
         A worker without probes (probes.enabled = false) cannot tell, and counts as able to route.
         """
         if self.life.stopping:
+            return False, "stopping"
+        if self.drain is not None:
             return False, "draining"
         if self.phase is Phase.RESTRUCTURING:
             return False, "handing the flows to new workers"
@@ -400,8 +426,8 @@ class Supervisor:
         v = dict(self.last_reload, state="failed" if reason else "ok", finished_usec=_usec(now), reason=reason)
         self.last_reload = v
         self.last_reload_ok = not reason
-        self.life.set(Phase.SERVING, now, f"reload of generation {self.generation} "
-                                          f"{'failed' if reason else 'ok'}")
+        self.life.set(steady(self.drain), now, f"reload of generation {self.generation} "
+                                               f"{'failed' if reason else 'ok'}")
         if reason:
             self.reload_failures += 1
             self.log.verdict("err", "reload of generation %d failed: %s", self.generation, reason)
@@ -423,6 +449,7 @@ class Supervisor:
         """The accepted config's nftables ruleset to $RUNTIME_DIRECTORY/edge-relay.nft (atomic)."""
         if self.runtime_dir is None:
             return
+        from . import nft  # after the workers are forked (run): not on the way to the first packet
         path = os.path.join(self.runtime_dir, RULESET_FILE)
         try:
             text = nft.render_relay(cfg)
@@ -458,23 +485,75 @@ class Supervisor:
             self._spawn(slot, now)
 
     def begin_stop(self, now):
+        """SIGTERM: hand over, do not drain. Every worker exits at once and sends its flow table; the
+        sockets stay in the fd store, so what arrives meanwhile waits in their buffers for the next
+        process. Nothing is refused on the way out."""
         if self.life.stopping:
-            self._send_all(STOP)            # asked twice: skip the rest of the drain
             return
         if self.phase is Phase.UPGRADING:
             self.upgrader.abort("stopped (SIGTERM) during the upgrade", now)
-        self.life.set(Phase.STOPPING, now, "SIGTERM")
+        self.life.set(Phase.STOPPING, now, "SIGTERM: handing the sockets and flows to the next process")
         self.notifier.stopping(self._status_text(now))
-        self.log.notice("stop", "stopping: draining %d workers for up to %.1f s",
-                        len(self.by_pid), self.cfg.relay.drain_seconds)
+        self.log.notice("stop", "stopping: %d workers hand their flows over and exit", len(self.by_pid))
         for slot in self.slots:
             slot.restarts.cancel()
-        self._send_all(DRAIN)
-        self.stop_deadline = now + self.cfg.relay.drain_seconds + KILL_GRACE
+        self._send_all(STOP)
+        self.stop_deadline = now + KILL_GRACE
+
+    # -- the operator's drain -------------------------------------------------------
+
+    def begin_drain(self, now):
+        """DRAIN_SIGNAL (edge-relay drain): /healthz 503 at once, new flows refused after relay.drain_seconds.
+
+        Idempotent: a drain already under way keeps its times (only `requested` moves, which is what
+        `edge-relay drain` waits for). Refused while stopping."""
+        if self.life.stopping:
+            self.log.verdict("err", "drain refused: the relay is stopping")
+            return False
+        if self.drain is None:
+            grace = self.cfg.relay.drain_seconds
+            self.drain = Drain(since=now, refuse_at=now + grace)
+            self.fdstore.store_drain(self.drain.encode())
+            self._send_all(encode_drain(self.drain.refuse_at))
+            self.log.verdict("notice", "draining: /healthz and /readyz 503 now, new flows refused in %.1f s "
+                             "(relay.drain_seconds), existing flows keep forwarding", grace)
+            if self.phase is Phase.SERVING:
+                self.life.set(Phase.DRAINING, now, "edge-relay drain")
+        else:
+            self.log.verdict("notice", "already draining (for %.0f s)", now - self.drain.since)
+        self.drain.requested = now
+        return True
+
+    def cancel_drain(self, now):
+        """UNDRAIN_SIGNAL (edge-relay drain --cancel): accept new flows again, /healthz as before."""
+        self._drain_cancelled = now
+        if self.drain is None:
+            self.log.verdict("notice", "not draining: nothing to cancel")
+            return True
+        self.drain = None
+        self.fdstore.remove_drain()
+        self._send_all(UNDRAIN)
+        self.log.verdict("notice", "drain cancelled: accepting new flows")
+        if self.phase is Phase.DRAINING:
+            self.life.set(Phase.SERVING, now, "edge-relay drain --cancel")
+        return True
+
+    def drain_status(self, now, flows):
+        """The "drain" part of /status (edge-relay drain waits on it)."""
+        d = self.drain
+        doc = {"active": d is not None, "cancelled_usec": _usec(self._drain_cancelled)
+               if self._drain_cancelled is not None else 0, "flows": flows}
+        if d is not None:
+            doc.update(since_usec=_usec(d.since), requested_usec=_usec(d.requested),
+                       refuse_usec=_usec(d.refuse_at), refusing=d.refusing(now))
+        return doc
 
     def _finish(self, now):
         kept = 0
         for slot in self.slots:
+            if slot.handed is None and slot.restore:
+                # a dead worker's flows, waiting for its restart: the next process restarts it
+                slot.handed = sdnotify.memfd_write(f"edge-relay-flows{slot.index}", slot.restore)
             if slot.handed is None:
                 continue
             if self.fdstore.store_flows(slot.index, slot.handed):
@@ -520,6 +599,8 @@ class Supervisor:
         if t.crash_looping:
             text += f"; {t.crash_looping} workers in a crash loop"
         if self.life.stopping:
+            text = "stopping: " + text
+        elif self.drain is not None:
             text = "draining: " + text
         return text
 
@@ -592,6 +673,8 @@ class Supervisor:
     def _healthz(self):
         now = self.clock()
         if self.life.stopping:
+            return 503, "text/plain", b"stopping\n"
+        if self.drain is not None:
             return 503, "text/plain", b"draining\n"
         if not self.life.started or not self.healthy(now):
             return 503, "text/plain", b"not ready\n"
@@ -616,8 +699,8 @@ class Supervisor:
         return {"pid": os.getpid(), "generation": self.generation, "workers": self.n,
                 "workers_up": t.workers_up, "workers_generation": t.workers_generation,
                 "healthy": self.healthy(now), "ready": ready and started,
-                "ready_reason": why if started else "starting", "draining": self.life.stopping,
-                "phase": self.phase.value,
+                "ready_reason": why if started else "starting", "draining": self.drain is not None,
+                "phase": self.phase.value, "drain": self.drain_status(now, t.flows_pending + t.flows_confirmed),
                 "config": {"path": str(self.config_path), "sha256": self.config_sha256},
                 "reloads": self.reloads, "reload_failures": self.reload_failures,
                 "last_reload": dict(self.last_reload), "now_usec": _usec(now),
@@ -640,6 +723,10 @@ class Supervisor:
             self.reload(now)
         if signal.SIGUSR2 in signums:
             self.upgrader.request(now)
+        if DRAIN_SIGNAL in signums:
+            self.begin_drain(now)
+        if UNDRAIN_SIGNAL in signums:
+            self.cancel_drain(now)
 
     def _tick(self, now):
         """Everything due at `now`; returns the time of the next thing due (the loop waits until then)."""
@@ -651,7 +738,7 @@ class Supervisor:
                 return now
             if now >= self.stop_deadline:
                 for pid in self.by_pid:
-                    self.log.err("stop", "worker pid %d did not drain in time: killing it", pid)
+                    self.log.err("stop", "worker pid %d did not stop in time: killing it", pid)
                     os.kill(pid, signal.SIGKILL)
                 self.stop_deadline = now + KILL_GRACE
             deadlines.append(self.stop_deadline)
@@ -662,8 +749,10 @@ class Supervisor:
             self._tend_workers(now, deadlines)
             self.upgrader.tick(now, deadlines)
             healthy = self.healthy(now)
+            if phase is Phase.STARTING:
+                deadlines.append(now + STARTING_POLL)
             if healthy and phase is Phase.STARTING:
-                self.life.set(Phase.SERVING, now, f"every one of {self.n} workers serves")
+                self.life.set(steady(self.drain), now, f"every one of {self.n} workers serves")
                 self.notifier.ready(self._status_text(now))
                 self._next_status = now + STATUS_INTERVAL
                 self.log.notice("ready", "serving with %d workers", self.n)
@@ -716,11 +805,12 @@ class Supervisor:
                       os.getpid(), self.n, len(self.cfg.listeners),
                       f"{self.cfg.management.address}:{self.cfg.management.port}"
                       if self.http is not None else "off")
-        self.write_ruleset(self.cfg)
         try:
+            # the workers first: they are what callers wait for after a restart
             for slot in self.slots:
                 if slot.pid is None:        # not a worker taken over by an upgrade
                     self._spawn(slot, now)
+            self.write_ruleset(self.cfg)
             self.upgrader.start(now)
             timeout = 0.0
             while self.phase is not Phase.STOPPED:

@@ -50,7 +50,7 @@ from . import __version__, metrics, sdnotify
 from .control import CTL_MAX, READY, STOP, TAKE, decode
 from .drops import Drop
 from .fdstore import bind_sockets, socket_matches, structure, wanted_sockets
-from .lifecycle import Phase, Restarts
+from .lifecycle import Drain, Phase, Restarts, steady
 from .reexec import (STATE_VERSION, HandoverError, Preflight, accepts, children, claim, claim_socket, exec_argv,
                      execute, stray_fds, stray_pool, take)
 from .router import STAT_NAMES
@@ -151,7 +151,7 @@ class Upgrader:
             sup.last_upgrade["requested_usec"] = requested
             sup.log.notice("upgrade", "upgrade asked again: the one under way answers it")
             return True
-        if sup.phase is not Phase.SERVING:
+        if sup.phase not in (Phase.SERVING, Phase.DRAINING):     # a draining host may be upgraded too
             why = {Phase.STARTING: "starting: the workers do not all serve yet",
                    Phase.RELOADING: "a reload is waiting for its verdict",
                    Phase.RESTRUCTURING: "a reload is handing flows to new workers",
@@ -207,7 +207,7 @@ class Upgrader:
                                 finished_usec=_usec(sup.clock()), reason=why, from_version=__version__)
         sup.log.verdict("err", "upgrade refused, edge-relay %s keeps serving: %s", __version__, why)
         if sup.phase is Phase.UPGRADING:
-            sup.life.set(Phase.SERVING, now, "upgrade refused")
+            sup.life.set(steady(sup.drain), now, "upgrade refused")
         if notify:
             sup.notifier.ready(f"upgrade refused: {why}; " + sup._status_text(now))
         return False
@@ -280,6 +280,11 @@ class Upgrader:
             sup.generation += 1
             sup.log.notice("upgrade", "the config file changed since generation %d was read: the new code runs "
                            "it as generation %d", doc["generation"], sup.generation)
+        if doc.get("drain"):            # the operator's drain outlives the execve as it outlives a restart
+            try:
+                sup.drain = Drain.decode(doc["drain"].encode())
+            except ValueError as exc:
+                sup.log.warning("upgrade", "the old image's drain record ignored: %s", exc)
         sup.last_upgrade = dict(no_upgrade(), **doc["last_upgrade"])
         sup.last_upgrade.update(state="pending", to_version=__version__)
         self.todo = [slot.index for slot in sup.slots if slot.pid is not None]
@@ -564,7 +569,7 @@ class Upgrader:
                             __version__, v.get("from_version") or "?", os.getpid(),
                             f"; {v['reason']}" if v["reason"] else "")
         if sup.phase is Phase.UPGRADING:
-            sup.life.set(Phase.SERVING, now, "upgrade " + ("failed" if why else "done"))
+            sup.life.set(steady(sup.drain), now, "upgrade " + ("failed" if why else "done"))
         sup.notifier.ready((f"upgrade failed: {why}; " if why else "") + sup._status_text(now))
 
     def abort(self, why, now):
@@ -650,6 +655,7 @@ def capture(sup, made):
         "last_reload_success": sup.last_reload_success, "last_reload_ok": sup.last_reload_ok,
         "restarts": sup.restarts, "upgrades": sup.upgrades, "upgrade_failures": sup.upgrade_failures,
         "last_upgrade": sup.last_upgrade,
+        "drain": sup.drain.encode().decode() if sup.drain is not None else None,
     }
     return doc, fds
 

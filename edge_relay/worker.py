@@ -15,7 +15,7 @@ Theory of operation
   moves a batch (bounded: one sleep per turn).
 
   Timers are computed, never polled: the epoll timeout is the nearest of the
-  flow table's next expiry, the stats publication tick, the drain deadline,
+  flow table's next expiry, the stats publication tick, the drain deadlines,
   the router's own timer (probes due or timed out, directory lookups timed
   out) and the Redis client's timer when the flow directory is configured.
 
@@ -29,9 +29,16 @@ Theory of operation
   Signals arrive through `signal.set_wakeup_fd`, so a signal wakes the wait
   and is handled in the loop, never inside a handler:
     SIGHUP   reload config and keys; on error keep the old ones, log one line
-    SIGTERM  drain: refuse new flows, keep forwarding, exit after drain_seconds
-             (or as soon as no flow is left)
+    SIGTERM  stop at once (the supervisor hands the flow table to the next
+             worker); nothing is refused on the way out
     SIGINT   as SIGTERM
+
+  Two ways to refuse new flows (Drop.DRAINING), neither of them a restart:
+  refuse_new_flows(at) is the operator's drain (edge-relay drain): from `at`
+  on new flows are refused, existing ones keep forwarding, and the worker
+  does not exit; refuse_new_flows(None) undoes it. drain() is for a worker
+  whose supervisor is gone: refuse at once, exit when the flows are gone or
+  after relay.drain_seconds.
 """
 
 import gc
@@ -44,7 +51,7 @@ import signal
 import socket
 import time
 
-from . import batchio, config as config_mod, header, resp, sockaddr, sockets
+from . import batchio, config as config_mod, header, sockaddr, sockets
 from .directory import Directory
 from .drops import Drop
 from .errors import reason
@@ -315,6 +322,8 @@ class Worker:
         self.redis = None
         if directory is not None:
             d = cfg.directory
+            from . import resp  # only with [directory]: not every start pays for the client
+            self._disconnected = resp.Disconnected
             self.redis = resp.Client(config_mod.redis_target(d.address), timeout=d.timeout,
                                      max_pending=65536, now=clock())
         self._sel = None
@@ -326,6 +335,7 @@ class Worker:
         self._tags = {}
         self.stopping = False
         self.drain_deadline = None
+        self.refuse_at = None           # the operator's drain: refuse new flows from then on
         self.reloads = 0
         self.reload_failures = 0
         self.last_reload_error = ""     # why the last reload was refused (the supervisor reports it)
@@ -414,7 +424,7 @@ class Worker:
         now = self.clock()
         for lookup in lookups:
             if not self.redis.call(lookup.command, lambda reply, lk=lookup: self._answer(lk, reply), now):
-                router.dir_resolved(lookup, resp.Disconnected("directory unavailable"), now,
+                router.dir_resolved(lookup, self._disconnected("directory unavailable"), now,
                                     int(self.wall() * 1000))
         self.flush_to_transceivers()
         self._redis_register()
@@ -515,7 +525,25 @@ class Worker:
                          len(cfg.transceivers), keyring.signing.key_id)
         return True
 
+    def refuse_new_flows(self, at):
+        """The operator's drain: refuse new flows from clock time `at` on (None: accept them again)."""
+        if at is None:
+            if self.refuse_at is not None or self.router.draining:
+                self.log.notice("drain", "drain cancelled: accepting new flows")
+            self.refuse_at = None
+            self.router.draining = self.drain_deadline is not None
+            return
+        self.refuse_at = at
+        self.check_drain(self.clock())
+
+    def check_drain(self, now):
+        """The operator's drain timer: start refusing new flows once its time has come."""
+        if self.refuse_at is not None and now >= self.refuse_at and not self.router.draining:
+            self.router.draining = True
+            self.log.notice("drain", "draining: refusing new flows, forwarding %d", len(self.router.flows))
+
     def drain(self):
+        """Refuse new flows now and exit once they are gone or after relay.drain_seconds."""
         if self.drain_deadline is None:
             self.router.draining = True
             self.drain_deadline = self.clock() + self.cfg.relay.drain_seconds
@@ -539,7 +567,7 @@ class Worker:
         if signum == signal.SIGHUP:
             self.reload()
         elif signum in (signal.SIGTERM, signal.SIGINT):
-            self.drain()
+            self.stop()
 
     # -- the loop -------------------------------------------------------------
 
@@ -550,6 +578,8 @@ class Worker:
             deadlines.append(flow_deadline)
         if self.drain_deadline is not None:
             deadlines.append(self.drain_deadline)
+        if self.refuse_at is not None and not self.router.draining:
+            deadlines.append(self.refuse_at)
         router_deadline = self.router.next_deadline()
         if router_deadline is not None:
             deadlines.append(router_deadline)
@@ -691,6 +721,8 @@ class Worker:
             self._periodic(now)
             self._publish()
             self._next_publish = now + PUBLISH_INTERVAL
+        if self.refuse_at is not None:
+            self.check_drain(now)
         if self.drain_deadline is not None and (now >= self.drain_deadline or not len(router.flows)):
             self.stopping = True
 

@@ -8,11 +8,12 @@ Theory of operation
   spawn() forks. The child closes everything of the supervisor's it does
   not need (the `close_inherited` callback), resets the signals, pins itself
   to the slot's CPU, restores the flow snapshot into a fresh flow table, and
-  runs worker.Worker over its own sockets until stopped or drained. Control
+  runs worker.Worker over its own sockets until stopped. Control
   messages (control.py) arrive on the SOCK_SEQPACKET channel between turns of
   the worker's loop; as it exits the worker sends its flow table (FLOWS + a
   memfd). A closed channel means the supervisor is gone: the worker drains
-  and leaves.
+  and leaves (worker.Worker.drain). SIGTERM to a worker alone stops it; the
+  supervisor restarts it with the flows it handed over.
 
   An upgrade's new worker (spec.await_turn) is built first, then says READY
   and blocks until TAKE: only then has its old worker stopped reading, and
@@ -29,7 +30,6 @@ import signal
 import socket
 import sys
 import traceback
-from dataclasses import dataclass
 
 from . import control, metrics, sdnotify
 from .lifecycle import Restarts
@@ -37,6 +37,12 @@ from .log import Log
 from .worker import Worker, flow_table, restore_flows, start_flows
 
 CHILD_CRASHED = 70      # EX_SOFTWARE: the child raised
+
+# The operator's drain and its cancel (edge-relay drain [--cancel]), after HAProxy's
+# "pause"/"resume" pair. They are the supervisor's; a worker ignores them, because
+# `systemctl kill -s ...` without --kill-whom=main signals every process of the unit.
+DRAIN_SIGNAL = signal.SIGTTOU
+UNDRAIN_SIGNAL = signal.SIGTTIN
 
 
 class Slot:
@@ -56,19 +62,25 @@ class Slot:
         self.report = None          # the last FLOW_REPORT (GET /flows)
 
 
-@dataclass
 class WorkerSpec:
-    """What a worker process is started with."""
-    cfg: object
-    keyring: object
-    config_path: object
-    generation: int
-    listeners: list
-    internal: object
-    shared: object          # metrics.SharedCounters
-    extra: object           # metrics.ExtraShared
-    await_turn: bool = False    # an upgrade's new worker: build, say READY, read only after TAKE
-    journal: object = None      # worker.JournalMemory: the slot's crash journal (None: the kernel refused one)
+    """What a worker process is started with (a plain class: a dataclass costs each start its exec)."""
+
+    __slots__ = ("cfg", "keyring", "config_path", "generation", "listeners", "internal", "shared", "extra",
+                 "refuse_at", "await_turn", "journal")
+
+    def __init__(self, cfg, keyring, config_path, generation, listeners, internal, shared, extra,
+                 refuse_at=None, await_turn=False, journal=None):
+        self.cfg = cfg
+        self.keyring = keyring
+        self.config_path = config_path
+        self.generation = generation
+        self.listeners = listeners
+        self.internal = internal
+        self.shared = shared            # metrics.SharedCounters
+        self.extra = extra              # metrics.ExtraShared
+        self.refuse_at = refuse_at      # the operator's drain: refuse new flows from then on (time.monotonic())
+        self.await_turn = await_turn    # an upgrade's new worker: build, say READY, read only after TAKE
+        self.journal = journal          # worker.JournalMemory: the slot's crash journal (None: the kernel refused)
 
 
 def spawn(slot, spec, close_inherited, now):
@@ -107,6 +119,8 @@ def _reset_signals():
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    for sig in (DRAIN_SIGNAL, UNDRAIN_SIGNAL):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _child(slot, spec, ctl):
@@ -147,6 +161,8 @@ def _child(slot, spec, ctl):
         if handed is None:
             return 0                # the supervisor called the upgrade off: never served
         restore_flows(worker.router.flows, log, i, handed, spec.journal, said="took over")
+    if spec.refuse_at is not None:
+        worker.refuse_new_flows(spec.refuse_at)
     ctl.setblocking(False)
 
     def on_ctl():
@@ -170,7 +186,9 @@ def _child(slot, spec, ctl):
             elif verb == control.REPORT_FLOWS:
                 _report_flows(ctl, worker, arg, i)
             elif verb == control.DRAIN:
-                worker.drain()
+                worker.refuse_new_flows(arg)
+            elif verb == control.UNDRAIN:
+                worker.refuse_new_flows(None)
             elif verb == control.STOP:
                 worker.stop()
 

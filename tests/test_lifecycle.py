@@ -3,8 +3,8 @@
 import pytest
 
 from edge_relay import lifecycle
-from edge_relay.lifecycle import (BACKOFF_MAX, BACKOFF_MIN, CRASH_LIMIT, CRASH_WINDOW, TRANSITIONS, Lifecycle, Phase,
-                                  Restarts)
+from edge_relay.lifecycle import (BACKOFF_MAX, BACKOFF_MIN, CRASH_LIMIT, CRASH_WINDOW, TRANSITIONS, Drain, Lifecycle,
+                                  Phase, Restarts, steady)
 
 
 def test_every_phase_has_a_row_and_every_target_is_a_phase():
@@ -98,4 +98,30 @@ def test_the_module_reads_no_clock():
     import inspect
     tree = ast.parse(inspect.getsource(lifecycle))
     names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
-    assert names == {"collections", "enum"}
+    assert names == {"collections", "enum", "json"}
+
+
+def test_a_drain_passes_through_a_reload_and_comes_back():
+    """Start, drain, reload while draining: the verdict lands in DRAINING, and a cancel goes back to SERVING."""
+    life = Lifecycle()
+    drain = None
+    life.set(steady(drain), 1.0, "started")
+    assert life.phase is Phase.SERVING
+    drain = Drain(since=2.0, refuse_at=12.0)
+    life.set(steady(drain), 2.0, "drain")
+    life.set(Phase.RELOADING, 3.0, "SIGHUP")
+    life.set(steady(drain), 4.0, "verdict ok")
+    assert life.phase is Phase.DRAINING
+    drain = None
+    life.set(steady(drain), 5.0, "cancelled")
+    assert life.phase is Phase.SERVING
+
+
+def test_drain_refuses_from_its_time_on_and_survives_the_fd_store():
+    d = Drain(since=100.0, refuse_at=110.0)
+    assert not d.refusing(109.999) and d.refusing(110.0)
+    back = Drain.decode(d.encode())
+    assert (back.since, back.refuse_at) == (100.0, 110.0)
+    for junk in (b"", b"{}", b"[1]", b'{"since": "x", "refuse_at": 1}', b"\xff"):
+        with pytest.raises(ValueError):
+            Drain.decode(junk)
