@@ -6,9 +6,9 @@ transceiver's authenticated answers back. It holds no session secrets.
 Runtime code is the Python standard library only.
 
 Layers (tests/test_layers.py reads this table and enforces it)
-  codec     stun token header keys sockaddr drops errors histogram transceiver
+  codec     stun token header keys sockaddr drops errors histogram transceiver batch
   policy    flows router ratelimit quality probes directory
-  io        batchio worker sockets httpd supervisor sdnotify resp adapter*
+  io        batchio memio worker sockets httpd supervisor sdnotify resp adapter*
   operator  config cli log metrics nft effective __main__
   demo      demo demo_run demo_state
 
@@ -18,7 +18,9 @@ Layers (tests/test_layers.py reads this table and enforces it)
             rate limits, quality, probes, the flow directory's logic. Takes
             `now` as an argument.
   io        the only modules that touch sockets, selectors, ctypes, signals
-            and the clock: the event loop, batched I/O, the supervisor.
+            and the clock: the event loop, batched I/O (batch.py states its
+            contract; batchio implements it over sockets, memio in memory
+            for tests), the supervisor.
   operator  the config, the command line, logs, metrics, the firewall.
   demo      the demo transceiver, voice callers and `edge-relay demo`
             (the edge_relay.demo subpackage): never imported by the relay.

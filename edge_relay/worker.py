@@ -263,17 +263,21 @@ class Worker:
         router = self.router
         if now is None:
             now, wall_ms = self.clock(), int(self.wall() * 1000)
+        route = router.from_clients
+        out = router.to_transceivers
+        send = self.internal_io.send
+        views, addrs, batch_size = io.views, io.addrs, io.batch_size
         for _ in range(BATCHES_PER_WAKEUP):
             n = io.recv()
             if n == 0:
                 return
-            router.from_clients(index, io.views, io.addrs, n, now, wall_ms, io.ptrs)
-            if router.to_transceivers:
-                self.internal_io.send(router.to_transceivers)
-                router.to_transceivers.clear()
+            route(index, views, addrs, n, now, wall_ms)
+            if out.n:
+                send(out, io)
+                out.n = 0
             if router.dir_lookups:
                 self._ask_directory()
-            if n < io.batch_size:
+            if n < batch_size:
                 return
 
     def pump_internal(self, now=None, wall_ms=None):
@@ -282,25 +286,29 @@ class Worker:
         router = self.router
         if now is None:
             now, wall_ms = self.clock(), int(self.wall() * 1000)
+        route = router.from_transceivers
+        pairs = tuple(zip(router.to_clients, self.listener_io))
+        views, addrs, batch_size = io.views, io.addrs, io.batch_size
         for _ in range(BATCHES_PER_WAKEUP):
             n = io.recv()
             if n == 0:
                 return
-            router.from_transceivers(io.views, io.addrs, n, now, wall_ms, io.ptrs)
-            for index, out in enumerate(router.to_clients):
-                if out:
-                    self.listener_io[index].send(out)
-                    out.clear()
+            route(views, addrs, n, now, wall_ms)
+            for out, lio in pairs:
+                if out.n:
+                    lio.send(out, io)
+                    out.n = 0
             if router.dir_commands:
                 self._tell_directory()
-            if n < io.batch_size:
+            if n < batch_size:
                 return
 
     def flush_to_transceivers(self):
-        router = self.router
-        if router.to_transceivers:
-            self.internal_io.send(router.to_transceivers)
-            router.to_transceivers.clear()
+        """Send what the router queued outside a received batch (timers, directory answers)."""
+        out = self.router.to_transceivers
+        if out.n:
+            self.internal_io.send(out)
+            out.n = 0
 
     # -- timers: probes, directory, quality -----------------------------------
 
