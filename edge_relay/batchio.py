@@ -331,6 +331,7 @@ class MmsgIO:
         self._namelen = {socket.AF_INET: sockaddr.SOCKADDR_IN_LEN,
                          socket.AF_INET6: sockaddr.SOCKADDR_IN6_LEN}.get(sock.family, -1)
         self._fields_structs = [None] * (batch_size + 1)
+        self._name1 = struct.Struct(f"{max(0, self._namelen)}s").unpack_from    # slot 0's address
         self._names_structs = [None] * (batch_size + 1)
         self._name_caps = memoryview(array.array("I", [_NAME_CAP] * batch_size))
         self._slot_addrs = [rbuf_addr + i * bufsize for i in range(batch_size)]
@@ -379,7 +380,19 @@ class MmsgIO:
         (always, for a UDP socket, unless a datagram was truncated) a second
         struct cuts all the addresses at once: only the views are cut per
         datagram. Otherwise the general loop below does it one by one.
+        A batch of one (what a wake-up at low rates brings) reads its three
+        words by index instead: ~1 us less than the struct path's setup.
         """
+        if n == 1:
+            u32 = self._rhdr_u32
+            namelen = u32[_NAMELEN]
+            if not u32[_FLAGS] and namelen == self._namelen:
+                u32[_NAMELEN] = _NAME_CAP
+                length = u32[_LEN]
+                self.addrs[0] = self._name1(self._rnames)[0]
+                self.views[0] = self._rbuf_view[:length]
+                self._ends[0] = self._slot_addrs[0] + length
+                return 1
         fields = self._fields_structs[n]
         if fields is None:
             fields = self._fields_structs[n] = struct.Struct("=" + _HDR_FIELDS * n)
