@@ -202,6 +202,8 @@ class Worker:
     at exit with the router's counters, e.g. to copy them to shared memory.
     """
 
+    _client_outs = None
+
     def __init__(self, cfg, keyring, listeners, internal, log, *, config_path=None,
                  publish=None, clock=time.monotonic, wall=time.time, flows=None, log_transceivers=True):
         self.cfg = cfg
@@ -287,7 +289,9 @@ class Worker:
         if now is None:
             now, wall_ms = self.clock(), int(self.wall() * 1000)
         route = router.from_transceivers
-        pairs = tuple(zip(router.to_clients, self.listener_io))
+        pairs = self._client_outs
+        if pairs is None:               # (each listener's Outbox, its socket), fixed for the router's life
+            pairs = self._client_outs = tuple(zip(router.to_clients, self.listener_io))
         views, addrs, batch_size = io.views, io.addrs, io.batch_size
         for _ in range(BATCHES_PER_WAKEUP):
             n = io.recv()
