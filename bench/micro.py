@@ -41,6 +41,7 @@ import tracemalloc
 from pathlib import Path
 
 from edge_relay import batchio, config, demo, header, keys, sockaddr
+from edge_relay.batch import Outbox
 from edge_relay.flows import FlowTable
 from edge_relay.log import Log
 from edge_relay.router import Policy, Router
@@ -346,7 +347,7 @@ class Rig:
         self.internal_sa = sockaddr.from_tuple(internal.getsockname())
 
     def sealed(self, count, wall_ms):
-        """`count` TO_CLIENT datagrams (header + PAYLOAD) to the clients in turn."""
+        """An Outbox of `count` TO_CLIENT datagrams (header + PAYLOAD) to the clients in turn."""
         out = []
         for j in range(count):
             sa = self.client_sas[j % len(self.client_sas)]
@@ -354,7 +355,7 @@ class Rig:
             out.append((self.internal_sa, header.encode(self.keyring.signing, header.TO_CLIENT, PAYLOAD, route=0,
                                                         family=fam, port=int.from_bytes(port, "big"),
                                                         address=addr, timestamp_ms=wall_ms) + PAYLOAD))
-        return out
+        return Outbox.of(out)
 
     def drain(self):
         while self.sink_io.recv():
@@ -388,7 +389,7 @@ def wakeups(sizes=(1, 2, 4, 8, 16, 32), turns=2000, rounds=3):
                 for b in sizes:
                     spent = 0
                     t2c = rig.sealed(b, int(time.time() * 1000))
-                    c2t = [(rig.pub_sa, PAYLOAD)]
+                    c2t = Outbox.of([(rig.pub_sa, PAYLOAD)])
                     for k in range(turns):
                         if direction == "c2t":
                             for j in range(b):
@@ -413,7 +414,7 @@ def profile(packets, n_clients=16):
     sink_io, client_ios, pub_sa = rig.sink_io, rig.client_ios, rig.pub_sa
     clients = rig.clients
     per = BATCH // 8
-    c2t_batches = [[(pub_sa, PAYLOAD)] * per for _ in clients]
+    c2t_batches = [Outbox.of([(pub_sa, PAYLOAD)] * per) for _ in clients]
 
     def sealed_batch(wall_ms):
         return rig.sealed(BATCH, wall_ms)

@@ -33,6 +33,7 @@ import struct
 import time
 
 from edge_relay import batchio, demo, header, sockaddr, transceiver
+from edge_relay.batch import Outbox
 from edge_relay.drops import Drop
 
 SINK_RX, CLIENT_RX, SETUP_DONE = 0, 1, 2          # indexes into the shared counters
@@ -107,7 +108,7 @@ class LoadGen:
     def send_closed_loop(self, cmd):
         """Throughput, client -> transceiver: windowed against the sink's receive counter."""
         dst = sockaddr.from_tuple(cmd["target"])
-        msgs = [[(dst, p)] * PER_SOCK for p in self.payloads]
+        msgs = [Outbox.of([(dst, p)] * PER_SOCK) for p in self.payloads]
         ios = self.ios
         k_max = len(ios)
         counters = self.counters
@@ -156,7 +157,7 @@ class LoadGen:
                 b = bufs[(k + j) % k_max]
                 pack_into(b, STAMP_AT, now_ns)
                 batch.append((dst, b))
-            sent += ios[k].send(batch)
+            sent += ios[k].send(Outbox.of(batch))
             k = (k + 1) % k_max
         return {"sent": sent}
 
@@ -244,7 +245,7 @@ class Sink:
                     if not n:
                         break
                     now_ms = int(time.time() * 1000)
-                    out = []
+                    out = Outbox(n)
                     for i in range(n):
                         data = io.views[i]
                         inb = self.endpoint.receive(data, now_ms)
@@ -252,8 +253,8 @@ class Sink:
                             learnt[inb.client] = (io.addrs[i], inb._replace(payload=b"", header=None))
                         reply = self.demo.handle(data, now_ms)
                         if reply is not None:
-                            out.append((io.addrs[i], reply))
-                    if out:
+                            out.append(io.addrs[i], None, reply)
+                    if out.n:
                         io.send(out)
         finally:
             sel.close()
@@ -331,6 +332,7 @@ class Sink:
         sealed = self._sealed(flows, payloads)
         resealed = time.monotonic()
         ring = sealed * (1 + 2 * BATCH // len(sealed)) + sealed
+        boxes = {}                      # pos -> Outbox of ring[pos:pos + BATCH], made at first use
         _sleep_until(t0)
         win = Window(counters, CLIENT_RX, cmd["window"] - BATCH)
         pos = 0
@@ -340,12 +342,16 @@ class Sink:
             if win.full():
                 now = time.monotonic()
                 continue
-            win.sent += io.send(ring[pos:pos + BATCH])
+            box = boxes.get(pos)
+            if box is None:
+                box = boxes[pos] = Outbox.of(ring[pos:pos + BATCH])
+            win.sent += io.send(box)
             pos = (pos + BATCH) % n_flows
             now = time.monotonic()
             if now - resealed > RESEAL_INTERVAL:
                 sealed = self._sealed(flows, payloads)
                 ring = sealed * (1 + 2 * BATCH // len(sealed)) + sealed
+                boxes = {}
                 resealed = now
         return win.result()
 
@@ -442,6 +448,11 @@ def null_main(pub, internal, tx_addr, back_addrs, cpu):
     pos = 0
     head = bytes(header.HEADER_LEN)
     hl = header.HEADER_LEN
+    to_tx, to_clients = Outbox(BATCH), Outbox(BATCH)
+    to_tx.dest[:] = [tx_sa] * BATCH
+    to_tx.head[:] = [head] * BATCH
+    to_tx.origin[:] = range(BATCH)
+    to_clients.origin[:] = range(BATCH)
     sel = selectors.DefaultSelector()
     sel.register(pub, selectors.EVENT_READ, 0)
     sel.register(internal, selectors.EVENT_READ, 1)
@@ -452,8 +463,9 @@ def null_main(pub, internal, tx_addr, back_addrs, cpu):
                     n = pio.recv()
                     if not n:
                         break
-                    views, ptrs = pio.views, pio.ptrs
-                    iio.send([(tx_sa, head, views[i], ptrs[i]) for i in range(n)])
+                    to_tx.body[:n] = pio.views[:n]
+                    to_tx.n = n
+                    iio.send(to_tx, pio)
                     if n < BATCH:
                         break
             else:
@@ -461,8 +473,10 @@ def null_main(pub, internal, tx_addr, back_addrs, cpu):
                     n = iio.recv()
                     if not n:
                         break
-                    views, ptrs = iio.views, iio.ptrs
-                    pio.send([(sa, None, views[i][hl:], ptrs[i] + hl) for i, sa in enumerate(ring[pos:pos + n])])
+                    to_clients.dest[:n] = ring[pos:pos + n]
+                    to_clients.body[:n] = [v[hl:] for v in iio.views[:n]]
+                    to_clients.n = n
+                    pio.send(to_clients, iio)
                     pos = (pos + n) % len(dests)
                     if n < BATCH:
                         break

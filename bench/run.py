@@ -168,9 +168,12 @@ def relay_config(key_dir, port, sink_port, workers=1, coalesce_us=0):
         "internal": {"address": "127.0.0.1", "port": 0},
         "keys": {"dir": str(key_dir)},
         "transceivers": [{"id": TX_ID, "address": "127.0.0.1", "port": sink_port}],
-        # Shipped limits but for idle_timeout (pairs run for minutes). There are
-        # enough flows that none exceeds limits.flow_packets_rate (1000 pps).
-        "limits": {"idle_timeout": 3600.0, "max_flows": 200000},
+        # Shipped limits but for idle_timeout (pairs run for minutes) and the
+        # per-token flow cap: every bench client shares one session (one
+        # ufrag), which max_flows_per_session (16) would hold to 16 flows at
+        # the per-flow packet rate, measuring the limits instead of the relay.
+        # There are enough flows that none exceeds limits.flow_packets_rate (1000 pps).
+        "limits": {"idle_timeout": 3600.0, "max_flows": 200000, "max_flows_per_session": 0},
         "management": {"port": 0},
         "log": {"level": "err"},
         # the sink counts every datagram it receives: no health probes (edge_relay [probes])

@@ -6,9 +6,9 @@ transceiver's authenticated answers back. It holds no session secrets.
 Runtime code is the Python standard library only.
 
 Layers (tests/test_layers.py reads this table and enforces it)
-  codec     stun token header keys sockaddr drops errors histogram transceiver control
+  codec     stun token header keys sockaddr drops errors histogram transceiver control batch
   policy    flows journal router ratelimit quality probes directory defaults lifecycle
-  io        batchio worker sockets httpd supervisor fdstore workerproc sdnotify resp reexec upgrade adapter*
+  io        batchio memio worker sockets httpd supervisor fdstore workerproc sdnotify resp reexec upgrade adapter*
   operator  config cli log metrics nft effective __main__
   demo      demo
 
@@ -18,7 +18,9 @@ Layers (tests/test_layers.py reads this table and enforces it)
             rate limits, quality, probes, the flow directory's logic, and the
             defaults they share with the config. Takes `now` as an argument.
   io        the only modules that touch sockets, selectors, ctypes, signals
-            and the clock: the event loop, batched I/O, the supervisor.
+            and the clock: the event loop, batched I/O (batch.py states its
+            contract; batchio implements it over sockets, memio in memory
+            for tests), the supervisor.
   operator  the config, the command line, logs, metrics, the firewall.
   demo      the demo transceiver, voice callers, `edge-relay demo` and the
             blocking Redis client of the demo's shared state: the

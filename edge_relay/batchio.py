@@ -1,9 +1,11 @@
-"""Batched datagram I/O: many datagrams per system call, payloads not copied in Python.
+"""Batched datagram I/O over sockets: many datagrams per system call, payloads not copied in Python.
 
 Theory of operation
 -------------------
-`open_io(sock)` wraps a bound UDP socket (set non-blocking) in one of two
-objects with the same interface:
+batch.py states the contract (recv() into views/addrs, send() of an
+Outbox); this module implements it over a socket. `open_io(sock)` wraps a
+bound UDP socket (set non-blocking) in one of two objects with the same
+interface:
 
   MmsgIO   recvmmsg(2)/sendmmsg(2) through ctypes: one system call per batch
            each way. Used when libc has both (Linux, 64-bit).
@@ -15,22 +17,20 @@ and never blocks or waits for a batch to fill. It returns n; for i < n,
 `views[i]` is the payload (a memoryview of exactly its length, cut from a
 receive buffer allocated once) and `addrs[i]` the source as raw sockaddr bytes
 (see sockaddr.py). The views are valid until the next `recv()` on the same
-object: the caller copies what it keeps. `ptrs[i]` is the address of the
-first octet of `views[i]` (MmsgIO; 0 from PlainIO: unknown), for send(). A datagram longer than `bufsize` is
+object: the caller copies what it keeps. A datagram longer than `bufsize` is
 not returned, only counted in `truncated` (a truncated datagram is never
 forwarded). `recv()` returns 0 when nothing is queued; it retries (a bounded
 number of times) a pending ICMP error, which the kernel reports once on the
 next call and which says nothing about the queued datagrams. (An unconnected
 UDP socket only keeps such errors with IP_RECVERR/IPV6_RECVERR set.)
 
-Sending. `send(msgs)` takes (sockaddr, buf) or (sockaddr, head, body) tuples;
-head and body leave as one datagram from two iovecs, so a forwarding header
-is never concatenated with its payload. A fourth element, (sockaddr, head,
-body, body_addr), says where body's first octet is, so MmsgIO need not ask
-ctypes (c_char.from_buffer, ~200 ns); head may then be None (no header).
-body_addr must come from `ptrs`: for body = io.views[i][k:], it is
-io.ptrs[i] + k, and body itself stays in the tuple, which keeps its memory
-alive until the send returns. 0 means unknown (MmsgIO then asks ctypes). It returns how many datagrams the
+Sending. `send(box, src)` sends a batch.Outbox: head and body leave as one
+datagram from two iovecs. A body whose origin names a datagram of `src`'s
+last batch (src a MmsgIO) is pointed at from `src`'s receive buffer by
+arithmetic (the end of that datagram minus the body's length); any other
+buffer costs ctypes (c_char.from_buffer, ~200 ns) or, for bytes, nothing
+(its id). The box holds every buffer until send() returns, which keeps the
+memory each iovec points at alive. It returns how many datagrams the
 kernel accepted. A datagram the kernel refuses is retried only when a retry
 can help (EINTR; EAGAIN/ENOBUFS a few times; ECONNREFUSED, a pending error
 left by an earlier datagram, once), then counted in `send_failed` and
@@ -66,6 +66,7 @@ import os
 import socket
 import struct
 import sys
+from operator import add as _add
 
 from . import sockaddr
 from .errors import StartupError
@@ -124,14 +125,6 @@ def _sendmsg_retrying(sendmsg, bufs, cmsg, dest):
                 refused = True
                 continue
             return exc.errno
-
-
-def _size(msg):
-    """Octets of the datagram a send() message makes."""
-    if len(msg) == 2:
-        return len(msg[1])
-    head = msg[1]
-    return (len(head) if head is not None else 0) + len(msg[2])
 
 
 def open_io(sock, batch_size=32, bufsize=2048, mode="auto", gso=True):
@@ -329,13 +322,16 @@ class MmsgIO:
         self._rnames_view = memoryview(self._rnames)
         self.views = [memoryview(b"")] * batch_size
         self.addrs = [b""] * batch_size
-        self.ptrs = [0] * batch_size
+        # ends[i]: the address just past views[i], for bodies sent from this
+        # receive buffer (a tail views[i][j:] starts at ends[i] - its length)
+        self._ends = [0] * batch_size
         # _collect's batch reading: the kernel's sockaddr length for this
         # socket's family (every address it writes has it), one struct per
         # batch length made on first use, and constant per-slot tables.
         self._namelen = {socket.AF_INET: sockaddr.SOCKADDR_IN_LEN,
                          socket.AF_INET6: sockaddr.SOCKADDR_IN6_LEN}.get(sock.family, -1)
         self._fields_structs = [None] * (batch_size + 1)
+        self._name1 = struct.Struct(f"{max(0, self._namelen)}s").unpack_from    # slot 0's address
         self._names_structs = [None] * (batch_size + 1)
         self._name_caps = memoryview(array.array("I", [_NAME_CAP] * batch_size))
         self._slot_addrs = [rbuf_addr + i * bufsize for i in range(batch_size)]
@@ -384,7 +380,19 @@ class MmsgIO:
         (always, for a UDP socket, unless a datagram was truncated) a second
         struct cuts all the addresses at once: only the views are cut per
         datagram. Otherwise the general loop below does it one by one.
+        A batch of one (what a wake-up at low rates brings) reads its three
+        words by index instead: ~1 us less than the struct path's setup.
         """
+        if n == 1:
+            u32 = self._rhdr_u32
+            namelen = u32[_NAMELEN]
+            if not u32[_FLAGS] and namelen == self._namelen:
+                u32[_NAMELEN] = _NAME_CAP
+                length = u32[_LEN]
+                self.addrs[0] = self._name1(self._rnames)[0]
+                self.views[0] = self._rbuf_view[:length]
+                self._ends[0] = self._slot_addrs[0] + length
+                return 1
         fields = self._fields_structs[n]
         if fields is None:
             fields = self._fields_structs[n] = struct.Struct("=" + _HDR_FIELDS * n)
@@ -399,12 +407,12 @@ class MmsgIO:
                     "=" + f"{self._namelen}s{_NAME_CAP - self._namelen}x" * n)
             self.addrs[:n] = names.unpack_from(self._rnames)
             self.views[:n] = [rbuf[start:start + length] for start, length in zip(self._slot_starts, lens)]
-            self.ptrs[:n] = self._slot_addrs[:n]
+            self._ends[:n] = map(_add, self._slot_addrs, lens)
             return n
         names = self._rnames_view
         views = self.views
         addrs = self.addrs
-        ptrs = self.ptrs
+        ends = self._ends
         bufsize = self.bufsize
         kept = 0
         for i in range(n):
@@ -413,54 +421,61 @@ class MmsgIO:
                 continue
             start = i * bufsize
             views[kept] = rbuf[start:start + lens[i]]
-            ptrs[kept] = self._slot_addrs[i]
+            ends[kept] = self._slot_addrs[i] + lens[i]
             start = i * _NAME_CAP
             addrs[kept] = names[start:start + fields[3 * i]].tobytes()
             kept += 1
         return kept
 
-    def send(self, msgs):
-        """Send (sockaddr, buf) or (sockaddr, head, body) tuples; return how many the kernel accepted."""
-        if self.gso and len(msgs) > 1:
-            return self._send_runs(msgs)
-        return self._send_mmsg(msgs)
+    def send(self, box, src=None):
+        """Send datagrams 0..box.n-1 of a batch.Outbox; return how many the kernel accepted."""
+        n = box.n
+        if not n:
+            return 0
+        ends = src._ends if src.__class__ is MmsgIO else None
+        if self.gso and n > 1:
+            return self._send_runs(box, n, ends)
+        return self._send_mmsg(box, 0, n, ends)
 
-    def _send_runs(self, msgs):
+    def _send_runs(self, box, total, ends):
         """send() with UDP_SEGMENT: each run of >= 2 consecutive datagrams to one sockaddr with
         one size leaves as one GSO sendmsg; the rest through sendmmsg, in order."""
+        dests, heads, bodies = box.dest, box.head, box.body
         sent = 0
         start = 0
-        total = len(msgs)
         i = 0
         while i < total:
-            m = msgs[i]
-            sa = m[0]
+            sa = dests[i]
             j = i + 1
-            if j == total or msgs[j][0] != sa:         # the common case to many destinations: no run
+            if j == total or dests[j] != sa:         # the common case to many destinations: no run
                 i = j
                 continue
-            size = _size(m)
+            head = heads[i]
+            size = len(bodies[i]) + (len(head) if head is not None else 0)
             limit = min(total, i + _GSO_MAX_SEGMENTS, i + _GSO_MAX_BYTES // max(1, size))
-            while j < limit and msgs[j][0] == sa and _size(msgs[j]) == size:
+            while j < limit and dests[j] == sa:
+                head = heads[j]
+                if len(bodies[j]) + (len(head) if head is not None else 0) != size:
+                    break
                 j += 1
             if j - i < 2 or size == 0:
                 i = j
                 continue
             if start < i:
-                sent += self._send_mmsg(msgs[start:i])
-            n = self._send_gso(msgs, i, j, sa, size)
+                sent += self._send_mmsg(box, start, i, ends)
+            n = self._send_gso(box, i, j, sa, size)
             if n is None:                   # refused as one: sendmmsg counts it datagram by datagram
-                n = self._send_mmsg(msgs[i:j])
+                n = self._send_mmsg(box, i, j, ends)
                 if not self.gso:
-                    return sent + n + self._send_mmsg(msgs[j:])
+                    return sent + n + self._send_mmsg(box, j, total, ends)
             sent += n
             i = start = j
         if start < total:
-            sent += self._send_mmsg(msgs[start:])
+            sent += self._send_mmsg(box, start, total, ends)
         return sent
 
-    def _send_gso(self, msgs, i, j, sa, size):
-        """msgs[i:j] (same sockaddr, `size` octets each) in one sendmsg with UDP_SEGMENT.
+    def _send_gso(self, box, i, j, sa, size):
+        """Datagrams i..j-1 of `box` (same sockaddr, `size` octets each) in one sendmsg with UDP_SEGMENT.
 
         Returns how many were sent, or None when the kernel refused the send
         (the caller then sends the run through sendmmsg, which applies the
@@ -469,14 +484,12 @@ class MmsgIO:
         EOPNOTSUPP), `gso` is turned off for good.
         """
         parts = []
+        heads, bodies = box.head, box.body
         for k in range(i, j):
-            m = msgs[k]
-            if len(m) == 2:
-                parts.append(m[1])
-            else:
-                if m[1] is not None:
-                    parts.append(m[1])
-                parts.append(m[2])
+            head = heads[k]
+            if head is not None:
+                parts.append(head)
+            parts.append(bodies[k])
         try:
             dest = _destination(sa, self._family)
         except (ValueError, struct.error):
@@ -490,72 +503,58 @@ class MmsgIO:
             self.gso = False
         return None
 
-    def _send_mmsg(self, msgs):
-        total = len(msgs)
+    def _send_mmsg(self, box, start, end, ends):
+        """Datagrams start..end-1 of `box` through sendmmsg, batch_size per call."""
         sent = 0
-        for start in range(0, total, self.batch_size):
-            count = min(self.batch_size, total - start)
-            # Every address staged points into an object held here until
-            # sendmmsg has returned: the messages (in case the caller's list
-            # changes meanwhile) and the pins or copies made by _address.
-            batch = msgs[start:start + count]
-            pins = []
-            self._stage(batch, pins)
+        batch = self.batch_size
+        while start < end:
+            count = min(batch, end - start)
+            # Every address staged points into a buffer the box holds until
+            # send() returns, or into `keep` (pins and copies made by _address).
+            keep = []
+            self._stage(box, start, count, ends, keep)
             sent += self._send_staged(count)
-            del batch, pins
+            del keep
+            start += count
         return sent
 
-    def _stage(self, batch, keep):
-        """Write names and iovecs for `batch` into the send slots 0..len(batch)-1."""
+    def _stage(self, box, start, count, ends, keep):
+        """Write names and iovecs for datagrams start..start+count-1 of `box` into send slots 0..count-1."""
         u64 = self._shdr_u64
         u32 = self._shdr_u32
         iov = self._siov_u64
-        for slot, msg in enumerate(batch):
-            sa = msg[0]
+        dests, heads, bodies, origins = box.dest, box.head, box.body, box.origin
+        for slot in range(count):
+            k = start + slot
+            sa = dests[k]
             if type(sa) is bytes:
-                name, namelen = id(sa) + _BYTES_DATA, len(sa)
+                u64[slot * _HDR_U64 + _NAME] = id(sa) + _BYTES_DATA
+                u32[slot * _HDR_U32 + _NAMELEN] = len(sa)
             else:
-                name, namelen = _address(sa, keep)
-            u64[slot * _HDR_U64 + _NAME] = name
-            u32[slot * _HDR_U32 + _NAMELEN] = namelen
+                u64[slot * _HDR_U64 + _NAME], u32[slot * _HDR_U32 + _NAMELEN] = _address(sa, keep)
+            body = bodies[k]
+            o = origins[k]
             v = slot * 4                  # two iovecs of two words each
-            if len(msg) == 4:
-                body_addr = msg[3]
-                if body_addr:
-                    # (sa, head, body, body_addr): the body's address is known (see the module doc)
-                    head = msg[1]
-                    if head is None:
-                        iov[v] = body_addr
-                        iov[v + 1] = len(msg[2])
-                        u64[slot * _HDR_U64 + _IOVLEN] = 1
-                        continue
-                    if type(head) is bytes:
-                        iov[v] = id(head) + _BYTES_DATA
-                        iov[v + 1] = len(head)
-                    else:
-                        iov[v], iov[v + 1] = _address(head, keep)
-                    iov[v + 2] = body_addr
-                    iov[v + 3] = len(msg[2])
-                    u64[slot * _HDR_U64 + _IOVLEN] = 2
-                    continue
-                if msg[1] is None:
-                    msg = (sa, msg[2])
-            buf = msg[1]
-            if type(buf) is bytes:
-                iov[v] = id(buf) + _BYTES_DATA
-                iov[v + 1] = len(buf)
-            else:
-                iov[v], iov[v + 1] = _address(buf, keep)
-            if len(msg) > 2:                   # (sa, head, body) or (sa, head, body, 0)
-                buf = msg[2]
-                if type(buf) is bytes:
-                    iov[v + 2] = id(buf) + _BYTES_DATA
-                    iov[v + 3] = len(buf)
+            head = heads[k]
+            if head is not None:
+                if type(head) is bytes:
+                    iov[v] = id(head) + _BYTES_DATA
+                    iov[v + 1] = len(head)
                 else:
-                    iov[v + 2], iov[v + 3] = _address(buf, keep)
+                    iov[v], iov[v + 1] = _address(head, keep)
                 u64[slot * _HDR_U64 + _IOVLEN] = 2
+                v += 2
             else:
                 u64[slot * _HDR_U64 + _IOVLEN] = 1
+            if o >= 0 and ends is not None:
+                size = len(body)
+                iov[v] = ends[o] - size       # body is views[o] or a tail of it (batch.py)
+                iov[v + 1] = size
+            elif type(body) is bytes:
+                iov[v] = id(body) + _BYTES_DATA
+                iov[v + 1] = len(body)
+            else:
+                iov[v], iov[v + 1] = _address(body, keep)
 
     def _send_staged(self, count):
         """sendmmsg slots 0..count-1 under the error policy; return how many were sent.
@@ -609,7 +608,6 @@ class PlainIO:
         self._slots = [[whole[i * bufsize:(i + 1) * bufsize]] for i in range(batch_size)]
         self.views = [memoryview(b"")] * batch_size
         self.addrs = [b""] * batch_size
-        self.ptrs = [0] * batch_size      # addresses unknown: send() needs none
 
     def recv(self):
         """Receive what is queued, up to batch_size datagrams; return how many (see module doc)."""
@@ -641,18 +639,20 @@ class PlainIO:
             kept += 1
         return kept
 
-    def send(self, msgs):
-        """Send (sockaddr, buf) or (sockaddr, head, body) tuples; return how many the kernel accepted."""
+    def send(self, box, src=None):
+        """Send datagrams 0..box.n-1 of a batch.Outbox; return how many the kernel accepted."""
         sendmsg = self._sock.sendmsg
+        dests, heads, bodies = box.dest, box.head, box.body
         sent = 0
-        for msg in msgs:
+        for k in range(box.n):
             try:
-                dest = self._destination(msg[0])
+                dest = self._destination(dests[k])
             except (ValueError, struct.error):     # not a sockaddr this socket can send to
                 self.send_failed += 1
                 self.send_errno = errno.EAFNOSUPPORT
                 continue
-            bufs = msg[1:3] if len(msg) < 4 else (msg[2],) if msg[1] is None else msg[1:3]
+            head = heads[k]
+            bufs = (bodies[k],) if head is None else (head, bodies[k])
             err = _sendmsg_retrying(sendmsg, bufs, (), dest)
             if err is None:
                 sent += 1

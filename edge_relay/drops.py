@@ -63,7 +63,7 @@ class Drop(enum.IntEnum):
     # flow-table fairness (flows.py)
     SESSION_FLOWS = 39        # routing token already holds limits.max_flows_per_session flows
     TRANSCEIVER_FLOWS = 40    # transceiver already holds limits.max_flows_per_transceiver flows
-    # ICE restart (router._same_owner; docs/SECURITY.md "ICE restart")
+    # ICE restart (router._pass_or_restart; docs/SECURITY.md "ICE restart")
     RESTART_HELD = 41         # new owner's answer while the old owner may still serve the flow
     RESTART_RATE = 42         # restart request on a flow whose last restart was refused recently
     # transceiver adapter (adapter.py, docs/ADAPTER.md)

@@ -3,12 +3,20 @@
 Theory of operation
   The event loop hands `Router` one received batch at a time, with the time
   read once for the batch (`now` monotonic seconds for flow ages, `wall_ms`
-  Unix milliseconds for tokens and headers). The router appends what must be
-  sent to `to_transceivers` (one list, sent from the worker's internal
-  socket) and `to_clients[listener]` (sent from the very listener socket the
-  client used), and counts every datagram it does not forward in `drops`.
-  The loop sends those lists and clears them before the next receive, since
-  payloads are views into the receive buffers.
+  Unix milliseconds for tokens and headers). The batch is batch.py's
+  received batch (views, addrs, n). What must be sent goes into batch.Outbox
+  objects: `to_transceivers` (sent from the worker's internal socket) and
+  `to_clients[listener]` (sent from the very listener socket the client
+  used); every datagram not forwarded is counted in `drops`. A forwarded
+  datagram's body is the received view itself (or its payload after the
+  header), its origin the index i in the batch: the router knows batch
+  indexes, never buffer addresses. The loop sends the boxes with the
+  receiving object as `src` and clears them before the next receive.
+
+  What a batch call needs that changes only at a reload (keys, routes, the
+  output boxes, the per-flow meter's function) is gathered once by
+  `configure` (`_c2t`, `_t2c`): a batch call pays one tuple unpack for it,
+  so a wake-up that moves one datagram pays little more than the datagram.
 
 Rules (DESIGN.md "What the relay promises")
   Client side: a datagram from a known flow is forwarded if it is STUN, DTLS
@@ -73,6 +81,7 @@ opens, a header's MAC before a flow is confirmed or moved.
 import ipaddress
 
 from . import defaults, directory as directory_mod, header, ratelimit, sockaddr, stun, token
+from .batch import Outbox
 from .drops import N_DROPS, Drop
 from .flows import CONFIRMED, FAILED_OVER, PENDING, REMOVED
 
@@ -111,7 +120,7 @@ def failed_over(flow):
 
 
 class Policy:
-    """The numbers the router needs from config.limits (plain attributes, read per batch).
+    """The numbers the router needs from config.limits (plain attributes, read at configure()).
 
     `rates` holds the app-level rate limits (ratelimit.RateLimiters keyword
     arguments); the defaults are config.Limits' (defaults.py). Build a Policy
@@ -153,8 +162,9 @@ class Router:
         self.listener_families = tuple(listener_families)
         self.drops = [0] * N_DROPS
         self.stats = [0] * N_STATS
-        self.to_transceivers = []
-        self.to_clients = [[] for _ in self.listener_families]
+        self.to_transceivers = Outbox()
+        self.to_clients = [Outbox() for _ in self.listener_families]
+        self._ts = (-1, b"")            # (wall_ms, its 6 timestamp octets): one conversion per millisecond
         self.draining = False
         self.prober = prober            # probes.Prober or None
         self.quality = quality          # quality.QualityMonitor or None
@@ -181,6 +191,10 @@ class Router:
         if old is None or old.rates != policy.rates:
             # New buckets only when the numbers change, so a reload does not refill them.
             self.limits = ratelimit.RateLimiters(**policy.rates)
+            # The meter's batch function closes over tables it resets in place
+            # (FlowMeter.advance), so one made now serves every later batch once
+            # advance(now) has run for that batch's `now`.
+            self._flow_allow = self.limits.per_flow.batch(getattr(self, "_now", 0.0))
         self.policy = policy
         self.transceivers = dict(transceivers)
         by_addr = {}
@@ -207,6 +221,25 @@ class Router:
                 banned.append(flow)
         for flow in banned:
             self.flows.remove(flow)
+        self._set_batch_state()
+
+    def _set_batch_state(self):
+        """Gather what from_clients / from_transceivers read per batch and a reload alone changes.
+
+        Everything here is replaced only by configure (keys, routes, limits,
+        the quality monitor the worker swaps just before it), never between
+        two batches, so caching it costs no correctness.
+        """
+        quality = self.quality
+        qget = quality.flows.get if quality is not None else None
+        out = self.to_transceivers
+        self._c2t = (self.drops, out, out.dest, out.head, out.body, out.origin,
+                     self.keyring.signing.header_split, self.transceivers, self.limits.per_flow.advance,
+                     self._flow_allow, quality, qget)
+        boxes = self.to_clients
+        self._t2c = (self.drops, self.transceiver_ids_by_addr, self.flows.by_listener, self.listener_families,
+                     len(self.listener_families), self.keyring, self.policy.header_window_ms, boxes,
+                     [(b.dest, b.head, b.body, b.origin) for b in boxes], quality, qget)
 
     def _set_blocked_sources(self, internal_nets, own_addresses):
         """Build the ingress source tables (module docstring) from the config's addresses."""
@@ -254,22 +287,23 @@ class Router:
 
     # -- client -> transceiver ------------------------------------------------
 
-    def from_clients(self, listener, views, addrs, n, now, wall_ms, ptrs=None):
-        """Route `n` datagrams received on `listener` (views[i] from addrs[i], at address ptrs[i]: batchio)."""
+    def from_clients(self, listener, views, addrs, n, now, wall_ms):
+        """Route `n` datagrams received on `listener` (views[i] from addrs[i]: batch.py) to transceivers."""
         flows = self.flows.by_listener[listener]
-        drops = self.drops
-        out = self.to_transceivers
-        mac = self.keyring.signing.header_split
-        ts6 = header.timestamp_bytes(wall_ms)
-        sent = sent_bytes = in_bytes = 0
-        if ptrs is None:
-            ptrs = [0] * n
+        (drops, out, dests, heads, bodies, origins, mac, transceivers, advance, flow_allow,
+         quality, qget) = self._c2t
+        ts = self._ts
+        if ts[0] != wall_ms:
+            ts = self._ts = (wall_ms, header.timestamp_bytes(wall_ms))
+        ts6 = ts[1]
+        advance(now)
+        k = out.n
+        if k + n > len(dests):
+            out.reserve(n)
         seal = header.seal
-        transceivers = self.transceivers
-        flow_allow = self.limits.per_flow.batch(now)
         redirect = self.redirect
-        quality = self.quality
-        qget = quality.flows.get if quality is not None else None
+        in_bytes = sent_bytes = 0
+        first = k
         for i in range(n):
             data = views[i]
             sa = addrs[i]
@@ -290,8 +324,12 @@ class Router:
                     continue
                 if flow.state == CONFIRMED:
                     flow.last_seen = now
-                if kind == _STUN and data[:2] == _BINDING_REQUEST and not self._same_owner(flow, data, now, wall_ms):
-                    continue
+                if kind == _STUN and data[:2] == _BINDING_REQUEST:
+                    out.n = k           # it may queue the request for a new owner (ICE restart)
+                    if not self._pass_or_restart(flow, data, now, wall_ms):
+                        first += out.n - k      # counted there, not here
+                        k = out.n
+                        continue
                 if kind == _RTP and qget is not None:
                     q = qget(flow)
                     if q is not None:
@@ -305,9 +343,14 @@ class Router:
                 if tx_sa is None:       # its transceiver left the config at a reload
                     drops[Drop.UNKNOWN_TRANSCEIVER] += 1
                     continue
-            out.append((tx_sa, seal(mac, head, ts6, data), data, ptrs[i]))
-            sent += 1
+            dests[k] = tx_sa
+            heads[k] = seal(mac, head, ts6, data)
+            bodies[k] = data
+            origins[k] = i
+            k += 1
             sent_bytes += len(data)
+        out.n = k
+        sent = k - first
         stats = self.stats
         stats[CLIENT_IN_PACKETS] += n
         stats[CLIENT_IN_BYTES] += in_bytes
@@ -378,13 +421,16 @@ class Router:
             return Drop.UNKNOWN_TRANSCEIVER
         return tok
 
-    def _same_owner(self, flow, data, now, wall_ms):
-        """False (counted) when a Binding Request on a known flow must not be forwarded.
+    def _pass_or_restart(self, flow, data, now, wall_ms):
+        """A Binding Request on a known flow: True to forward it to the flow's owner as usual.
 
-        A consent check naming the flow's own transceiver passes untouched. A
-        valid token for another transceiver is an ICE restart: the request
-        goes to the new transceiver, and the flow moves once it answers and
-        the old owner may move it (module docstring, "ICE restart").
+        A consent check naming the flow's own transceiver (or, on a
+        failed-over flow, its primary) passes: True. A valid token for
+        another transceiver is an ICE restart: the request is queued for the
+        new transceiver here and the restart recorded (the flow moves once
+        the new owner answers and the old owner may lose it: module
+        docstring, "ICE restart"): False. A malformed request or a refused
+        restart: False, counted in drops.
         """
         username = stun.binding_username(data)
         if username.__class__ is Drop:
@@ -406,11 +452,10 @@ class Router:
         if not self._restart_begin(flow, tx_id, now):
             return False
         # forward this request to the new owner; everything else keeps going to the old one
-        out = self.to_transceivers
         # (the new owner was chosen by the client: its prefix never says FLAG_FAILOVER)
         tx_sa, head = self.transceivers[tx_id], self._prefix(flow, cache=False, flags=0)
-        out.append((tx_sa, header.seal(self.keyring.signing.header_openssl_mac, head,
-                                       header.timestamp_bytes(wall_ms), data), data))
+        self.to_transceivers.append(tx_sa, header.seal(self.keyring.signing.header_split, head,
+                                                       header.timestamp_bytes(wall_ms), data), data)
         self.stats[TO_TX_PACKETS] += 1
         self.stats[TO_TX_BYTES] += len(data) + header.HEADER_LEN
         return False
@@ -511,23 +556,19 @@ class Router:
 
     # -- transceiver -> client ------------------------------------------------
 
-    def from_transceivers(self, views, addrs, n, now, wall_ms, ptrs=None):
+    def from_transceivers(self, views, addrs, n, now, wall_ms):
         """Check `n` datagrams received on the internal socket and queue their payloads for clients."""
-        drops = self.drops
-        ids_by_addr = self.transceiver_ids_by_addr
-        by_listener = self.flows.by_listener
-        families = self.listener_families
-        n_listeners = len(families)
-        keyring = self.keyring
-        window = self.policy.header_window_ms
+        (drops, ids_by_addr, by_listener, families, n_listeners, keyring, window, boxes, lists,
+         quality, qget) = self._t2c
         decode = header.decode_to_client
-        if ptrs is None:
-            ptrs = [0] * n
         from_fields = sockaddr.from_fields
-        to_clients = self.to_clients
-        quality = self.quality
-        qget = quality.flows.get if quality is not None else None
-        sent = sent_bytes = in_bytes = 0
+        counts = []
+        for box in boxes:
+            if box.n + n > len(box.dest):
+                box.reserve(n)
+            counts.append(box.n)
+        first = sum(counts)
+        in_bytes = sent_bytes = 0
         for i in range(n):
             data = views[i]
             in_bytes += len(data)
@@ -582,10 +623,17 @@ class Router:
                 q = qget(flow)
                 if q is not None:           # observe() skips what is not RTP
                     quality.observe(q.transceiver, payload, now)
-            p = ptrs[i]
-            to_clients[listener].append((sa, None, payload, p + header.HEADER_LEN if p else 0))
-            sent += 1
+            dests, heads, bodies, origins = lists[listener]
+            k = counts[listener]
+            dests[k] = sa
+            heads[k] = None
+            bodies[k] = payload         # the tail of views[i] after the header
+            origins[k] = i
+            counts[listener] = k + 1
             sent_bytes += len(payload)
+        for box, k in zip(boxes, counts):
+            box.n = k
+        sent = sum(counts) - first
         stats = self.stats
         stats[TX_IN_PACKETS] += n
         stats[TX_IN_BYTES] += in_bytes
@@ -643,12 +691,12 @@ class Router:
             drops[Drop.UNKNOWN_TRANSCEIVER] += n
             return
         head = flow.route or self._prefix(flow)
-        mac = self.keyring.signing.header_openssl_mac
+        mac = self.keyring.signing.header_split
         ts6 = header.timestamp_bytes(wall_ms)
         out = self.to_transceivers
         size = 0
         for data in res.packets:
-            out.append((tx_sa, header.seal(mac, head, ts6, data), data))
+            out.append(tx_sa, header.seal(mac, head, ts6, data), data)
             size += len(data)
         self.stats[TO_TX_PACKETS] += n
         self.stats[TO_TX_BYTES] += size + n * header.HEADER_LEN
@@ -681,8 +729,8 @@ class Router:
                         continue
                     head = header.prefix(key.key_id, header.PROBE, 0, 0, header.FAMILY_NONE, 0,
                                          header.ZERO_ADDRESS)
-                    self.to_transceivers.append((tx_sa, header.seal(key.header_openssl_mac, head, ts, payload),
-                                                 payload))
+                    self.to_transceivers.append(tx_sa, header.seal(key.header_split, head, ts, payload),
+                                                payload)
                     self.stats[PROBES_SENT] += 1
             events = prober.take_events()
             if events:

@@ -295,6 +295,8 @@ class Worker:
     at exit with the router's counters, e.g. to copy them to shared memory.
     """
 
+    _client_outs = None
+
     def __init__(self, cfg, keyring, listeners, internal, log, *, config_path=None,
                  publish=None, clock=time.monotonic, wall=time.time, flows=None, log_transceivers=True):
         self.cfg = cfg
@@ -359,17 +361,21 @@ class Worker:
         router = self.router
         if now is None:
             now, wall_ms = self.clock(), int(self.wall() * 1000)
+        route = router.from_clients
+        out = router.to_transceivers
+        send = self.internal_io.send
+        views, addrs, batch_size = io.views, io.addrs, io.batch_size
         for _ in range(BATCHES_PER_WAKEUP):
             n = io.recv()
             if n == 0:
                 return
-            router.from_clients(index, io.views, io.addrs, n, now, wall_ms, io.ptrs)
-            if router.to_transceivers:
-                self.internal_io.send(router.to_transceivers)
-                router.to_transceivers.clear()
+            route(index, views, addrs, n, now, wall_ms)
+            if out.n:
+                send(out, io)
+                out.n = 0
             if router.dir_lookups:
                 self._ask_directory()
-            if n < io.batch_size:
+            if n < batch_size:
                 return
 
     def pump_internal(self, now=None, wall_ms=None):
@@ -378,25 +384,31 @@ class Worker:
         router = self.router
         if now is None:
             now, wall_ms = self.clock(), int(self.wall() * 1000)
+        route = router.from_transceivers
+        pairs = self._client_outs
+        if pairs is None:               # (each listener's Outbox, its socket), fixed for the router's life
+            pairs = self._client_outs = tuple(zip(router.to_clients, self.listener_io))
+        views, addrs, batch_size = io.views, io.addrs, io.batch_size
         for _ in range(BATCHES_PER_WAKEUP):
             n = io.recv()
             if n == 0:
                 return
-            router.from_transceivers(io.views, io.addrs, n, now, wall_ms, io.ptrs)
-            for index, out in enumerate(router.to_clients):
-                if out:
-                    self.listener_io[index].send(out)
-                    out.clear()
+            route(views, addrs, n, now, wall_ms)
+            for out, lio in pairs:
+                if out.n:
+                    lio.send(out, io)
+                    out.n = 0
             if router.dir_commands:
                 self._tell_directory()
-            if n < io.batch_size:
+            if n < batch_size:
                 return
 
     def flush_to_transceivers(self):
-        router = self.router
-        if router.to_transceivers:
-            self.internal_io.send(router.to_transceivers)
-            router.to_transceivers.clear()
+        """Send what the router queued outside a received batch (timers, directory answers)."""
+        out = self.router.to_transceivers
+        if out.n:
+            self.internal_io.send(out)
+            out.n = 0
 
     # -- timers: probes, directory, quality -----------------------------------
 
@@ -571,23 +583,28 @@ class Worker:
 
     # -- the loop -------------------------------------------------------------
 
-    def _timeout(self, now, next_publish):
-        deadlines = [next_publish]
-        flow_deadline = self.router.flows.next_deadline()
-        if flow_deadline is not None:
-            deadlines.append(flow_deadline)
-        if self.drain_deadline is not None:
-            deadlines.append(self.drain_deadline)
-        if self.refuse_at is not None and not self.router.draining:
-            deadlines.append(self.refuse_at)
-        router_deadline = self.router.next_deadline()
-        if router_deadline is not None:
-            deadlines.append(router_deadline)
-        if self.redis is not None and self.redis.sock is not None:
-            redis_deadline = self.redis.next_deadline()
-            if redis_deadline is not None:
-                deadlines.append(redis_deadline)
-        return max(0.0, min(deadlines) - now)
+    def _nearest_deadline(self):
+        """The nearest of every timer the loop waits for (see the module docstring)."""
+        router = self.router
+        nearest = self._next_publish
+        d = router.flows.next_deadline()
+        if d is not None and d < nearest:
+            nearest = d
+        d = self.drain_deadline
+        if d is not None and d < nearest:
+            nearest = d
+        d = self.refuse_at
+        if d is not None and not router.draining and d < nearest:
+            nearest = d
+        d = router.next_deadline()
+        if d is not None and d < nearest:
+            nearest = d
+        redis = self.redis
+        if redis is not None and redis.sock is not None:
+            d = redis.next_deadline()
+            if d is not None and d < nearest:
+                nearest = d
+        return nearest
 
     def _publish(self):
         failed = sum(io.send_failed for io in self.listener_io) + self.internal_io.send_failed
@@ -656,6 +673,7 @@ class Worker:
             tags[self._ep.register(sock, _READ)] = index
         tags[self._ep.register(self.internal, _READ)] = _INTERNAL
         self._sel = self._ep
+        self._poll = self._ep.poll if self._ep._ep is None else self._ep._ep.poll    # no wrapper call per wake-up
         self._redis_register()
         for fileobj, callback in (extra or {}).items():
             tags[self._ep.register(fileobj, _READ)] = callback
@@ -676,13 +694,18 @@ class Worker:
         """One wake-up: wait for readiness or the nearest timer, move the batches, run what is due.
 
         The clocks are read once per wake-up, after the wait; that reading
-        serves every batch moved and every timer check of this turn.
+        serves every batch moved and every timer check of this turn. The
+        timers are read once too, before the wait: work done in a turn only
+        sets deadlines after its `now`, so when `now` is short of the nearest
+        one read before the wait, no timer check can find work and none runs.
         """
         tags = self._tags
+        nearest = self._nearest_deadline()
         coalesce = self._coalesce
         if coalesce:
             before = self.clock()
-        events = self._ep.poll(self._timeout(self._now, self._next_publish))
+        timeout = nearest - self._now
+        events = self._poll(timeout if timeout > 0.0 else 0.0)
         self._now = now = self.clock()
         wall_ms = int(self.wall() * 1000)
         for fd, mask in events:
@@ -705,6 +728,10 @@ class Worker:
             # queue up for one batch (bounded: one sleep per wake-up; [relay] coalesce_us)
             time.sleep(coalesce)
         router = self.router
+        if now < nearest:
+            if self.drain_deadline is not None and not len(router.flows):
+                self.stopping = True
+            return
         deadline = router.flows.next_deadline()
         if deadline is not None and now >= deadline:
             router.expire(now)

@@ -1,5 +1,8 @@
 """batchio over real loopback sockets: every test runs on MmsgIO and PlainIO, IPv4 and IPv6.
 
+The last part holds memio.MemIO, the in-memory implementation of the same
+contract (batch.py), to what these tests prove of the socket ones.
+
 Determinism: nothing sleeps and nothing is timed. Waits are poll() with a
 bounded timeout (a failure, not a retry, when it expires) and every loop is
 bounded. To know that a burst is fully queued before recv(), the sender
@@ -17,7 +20,8 @@ import socket
 
 import pytest
 
-from edge_relay import batchio, sockaddr
+from edge_relay import batchio, memio, sockaddr
+from edge_relay.batch import Outbox
 from edge_relay.errors import StartupError
 
 WAIT_MS = 5000
@@ -106,6 +110,14 @@ def queue(dest, sends):
         last.sendto(MARKER, last.getsockname())
         wait_for(last)
         assert last.recv(64) == MARKER
+
+
+def box(msgs):
+    """An Outbox of (dest, data) and (dest, head, body) tuples, no origins."""
+    out = Outbox(1)
+    for m in msgs:
+        out.append(m[0], None, m[1]) if len(m) == 2 else out.append(*m)
+    return out
 
 
 def received(io, n):
@@ -208,7 +220,7 @@ def test_send_one_and_two_buffers_as_one_datagram_each(make_io, sockets):
         (sa(peer), memoryview(b"read-only view")[5:], b""),
         (sa(peer), b"", b""),
     ]
-    assert io.send(msgs) == 5
+    assert io.send(box(msgs)) == 5
     assert recv_datagrams(peer, 5) == [b"single", b"head:body", b"head:writable", b"only view", b""]
     assert io.send_failed == 0
     assert_nothing_more(peer)
@@ -221,42 +233,33 @@ def test_forwarding_received_views_with_a_header(make_io, sockets):
     n = io.recv()
     assert n == 3
     msgs = [(sa(target), b"HDR%d|" % i, io.views[i][7:]) for i in range(n)]
-    assert io.send(msgs) == 3
+    assert io.send(box(msgs)) == 3
     assert recv_datagrams(target, 3) == [b"HDR0|-0", b"HDR1|-1", b"HDR2|-2"]
 
 
-def test_ptrs_are_the_addresses_of_the_views(make_io, sockets, mode):
+def test_bodies_sent_by_origin_are_the_same_datagrams(make_io, sockets):
+    """A body named by its origin (the received view or a tail of it) leaves exactly as a copy would,
+    whether `src` is the receiving object or not given (then the origin is not used)."""
     io, sock = make_io(batch_size=8, bufsize=256)
-    client = sockets()
+    client, target = sockets(), sockets()
     sizes = [0, 1, 17, 256, 300, 40]                   # 300: truncated, not returned
     queue(sock, [(client, bytes([i + 1]) * size) for i, size in enumerate(sizes)])
     n = io.recv()
     assert n == 5 and io.truncated == 1
-    for i in range(n):
-        if mode == "mmsg":
-            assert ctypes.string_at(io.ptrs[i], len(io.views[i])) == bytes(io.views[i])
-            if len(io.views[i]):
-                assert io.ptrs[i] == ctypes.addressof(ctypes.c_char.from_buffer(io.views[i]))
-        else:
-            assert io.ptrs[i] == 0
-
-
-def test_send_with_body_address_is_the_same_datagram(make_io, sockets):
-    """(sa, head, body, body_addr) and (sa, None, body, body_addr) against the 3- and 2-tuple forms."""
-    io, sock = make_io(batch_size=4, bufsize=256)
-    client, target = sockets(), sockets()
-    queue(sock, [(client, b"payload-%d" % i) for i in range(4)])
-    n = io.recv()
-    assert n == 4
     dest = sa(target)
-    msgs = [(dest, b"H%d|" % i, io.views[i][7:], io.ptrs[i] and io.ptrs[i] + 7) for i in range(n)]
-    msgs += [(dest, None, io.views[i][8:], io.ptrs[i] and io.ptrs[i] + 8) for i in range(n)]
-    msgs += [(dest, None, io.views[0], 0), (dest, b"h|", io.views[1], 0),
-             (dest, bytearray(b"b|"), io.views[2], io.ptrs[2])]
-    want = [b"H%d|-%d" % (i, i) for i in range(n)] + [b"%d" % i for i in range(n)] + [
-        b"payload-0", b"h|payload-1", b"b|payload-2"]
-    assert io.send(msgs) == len(want)
+    out = Outbox(2)
+    for i in range(n):
+        out.append(dest, b"H%d|" % i, io.views[i], i)
+        out.append(dest, None, io.views[i][min(3, len(io.views[i])):], i)
+    out.append(dest, bytearray(b"b|"), io.views[2][5:], 2)
+    out.append(dest, None, b"not received", -1)
+    want = [d for i in range(n) for d in (b"H%d|" % i + bytes(io.views[i]), bytes(io.views[i][3:]))]
+    want += [b"b|" + bytes(io.views[2][5:]), b"not received"]
+    assert io.send(out, io) == len(want)
     assert recv_datagrams(target, len(want)) == want
+    other, _ = make_io()
+    assert other.send(out, io) == len(want) and other.send(out) == len(want)
+    assert recv_datagrams(target, 2 * len(want)) == want * 2
     assert_nothing_more(target)
 
 
@@ -278,9 +281,9 @@ def test_recv_fuzz_sizes_sources_and_truncation(make_io, sockets):
             if n == 0:
                 break
             got += received(io, n)
-            if io.name == "mmsg":
-                assert all(ctypes.string_at(io.ptrs[i], len(io.views[i])) == bytes(io.views[i])
-                           for i in range(n))
+            if io.name == "mmsg":           # what send() points at for origin i: the view's octets
+                assert all(ctypes.string_at(io._ends[i] - len(io.views[i]), len(io.views[i]))
+                           == bytes(io.views[i]) for i in range(n))
         assert got == want
         assert io.truncated - truncated == len(sends) - len(want)
 
@@ -290,7 +293,7 @@ def test_send_more_than_batch_size_in_one_call(make_io, sockets):
     peer = sockets()
     msgs = [(sa(peer), b"m%02d" % i) if i % 3 else (sa(peer), b"h%02d/" % i, b"body")
             for i in range(23)]
-    assert io.send(msgs) == 23
+    assert io.send(box(msgs)) == 23
     assert recv_datagrams(peer, 23) == [b"".join(m[1:]) for m in msgs]
     assert io.send_failed == 0
     assert_nothing_more(peer)
@@ -312,7 +315,7 @@ def test_refused_datagrams_are_counted_and_the_rest_still_go(make_io, sockets):
     msgs = ([(bad[0], b"first")] + good[0:2] + [(bad[1], b"end", b"of chunk")] + good[2:4]
             + [(bad[-1], b"middle")] + good[4:7] + [(bad[0], b"two"), (bad[1], b"in a row")]
             + good[7:9] + [(bad[-1], b"last")])
-    assert io.send(msgs) == len(good)
+    assert io.send(box(msgs)) == len(good)
     assert io.send_failed == len(msgs) - len(good)
     assert recv_datagrams(peer, len(good)) == [payload for _, payload in good]
     assert_nothing_more(peer)
@@ -334,14 +337,14 @@ def refusing_io(make_io, sockets):
     closed = sa(gone)
     gone.close()
     peer = sockets()
-    assert io.send([(closed, b"to nobody")]) == 1
+    assert io.send(box([(closed, b"to nobody")])) == 1
     wait_for(sock, select.POLLERR)
     return io, sock, peer
 
 
 def test_pending_econnrefused_does_not_lose_a_send(refusing_io):
     io, sock, peer = refusing_io
-    assert io.send([(sa(peer), b"after", b" refusal"), (sa(peer), b"next")]) == 2
+    assert io.send(box([(sa(peer), b"after", b" refusal"), (sa(peer), b"next")])) == 2
     assert io.send_failed == 0
     assert recv_datagrams(peer, 2) == [b"after refusal", b"next"]
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
@@ -353,7 +356,7 @@ def test_pending_econnrefused_does_not_lose_a_recv(refusing_io):
     assert io.recv() == 1
     assert received(io, 1) == [(b"hello", sa(peer))]
     assert io.recv() == 0
-    assert io.send([(sa(peer), b"reply")]) == 1
+    assert io.send(box([(sa(peer), b"reply")])) == 1
     assert recv_datagrams(peer, 1) == [b"reply"]
 
 
@@ -403,7 +406,7 @@ def test_same_size_runs_arrive_as_the_same_datagrams_in_order(make_io, sockets, 
             msgs.append((sa(other), b"H%03d" % i, b"-other-"))
         else:
             msgs.append((sa(peer), b"H%03d" % i, memoryview(bytearray(b"body-%02d" % i))))
-    assert io.send(msgs) == 40
+    assert io.send(box(msgs)) == 40
     assert io.send_failed == 0
     to_peer = [b"".join(bytes(x) for x in m[1:]) for m in msgs if m[0] == sa(peer)]
     assert recv_datagrams(peer, len(to_peer)) == to_peer
@@ -426,10 +429,10 @@ def test_a_socket_that_cannot_segment_falls_back_to_sendmmsg(sockets):
         raise OSError(errno.EIO, "no segmentation here")
     io._sendmsg = refuse
     msgs = [(sa(peer), b"same-%02d" % i) for i in range(12)]
-    assert io.send(msgs) == 12 and io.send_failed == 0
+    assert io.send(box(msgs)) == 12 and io.send_failed == 0
     assert recv_datagrams(peer, 12) == [m[1] for m in msgs]
     assert len(calls) == 1 and not io.gso   # turned off for good after one refusal
-    assert io.send(msgs) == 12 and len(calls) == 1
+    assert io.send(box(msgs)) == 12 and len(calls) == 1
     assert recv_datagrams(peer, 12) == [m[1] for m in msgs]
 
 
@@ -439,9 +442,84 @@ def test_a_refused_run_is_counted_per_datagram_and_gso_stays_on(make_io, sockets
     host, _ = sockaddr.to_tuple(sa(peer))
     port0 = sockaddr.from_tuple((host, 0))          # EINVAL for every datagram
     msgs = [(port0, b"x%02d" % i) for i in range(5)] + [(sa(peer), b"y%02d" % i) for i in range(5)]
-    assert io.send(msgs) == 5
+    assert io.send(box(msgs)) == 5
     assert io.send_failed == 5
     assert recv_datagrams(peer, 5) == [m[1] for m in msgs[5:]]
     assert_nothing_more(peer)
     if mode == "mmsg":
         assert io.gso
+
+
+# --- memio: the same contract in memory ----------------------------------------
+
+A_SA = sockaddr.from_tuple(("192.0.2.1", 1000))
+B_SA = sockaddr.from_tuple(("192.0.2.2", 2000))
+
+
+def test_memio_recv_cuts_views_like_batchio_and_counts_truncation():
+    net = memio.Network()
+    io = net.bind(A_SA, batch_size=3, bufsize=8)
+    for data in (b"one", b"", b"too long: 9+", b"two", b"three", b"four"):
+        io.inject(data, B_SA)
+    assert io.recv() == 3 and io.truncated == 1
+    assert received(io, 3) == [(b"one", B_SA), (b"", B_SA), (b"two", B_SA)]
+    view = io.views[0]
+    assert io.recv() == 2 and received(io, 2) == [(b"three", B_SA), (b"four", B_SA)]
+    assert bytes(view) == b"thr"            # a view is valid until the next recv(), as in batchio
+    assert io.recv() == 0
+
+
+def test_memio_send_delivers_head_and_body_and_counts_unbound_destinations():
+    net = memio.Network()
+    a, b = net.bind(A_SA), net.bind(B_SA)
+    nobody = sockaddr.from_tuple(("192.0.2.3", 3000))
+    a.inject(b"xxpayload", B_SA)
+    assert a.recv() == 1
+    out = Outbox(1)
+    out.append(B_SA, b"H|", a.views[0], 0)
+    out.append(B_SA, None, a.views[0][2:], 0)
+    out.append(nobody, None, b"lost")
+    out.append(B_SA, bytearray(b"h|"), memoryview(b"copied"))
+    assert a.send(out, a) == 3
+    assert a.send_failed == 1 and a.send_errno == errno.ECONNREFUSED
+    assert b.received() == [(b"H|xxpayload", A_SA), (b"payload", A_SA), (b"h|copied", A_SA)]
+    assert list(out) == [(B_SA, b"H|", a.views[0]), (B_SA, None, a.views[0][2:]),
+                         (nobody, None, b"lost"), (B_SA, bytearray(b"h|"), memoryview(b"copied"))]
+
+
+@pytest.mark.parametrize("body, origin", [
+    (b"xxpayload", 0),                       # the right octets, but not the received view
+    ("tail", 1),                             # origin past the last batch
+    ("other", 0),                            # a view of another datagram
+])
+def test_memio_refuses_an_origin_that_is_not_the_body(body, origin):
+    """What MmsgIO would get wrong silently (it sends the octets at the origin's address) is an error here."""
+    net = memio.Network()
+    a, _ = net.bind(A_SA), net.bind(B_SA)
+    a.inject(b"xxpayload", B_SA)
+    a.inject(b"second", B_SA)
+    assert a.recv() == 2
+    a.inject(b"third", B_SA)
+    if body == "tail":
+        body = a.views[0][2:]
+        a.recv()                             # now a one-datagram batch: origin 1 names nothing
+    elif body == "other":
+        body = a.views[1]
+    out = Outbox(1)
+    out.append(B_SA, None, body, origin)
+    with pytest.raises(memio.ContractError):
+        a.send(out, a)
+
+
+def test_outbox_grows_in_place_and_reads_back_as_tuples():
+    out = Outbox(2)
+    dest = out.dest
+    for i in range(5):
+        out.append(b"sa%d" % i, None, b"d%d" % i)
+    assert out.dest is dest and len(out) == 5 and out[-1] == (b"sa4", None, b"d4")
+    out.reserve(100)
+    assert out.dest is dest and len(dest) >= 105 and out.n == 5
+    with pytest.raises(IndexError):
+        out[5]
+    out.clear()
+    assert not out and list(out) == []

@@ -42,6 +42,7 @@ import struct
 import time
 
 from .. import batchio, header, stun, token, transceiver
+from ..batch import Outbox
 from ..drops import Drop
 from .state import MediaCounters
 
@@ -144,12 +145,12 @@ class DemoTransceiver:
             if not n:
                 return total
             now_ms = int(wall() * 1000)
-            out = []
+            out = Outbox(n)
             for i in range(n):
                 reply = self.handle(self.io.views[i], now_ms)
                 if reply is not None:
-                    out.append((self.io.addrs[i], reply))
-            if out:
+                    out.append(self.io.addrs[i], None, reply)
+            if out.n:
                 self.io.send(out)
             total += n
 
