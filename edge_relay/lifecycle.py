@@ -42,7 +42,7 @@ import json
 
 CRASH_WINDOW = 30.0         # deaths counted over this many seconds ...
 CRASH_LIMIT = 5             # ... this many of them is a crash loop
-BACKOFF_MIN = 0.1           # first restart delay; doubles with each death in the window
+BACKOFF_MIN = 0.1           # delay after a second death in the window; doubles with each further one
 BACKOFF_MAX = 30.0
 
 
@@ -151,7 +151,10 @@ class Restarts:
         while self.deaths and now - self.deaths[0] > CRASH_WINDOW:
             self.deaths.popleft()
         self.deaths.append(now)
-        delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (len(self.deaths) - 1))
+        # a first death restarts at once: its callers wait in the socket buffer for the successor
+        # (which restores their flows from the crash journal); only a repeat backs off
+        k = len(self.deaths)
+        delay = 0.0 if k == 1 else min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (k - 2))
         began = False
         if len(self.deaths) >= CRASH_LIMIT:
             began = not self.crash_loop

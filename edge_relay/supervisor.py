@@ -293,6 +293,8 @@ class Supervisor:
                 continue
             if slot.handed is not None:     # it left on its own (a stray SIGTERM): keep its flows
                 slot.restore = workerproc.take_handed(slot)
+            elif not slot.restore:          # an upgrade's new worker that died taking over: the flows it got
+                slot.restore = self.upgrader.kept_flows(slot)
             delay, looping, began = slot.restarts.died(now)
             if began:
                 self.log.err("worker.crash-loop", "worker %d died %d times in %.0f s: crash loop, "

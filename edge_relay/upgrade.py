@@ -450,14 +450,12 @@ class Upgrader:
                 continue
             # taking: the slot is the new worker's; the next slot waits until it serves (its first
             # publication), so that a new code that dies once it reads fails the upgrade at one slot
-            flows_fd, handed_ns = self.kept
+            handed_ns = self.kept[1]
             if slot.pid != succ.pid:
                 # it died: the reaper restarts the slot (new code); the flows we kept go with it
-                if flows_fd is not None:
-                    try:
-                        slot.restore = sdnotify.memfd_read(flows_fd)
-                    except (OSError, ValueError):
-                        pass
+                # (the reaper took them already when it restarts at once: kept_flows)
+                if slot.pid is None and not slot.restore:
+                    slot.restore = self.kept_flows(slot)
                 self._release_kept()
                 self.current = None
                 return self._fail(now, f"worker {slot.index}: the new code's worker (pid {succ.pid}) died while "
@@ -474,6 +472,17 @@ class Upgrader:
                                        f"but did not serve within {SUCCESSOR_TIMEOUT:g} s")
             deadlines.append(min(deadline, now + 0.01))
             return
+
+    def kept_flows(self, slot):
+        """The flows handed to `slot`'s new worker if that worker is still taking over (the reaper asks
+        when it died: its restart gets them), else None."""
+        fd = self.kept[0]
+        if fd is None or self.current is None or self.current[0] is not slot:
+            return None
+        try:
+            return sdnotify.memfd_read(fd)
+        except (OSError, ValueError):
+            return None
 
     def _release_kept(self):
         fd, self.kept = self.kept[0], (None, 0)

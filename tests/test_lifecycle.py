@@ -58,7 +58,7 @@ def test_stopping_covers_stopped_too():
 def test_backoff_doubles_within_the_window_and_is_capped():
     r = Restarts()
     delays = [r.died(100.0 + i)[0] for i in range(12)]
-    assert delays[:3] == [BACKOFF_MIN, 2 * BACKOFF_MIN, 4 * BACKOFF_MIN]
+    assert delays[:4] == [0.0, BACKOFF_MIN, 2 * BACKOFF_MIN, 4 * BACKOFF_MIN]    # the first one at once
     assert max(delays) == BACKOFF_MAX and delays[-1] == BACKOFF_MAX
 
 
@@ -67,11 +67,12 @@ def test_deaths_older_than_the_window_are_forgotten():
     r.died(0.0)
     r.died(1.0)
     delay, looping, _ = r.died(CRASH_WINDOW + 0.5)     # the first is out of the window ...
-    assert delay == 2 * BACKOFF_MIN and not looping             # ... the second is not: it counts once more
+    assert delay == BACKOFF_MIN and not looping                 # ... the second is not: it counts once more
 
 
 def test_restart_is_due_once_at_its_time():
     r = Restarts()
+    assert r.died(9.0)[0] == 0.0 and r.due(9.0)                 # a first death: due at once
     delay, _, _ = r.died(10.0)
     assert not r.due(10.0 + delay / 2)
     assert r.due(10.0 + delay)

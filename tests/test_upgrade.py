@@ -445,3 +445,23 @@ def test_a_new_worker_that_dies_while_taking_over_is_restarted_with_the_flows(re
     finally:
         traffic.close()
     assert carries_calls(setup, tx)
+
+
+def test_a_draining_relay_is_still_draining_after_an_upgrade(relay):
+    # the operator's drain (edge-relay drain) rides across the execve in the state document:
+    # an upgrade must not silently put a host that is leaving the pool back into it
+    setup, r, code, tx = relay(workers=1)
+    drain = subprocess.run([sys.executable, "-m", "edge_relay", "drain", "--url", setup.url + "/status"],
+                           capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                           timeout=60)
+    assert drain.returncode == 0, drain.stderr
+    before = status(setup)
+    assert before["draining"] and before["phase"] == "draining"
+    code.install(set_version("9.9.9"))
+    rc, out, err = upgrade(setup)
+    assert rc == 0, (out, err, r.log()[-3000:])
+    st = status(setup)
+    assert st["pid"] == r.pid and st["version"] == "9.9.9" and st["last_upgrade"]["state"] == "ok"
+    assert st["draining"] and st["phase"] == "draining"
+    assert st["drain"]["refuse_usec"] == before["drain"]["refuse_usec"]     # not restarted
+    assert http_get(setup.url + "/healthz")[0] == 503
