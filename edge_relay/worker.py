@@ -698,6 +698,13 @@ class Worker:
         timers are read once too, before the wait: work done in a turn only
         sets deadlines after its `now`, so when `now` is short of the nearest
         one read before the wait, no timer check can find work and none runs.
+        A deadline a turn moves earlier (a reload shortening lifetimes, a
+        drain time, a new prober) is in the next turn's nearest, so at worst
+        the next wait has timeout 0. The next wait's timeout counts from
+        `self._now`: after what may take long (a control message, a signal,
+        i.e. a reload; a Redis reply; the coalescing sleep) the clock is read
+        again, so the wait never ends later than the nearest deadline (only a
+        turn's batches, bounded by BATCHES_PER_WAKEUP, still count against it).
         """
         tags = self._tags
         nearest = self._nearest_deadline()
@@ -716,17 +723,21 @@ class Worker:
                 self.pump_listener(tag, now, wall_ms)
             elif tag is _REDIS:
                 self._redis_ready(_selector_mask(mask))
+                self._now = self.clock()
             elif tag is _SIGNAL:
                 for signum in self._wake[0].recv(64):
                     self.handle_signal(signum)
+                self._now = self.clock()
             elif tag is not None:
                 if tag() is False:
                     self._ep.unregister(fd)
                     del tags[fd]
+                self._now = self.clock()
         if coalesce and events and now - before < coalesce:
             # datagrams come closer together than the window: let the next ones
             # queue up for one batch (bounded: one sleep per wake-up; [relay] coalesce_us)
             time.sleep(coalesce)
+            self._now = self.clock()
         router = self.router
         if now < nearest:
             if self.drain_deadline is not None and not len(router.flows):

@@ -161,6 +161,42 @@ def test_media_is_forwarded_both_ways_in_batch_order():
     assert (stats[TX_IN_PACKETS], stats[TO_CLIENT_PACKETS]) == (4 + 8, 4 + 8)
 
 
+def test_a_reload_between_receive_and_send_forwards_every_datagram_both_ways():
+    """Key rotation step 1 (a new key accepted, signing kept) with new rate numbers, applied between
+    a batch's routing and its send, each way: every datagram leaves (their origins still name the
+    batch: memio checks them), signed with the kept key, and the new key is accepted at once."""
+    rig = Rig()
+    sas = [client(i) for i in range(1, 5)]
+    for sa in sas:
+        rig.open(sa)
+    r = rig.router
+    rotated = keys.KeyRing({1: bytes(range(32)), 2: bytes([7]) * 32}, signing_key_id=1)
+    policy = Policy(new_flows_per_source_rate=1e6, new_flows_per_source_burst=10**6, flow_packets_rate=400)
+    for i, sa in enumerate(sas):
+        rig.pub.inject(RTP[:12] + bytes([i]) * 20, sa)
+    n = rig.pub.recv()
+    r.from_clients(0, rig.pub.views, rig.pub.addrs, n, NOW, WALL_MS)
+    r.configure(rotated, TX, policy)
+    assert rig.internal.send(r.to_transceivers, rig.pub) == 4
+    r.to_transceivers.clear()
+    got = rig.at_transceiver(1)
+    assert [p for _, p in got] == [RTP[:12] + bytes([i]) * 20 for i in range(4)]
+    assert {hdr.key_id for hdr, _ in got} == {1}
+    for i, sa in enumerate(sas):
+        rig.internal.inject(to_client(sa, b"\x80\x6f" + bytes([i]) * 30), TX[1])
+    n = rig.internal.recv()
+    r.from_transceivers(rig.internal.views, rig.internal.addrs, n, NOW, WALL_MS)
+    r.configure(rotated, TX, Policy(new_flows_per_source_rate=1e6, new_flows_per_source_burst=10**6))
+    assert rig.pub.send(r.to_clients[0], rig.internal) == 4
+    r.to_clients[0].clear()
+    for i, sa in enumerate(sas):
+        assert rig.at_client(sa) == [b"\x80\x6f" + bytes([i]) * 30]
+    new_key = keys.KeyRing({2: bytes([7]) * 32})
+    assert rig.from_transceivers([(to_client(sas[0], b"\x80\x6f", ring=new_key), TX[1])]) == 1
+    assert rig.from_clients([(RTP, sa) for sa in sas]) == 4
+    assert rig.drops() == {}
+
+
 def test_drops_inside_a_batch_leave_the_other_datagrams_and_their_origins_intact():
     """Dropped datagrams between forwarded ones: each forwarded body is still its own (memio checks origins)."""
     rig = Rig()
