@@ -43,6 +43,8 @@ Theory of operation
   Restart is a hand-over, drain an operator's action. SIGTERM -> STOPPING=1:
   every worker exits at once (STOP), sending its flow table; the snapshots go
   to the fd store as "flows<worker>" beside the sockets, BARRIER=1, exit 0.
+  A slot whose worker sent none (killed after KILL_GRACE, dead meanwhile or
+  waiting for its restart) stores what its crash journal holds instead.
   Nothing is refused on the way out: a datagram that arrives meanwhile waits
   in its socket's buffer for the next process. DRAIN_SIGNAL (SIGTTOU,
   `edge-relay drain`) takes the host out of the pool: /healthz and /readyz
@@ -85,9 +87,10 @@ from . import __version__, config as config_mod, httpd, metrics, reexec, sdnotif
 from .control import STOP, UNDRAIN, encode_drain, encode_reload, encode_report_flows
 from .errors import EdgeRelayError, StartupError, reason
 from .fdstore import FdStore, bind_sockets, structure, worker_sockets
+from .journal import Journal
 from .lifecycle import CRASH_WINDOW, Drain, Lifecycle, Phase, steady
 from .log import Log
-from .worker import client_filter, journal_memory
+from .worker import client_filter, flow_table, journal_memory
 from .workerproc import DRAIN_SIGNAL, UNDRAIN_SIGNAL, Slot, WorkerSpec, send
 
 HEARTBEAT_STALE = 5.0       # seconds without a publication before a worker counts as down
@@ -553,6 +556,10 @@ class Supervisor:
     def _finish(self, now):
         kept = 0
         for slot in self.slots:
+            if slot.handed is None and not slot.restore:
+                # it did not hand over (killed after KILL_GRACE, died while stopping, or was waiting for
+                # its restart): its crash journal holds its confirmed flows, and no worker writes it now
+                slot.restore = self._journaled_flows(slot.index, now)
             if slot.handed is None and slot.restore:
                 # a dead worker's flows, waiting for its restart: the next process restarts it
                 slot.handed = sdnotify.memfd_write(f"edge-relay-flows{slot.index}", slot.restore)
@@ -568,6 +575,18 @@ class Supervisor:
         else:
             self.log.notice("stop", "stopped")
         self.life.set(Phase.STOPPED, now, "every worker is gone")
+
+    def _journaled_flows(self, index, now):
+        """Slot `index`'s crash journal as flow snapshot bytes (None when it holds no flow); only while
+        no worker of the slot runs."""
+        memory = self.journals.get(index)
+        if memory is None:
+            return None
+        table = flow_table(self.cfg)
+        Journal(memory.map).attach(table, now)
+        data = table.snapshot(now) if len(table) else None
+        table.journal = None            # the last view of the mapping goes with it: close() may unmap
+        return data
 
     # -- status, metrics, health ----------------------------------------------------
 

@@ -1,0 +1,83 @@
+"""The supervisor's decisions in-process: no worker is forked, `now` is passed in, the fd store is a recorder."""
+
+import os
+
+import pytest
+
+from edge_relay import config, keys, sdnotify
+from edge_relay.flows import CONFIRMED, FlowTable
+from edge_relay.journal import Journal
+from edge_relay.lifecycle import Phase
+from edge_relay.log import Log
+from edge_relay.supervisor import Supervisor
+from edge_relay.worker import flow_table, journal_memory
+from relayproc import free_port
+from test_journal import sa4
+
+
+@pytest.fixture
+def sup(tmp_path):
+    """A Supervisor of one worker slot that never forks; `sup.stored` records what reaches the fd store."""
+    (tmp_path / "keys").mkdir(mode=0o700)
+    keys.write_key_file(tmp_path / "keys", 1)
+    cfg = config.parse({"listeners": [{"address": "127.0.0.1", "port": free_port()}],
+                        "internal": {"address": "127.0.0.1", "port": free_port()},
+                        "keys": {"dir": str(tmp_path / "keys")},
+                        "transceivers": [{"id": 1, "address": "127.0.0.1", "port": 9}],
+                        "management": {"port": 0}, "probes": {"enabled": False}}, tmp_path)
+    log = Log(level="err", stream=open(os.devnull, "w"))
+    s = Supervisor(None, cfg, keys.load_dir(tmp_path / "keys"), log, workers=1, env={})
+    s.stored = {}
+
+    def store_flows(index, fd):
+        s.stored[index] = sdnotify.memfd_read(fd)
+        return True
+    s.fdstore.store_flows = store_flows
+    yield s
+    s.close()
+
+
+def journal_of(sup, index, clients):
+    """Slot `index`'s crash journal as a dead worker left it: `clients` confirmed flows to transceiver 1."""
+    sup.journals[index] = memory = journal_memory(sup.cfg, index, sup.log)
+    table = flow_table(sup.cfg)
+    Journal(memory.map).attach(table, 0.0)
+    for i in range(clients):
+        flow = table.open(0, sa4(i), 1, 1.0)
+        assert table.confirm(flow, 1.0)
+    table.journal = None
+    return memory
+
+
+def snapshot_flows(data):
+    table = FlowTable(n_listeners=1)
+    table.restore(data, 10.0)
+    return sorted(f.key for f in table if f.state == CONFIRMED)
+
+
+def test_a_worker_that_did_not_hand_over_at_stop_leaves_its_journaled_flows_in_the_fd_store(sup):
+    """Killed after KILL_GRACE, dead while stopping, or waiting for its restart at SIGTERM: no FLOWS came,
+    but its crash journal holds its confirmed calls; the next process gets them as a snapshot."""
+    journal_of(sup, 0, 3)
+    sup.life.set(Phase.STOPPING, 1.0, "SIGTERM")
+    sup._finish(2.0)
+    assert sup.phase is Phase.STOPPED
+    assert snapshot_flows(sup.stored[0]) == sorted(sa4(i) for i in range(3))
+
+
+def test_a_handed_over_snapshot_is_stored_as_it_came_not_the_journal(sup):
+    journal_of(sup, 0, 3)
+    other = FlowTable(n_listeners=1)
+    flow = other.open(0, sa4(7), 1, 1.0)
+    assert other.confirm(flow, 1.0)
+    sup.slots[0].handed = sdnotify.memfd_write("flows0", other.snapshot(1.0))
+    sup.life.set(Phase.STOPPING, 1.0, "SIGTERM")
+    sup._finish(2.0)
+    assert snapshot_flows(sup.stored[0]) == [sa4(7)]
+
+
+def test_an_empty_journal_stores_nothing(sup):
+    journal_of(sup, 0, 0)
+    sup.life.set(Phase.STOPPING, 1.0, "SIGTERM")
+    sup._finish(2.0)
+    assert sup.stored == {}
