@@ -19,7 +19,8 @@ Theory of operation
   the slot's first fork and holds, which the worker writes at every flow
   transition and its successor restores before reading its first datagram
   (worker.start_flows). An upgrade's new image makes new journals: the flows
-  cross the execve in the handed-over snapshots, not in the old journals.
+  cross the execve in the handed-over snapshots, not in the old journals (a
+  slot waiting for its restart sends its journal's flows as a snapshot).
 
   Reload verdicts. Every SIGHUP gets one verdict, kept in `last_reload` and
   shown by GET /status and /metrics: "pending" from the moment the

@@ -648,9 +648,13 @@ def capture(sup, made):
 
     slots = []
     for slot in sup.slots:
-        flows = slot.handed
-        if flows is None and slot.restore:
-            flows = sdnotify.memfd_write(f"edge-relay-flows{slot.index}", slot.restore)
+        flows, restore = slot.handed, slot.restore
+        if flows is None and not restore and slot.pid is None:
+            # dead, waiting for its restart: its flows are in this image's crash journal, which the
+            # execve does not carry
+            restore = sup._journaled_flows(slot.index, sup.clock())
+        if flows is None and restore:
+            flows = sdnotify.memfd_write(f"edge-relay-flows{slot.index}", restore)
             made.append(flows)
         slots.append({"index": slot.index, "cpu": slot.cpu, "pid": slot.pid,
                       "ctl": keep(slot.ctl.fileno()) if slot.ctl is not None else None,

@@ -81,3 +81,20 @@ def test_an_empty_journal_stores_nothing(sup):
     sup.life.set(Phase.STOPPING, 1.0, "SIGTERM")
     sup._finish(2.0)
     assert sup.stored == {}
+
+
+def test_an_upgrade_carries_a_dead_workers_journaled_flows_across_the_execve(sup):
+    """A slot waiting for its restart when SIGUSR2 came: the new image makes new journals, so its flows
+    ride in the state document as a snapshot, as a handed-over worker's do."""
+    from edge_relay.upgrade import capture
+    journal_of(sup, 0, 2)
+    assert sup.slots[0].pid is None
+    made = []
+    doc, fds = capture(sup, made)
+    try:
+        fd = doc["slots"][0]["flows"]
+        assert fd is not None and fd in made
+        assert snapshot_flows(sdnotify.memfd_read(fd)) == sorted(sa4(i) for i in range(2))
+    finally:
+        for fd in made:
+            os.close(fd)
