@@ -469,7 +469,12 @@ class Supervisor:
     def _apply_restructure(self, now):
         cfg, keyring, n, socks, fresh, pool = self.restructure
         self.restructure = None
-        handed = {slot.index: workerproc.take_handed(slot) for slot in self.slots if slot.handed is not None}
+        handed = {}
+        for slot in self.slots:     # every worker is gone: what each slot has for its next one
+            if slot.handed is not None:
+                handed[slot.index] = workerproc.take_handed(slot)
+            else:   # dead before the reload (a restart's flows, or its crash journal's) or while handing over
+                handed[slot.index] = slot.restore or self._journaled_flows(slot.index, now)
         self.fdstore.retire(pool)           # old sockets the new config does not use
         self.socks = socks
         self.fdstore.store_sockets(socks, fresh)

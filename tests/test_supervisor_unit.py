@@ -98,3 +98,27 @@ def test_an_upgrade_carries_a_dead_workers_journaled_flows_across_the_execve(sup
     finally:
         for fd in made:
             os.close(fd)
+
+
+def restructured(sup):
+    """Run the restructure of a reload to the same one slot; the restore each new worker is spawned with."""
+    spawned = []
+    sup._spawn = lambda slot, now: spawned.append(slot.restore)
+    sup.life.set(Phase.SERVING, 0.5, "started")
+    sup.life.set(Phase.RESTRUCTURING, 1.0, "reload")
+    sup.restructure = (sup.cfg, sup.keyring, 1, dict(sup.socks), [], {})
+    sup._apply_restructure(2.0)
+    assert sup.phase is Phase.RELOADING
+    return spawned
+
+
+def test_a_restructure_gives_a_dead_workers_journaled_flows_to_the_new_worker(sup):
+    journal_of(sup, 0, 2)
+    assert snapshot_flows(restructured(sup)[0]) == sorted(sa4(i) for i in range(2))
+
+
+def test_a_restructure_gives_the_flows_waiting_for_a_restart_to_the_new_worker(sup):
+    other = FlowTable(n_listeners=1)
+    assert other.confirm(other.open(0, sa4(9), 1, 1.0), 1.0)
+    sup.slots[0].restore = other.snapshot(1.0)       # e.g. a worker that left on a stray SIGTERM
+    assert snapshot_flows(restructured(sup)[0]) == [sa4(9)]
