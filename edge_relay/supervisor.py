@@ -503,6 +503,15 @@ class Supervisor:
             return
         if self.phase is Phase.UPGRADING:
             self.upgrader.abort("stopped (SIGTERM) during the upgrade", now)
+        self._settle_reload(now)            # the verdict the workers' generations already imply, if any
+        if self.last_reload["state"] == "pending":
+            # every SIGHUP gets one verdict: `edge-relay reload` waits for it, not for a timeout
+            why = "stopped (SIGTERM) before every worker ran it (the next start reads the config file again)"
+            self._pending = self.reload_deadline = None
+            self.reload_failures += 1
+            self.last_reload_ok = False
+            self.last_reload = dict(self.last_reload, state="failed", finished_usec=_usec(now), reason=why)
+            self.log.verdict("err", "reload of generation %d failed: %s", self.generation, why)
         self.life.set(Phase.STOPPING, now, "SIGTERM: handing the sockets and flows to the next process")
         self.notifier.stopping(self._status_text(now))
         self.log.notice("stop", "stopping: %d workers hand their flows over and exit", len(self.by_pid))

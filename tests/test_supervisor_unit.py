@@ -122,3 +122,21 @@ def test_a_restructure_gives_the_flows_waiting_for_a_restart_to_the_new_worker(s
     assert other.confirm(other.open(0, sa4(9), 1, 1.0), 1.0)
     sup.slots[0].restore = other.snapshot(1.0)       # e.g. a worker that left on a stray SIGTERM
     assert snapshot_flows(restructured(sup)[0]) == [sa4(9)]
+
+
+@pytest.mark.parametrize("phase", [Phase.RELOADING, Phase.RESTRUCTURING])
+def test_sigterm_before_a_reloads_verdict_gives_it_one(sup, phase):
+    """Every SIGHUP gets one verdict: a stop while it is pending says "failed" and why, at once, rather
+    than leaving `edge-relay reload` to time out on "pending"."""
+    sup.life.set(Phase.SERVING, 0.5, "started")
+    sup.life.set(phase, 1.0, "SIGHUP")
+    sup.generation = 2
+    sup._pending = (sup.cfg, "")
+    sup.reload_deadline = 6.0
+    sup.last_reload = {"state": "pending", "generation": 2, "requested_usec": 1_000_000, "finished_usec": 0,
+                       "reason": ""}
+    sup.begin_stop(2.0)
+    assert sup.phase is Phase.STOPPING
+    v = sup.status(2.0)["last_reload"]
+    assert v["state"] == "failed" and v["finished_usec"] == 2_000_000 and "SIGTERM" in v["reason"]
+    assert v["requested_usec"] == 1_000_000 and sup.reload_failures == 1
