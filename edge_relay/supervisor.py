@@ -19,7 +19,8 @@ Theory of operation
   the slot's first fork and holds, which the worker writes at every flow
   transition and its successor restores before reading its first datagram
   (worker.start_flows). An upgrade's new image makes new journals: the flows
-  cross the execve in the handed-over snapshots, not in the old journals.
+  cross the execve in the handed-over snapshots, not in the old journals (a
+  slot waiting for its restart sends its journal's flows as a snapshot).
 
   Reload verdicts. Every SIGHUP gets one verdict, kept in `last_reload` and
   shown by GET /status and /metrics: "pending" from the moment the
@@ -43,6 +44,8 @@ Theory of operation
   Restart is a hand-over, drain an operator's action. SIGTERM -> STOPPING=1:
   every worker exits at once (STOP), sending its flow table; the snapshots go
   to the fd store as "flows<worker>" beside the sockets, BARRIER=1, exit 0.
+  A slot whose worker sent none (killed after KILL_GRACE, dead meanwhile or
+  waiting for its restart) stores what its crash journal holds instead.
   Nothing is refused on the way out: a datagram that arrives meanwhile waits
   in its socket's buffer for the next process. DRAIN_SIGNAL (SIGTTOU,
   `edge-relay drain`) takes the host out of the pool: /healthz and /readyz
@@ -85,9 +88,10 @@ from . import __version__, config as config_mod, httpd, metrics, reexec, sdnotif
 from .control import STOP, UNDRAIN, encode_drain, encode_reload, encode_report_flows
 from .errors import EdgeRelayError, StartupError, reason
 from .fdstore import FdStore, bind_sockets, structure, worker_sockets
+from .journal import Journal
 from .lifecycle import CRASH_WINDOW, Drain, Lifecycle, Phase, steady
 from .log import Log
-from .worker import client_filter, journal_memory
+from .worker import client_filter, flow_table, journal_memory
 from .workerproc import DRAIN_SIGNAL, UNDRAIN_SIGNAL, Slot, WorkerSpec, send
 
 HEARTBEAT_STALE = 5.0       # seconds without a publication before a worker counts as down
@@ -465,7 +469,12 @@ class Supervisor:
     def _apply_restructure(self, now):
         cfg, keyring, n, socks, fresh, pool = self.restructure
         self.restructure = None
-        handed = {slot.index: workerproc.take_handed(slot) for slot in self.slots if slot.handed is not None}
+        handed = {}
+        for slot in self.slots:     # every worker is gone: what each slot has for its next one
+            if slot.handed is not None:
+                handed[slot.index] = workerproc.take_handed(slot)
+            else:   # dead before the reload (a restart's flows, or its crash journal's) or while handing over
+                handed[slot.index] = slot.restore or self._journaled_flows(slot.index, now)
         self.fdstore.retire(pool)           # old sockets the new config does not use
         self.socks = socks
         self.fdstore.store_sockets(socks, fresh)
@@ -494,6 +503,15 @@ class Supervisor:
             return
         if self.phase is Phase.UPGRADING:
             self.upgrader.abort("stopped (SIGTERM) during the upgrade", now)
+        self._settle_reload(now)            # the verdict the workers' generations already imply, if any
+        if self.last_reload["state"] == "pending":
+            # every SIGHUP gets one verdict: `edge-relay reload` waits for it, not for a timeout
+            why = "stopped (SIGTERM) before every worker ran it (the next start reads the config file again)"
+            self._pending = self.reload_deadline = None
+            self.reload_failures += 1
+            self.last_reload_ok = False
+            self.last_reload = dict(self.last_reload, state="failed", finished_usec=_usec(now), reason=why)
+            self.log.verdict("err", "reload of generation %d failed: %s", self.generation, why)
         self.life.set(Phase.STOPPING, now, "SIGTERM: handing the sockets and flows to the next process")
         self.notifier.stopping(self._status_text(now))
         self.log.notice("stop", "stopping: %d workers hand their flows over and exit", len(self.by_pid))
@@ -553,6 +571,10 @@ class Supervisor:
     def _finish(self, now):
         kept = 0
         for slot in self.slots:
+            if slot.handed is None and not slot.restore:
+                # it did not hand over (killed after KILL_GRACE, died while stopping, or was waiting for
+                # its restart): its crash journal holds its confirmed flows, and no worker writes it now
+                slot.restore = self._journaled_flows(slot.index, now)
             if slot.handed is None and slot.restore:
                 # a dead worker's flows, waiting for its restart: the next process restarts it
                 slot.handed = sdnotify.memfd_write(f"edge-relay-flows{slot.index}", slot.restore)
@@ -568,6 +590,18 @@ class Supervisor:
         else:
             self.log.notice("stop", "stopped")
         self.life.set(Phase.STOPPED, now, "every worker is gone")
+
+    def _journaled_flows(self, index, now):
+        """Slot `index`'s crash journal as flow snapshot bytes (None when it holds no flow); only while
+        no worker of the slot runs."""
+        memory = self.journals.get(index)
+        if memory is None:
+            return None
+        table = flow_table(self.cfg)
+        Journal(memory.map).attach(table, now)
+        data = table.snapshot(now) if len(table) else None
+        table.journal = None            # the last view of the mapping goes with it: close() may unmap
+        return data
 
     # -- status, metrics, health ----------------------------------------------------
 

@@ -47,7 +47,7 @@ import signal
 import socket
 
 from . import __version__, metrics, sdnotify
-from .control import CTL_MAX, READY, STOP, TAKE, decode
+from .control import CTL_MAX, READY, STOP, TAKE, UNDRAIN, decode, encode_drain
 from .drops import Drop
 from .fdstore import bind_sockets, socket_matches, structure, wanted_sockets
 from .lifecycle import Drain, Phase, Restarts, steady
@@ -139,6 +139,7 @@ class Upgrader:
         self.legacy = None          # (Translation, mmap, words view, fd) of an older counters layout
         self.legacy_pids = {}       # slot index -> pid of an old worker still writing that layout
         self.kept = (None, 0)       # (flows memfd given to the new worker, when): until it serves
+        self.told_refuse_at = None  # the drain's refuse_at the current successor was forked with (or None)
 
     # -- this image: preflight and exec --------------------------------------------------
 
@@ -382,6 +383,7 @@ class Upgrader:
                 if slot.pid is None:
                     continue        # died meanwhile: its restart (new code) is the supervisor's as usual
                 succ = Slot(slot.index, slot.cpu)
+                self.told_refuse_at = sup.drain.refuse_at if sup.drain is not None else None
                 sup._spawn(succ, now, on_ctl=self._successor_readable)
                 self.current = [slot, succ, "starting", now + SUCCESSOR_TIMEOUT]
                 # verdict(): a few lines per worker and per operator request, never to be suppressed
@@ -536,6 +538,11 @@ class Upgrader:
             socket.send_fds(succ.ctl, [TAKE], fds)
         except OSError:
             pass                            # it died this instant: the reaper restarts the slot
+        # a drain begun or cancelled while it was built went to the slot's old worker only (until TAKE
+        # it reads nothing else): the operator's drain as it is now, read right after TAKE
+        want = sup.drain.refuse_at if sup.drain is not None else None
+        if want != self.told_refuse_at:
+            send(succ.ctl, encode_drain(want) if want is not None else UNDRAIN)
         sup.sel.modify(succ.ctl, selectors.EVENT_READ, lambda s=slot: sup._read_ctl(s))
         slot.pid, slot.ctl, slot.started = succ.pid, succ.ctl, succ.started
         slot.asked_to_stop = False
@@ -641,9 +648,13 @@ def capture(sup, made):
 
     slots = []
     for slot in sup.slots:
-        flows = slot.handed
-        if flows is None and slot.restore:
-            flows = sdnotify.memfd_write(f"edge-relay-flows{slot.index}", slot.restore)
+        flows, restore = slot.handed, slot.restore
+        if flows is None and not restore and slot.pid is None:
+            # dead, waiting for its restart: its flows are in this image's crash journal, which the
+            # execve does not carry
+            restore = sup._journaled_flows(slot.index, sup.clock())
+        if flows is None and restore:
+            flows = sdnotify.memfd_write(f"edge-relay-flows{slot.index}", restore)
             made.append(flows)
         slots.append({"index": slot.index, "cpu": slot.cpu, "pid": slot.pid,
                       "ctl": keep(slot.ctl.fileno()) if slot.ctl is not None else None,
