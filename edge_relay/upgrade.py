@@ -54,6 +54,7 @@ from .lifecycle import Drain, Phase, Restarts, steady
 from .reexec import (STATE_VERSION, HandoverError, Preflight, accepts, children, claim, claim_socket, exec_argv,
                      execute, stray_fds, stray_pool, take)
 from .router import STAT_NAMES
+from .worker import JournalMemory
 from .workerproc import Slot, send, take_handed
 
 SUCCESSOR_TIMEOUT = 30.0     # seconds a new worker may take to say READY (it loads config and keys)
@@ -265,6 +266,14 @@ class Upgrader:
             slot.restarts.restart_at = s["restart_at"]
             if s["flows"] is not None:
                 slot.handed = claim(s["flows"], f"worker {slot.index} flows")
+            if s.get("journal") is not None:
+                fd = claim(s["journal"], f"worker {slot.index} journal")
+                try:
+                    sup.journals[slot.index] = JournalMemory.adopt(fd)
+                except (OSError, ValueError) as exc:
+                    os.close(fd)
+                    sup.log.warning("upgrade", "worker %d: the old image's crash journal is not usable (%s): "
+                                    "a new one is made at its next start", slot.index, exc)
             if s["pid"] is not None and s["ctl"] is not None:
                 slot.pid, slot.started = s["pid"], s["started"]
                 slot.ctl = claim_socket(s["ctl"], f"worker {slot.index} control", socket.SOCK_SEQPACKET)
@@ -660,7 +669,11 @@ def capture(sup, made):
                       "ctl": keep(slot.ctl.fileno()) if slot.ctl is not None else None,
                       "started": slot.started, "flows": keep(flows) if flows is not None else None,
                       "deaths": list(slot.restarts.deaths), "crash_loop": slot.restarts.crash_loop,
-                      "restart_at": slot.restarts.restart_at})
+                      "restart_at": slot.restarts.restart_at,
+                      # a running worker keeps writing its journal: the new image holds it on for its
+                      # successor (a dead slot's journaled flows went into "flows" above)
+                      "journal": keep(sup.journals[slot.index].fd)
+                      if slot.pid is not None and sup.journals.get(slot.index) is not None else None})
     doc = {
         "version": STATE_VERSION, "pid": os.getpid(), "from_version": __version__,
         "config_path": str(sup.config_path), "n": sup.n,
@@ -701,8 +714,8 @@ def check_state(doc, n):
         if doc["http"] is not None:
             fd_ok(doc["http"], "management socket")
         for s in doc["slots"]:
-            for key in ("ctl", "flows"):
-                if s[key] is not None:
+            for key in ("ctl", "flows", "journal"):       # "journal": not in older images' states
+                if s.get(key) is not None:
                     fd_ok(s[key], f"worker {s['index']} {key}")
             if s["pid"] is not None and not isinstance(s["pid"], int):
                 raise HandoverError(f"worker {s['index']}: pid {s['pid']!r}")

@@ -225,6 +225,20 @@ class JournalMemory:
             os.close(self.fd)
             raise
 
+    @classmethod
+    def adopt(cls, fd):
+        """The region an earlier image of this process made, from its memfd `fd` (an upgrade's execve
+        carries it, so an old worker still writing it keeps a journal its successor can restore)."""
+        size = os.fstat(fd).st_size
+        record = region_size(1) - region_size(0)
+        capacity = (size - region_size(0)) // record
+        if capacity < 0 or region_size(capacity) != size:
+            raise ValueError(f"a crash journal memfd of {size} bytes is no journal region")
+        self = cls.__new__(cls)
+        self.capacity, self.size, self.fd = capacity, size, fd
+        self.map = mmap.mmap(fd, size)
+        return self
+
     def close(self):
         self.map.close()
         os.close(self.fd)

@@ -551,3 +551,24 @@ def test_the_bench_runs_at_tiny_scale(tmp_path, capsys):
     assert set(doc["ns_per_op"]) == {"confirm", "move", "remove", "put"}
     assert set(doc["restore"]) == {"1000", "10000"}
     assert doc["restore"]["1000"]["region_bytes"] == region_size(1000)
+
+
+def test_a_journal_region_adopted_from_its_memfd_is_the_same_memory_and_other_sizes_are_refused():
+    import os
+
+    from edge_relay.worker import JournalMemory
+    mem = JournalMemory(8)
+    mem.map[:4] = b"abcd"
+    again = JournalMemory.adopt(os.dup(mem.fd))            # what an upgrade's new image does with it
+    assert (again.capacity, again.size) == (8, mem.size) and again.map[:4] == b"abcd"
+    again.map[4:8] = b"efgh"
+    assert mem.map[4:8] == b"efgh"                          # one region: the old writer's and the new holder's
+    again.close()
+    mem.close()
+    fd = os.memfd_create("not-a-journal")
+    os.ftruncate(fd, region_size(8) + 1)
+    try:
+        with pytest.raises(ValueError):
+            JournalMemory.adopt(fd)
+    finally:
+        os.close(fd)

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -465,3 +466,29 @@ def test_a_draining_relay_is_still_draining_after_an_upgrade(relay):
     assert st["draining"] and st["phase"] == "draining"
     assert st["drain"]["refuse_usec"] == before["drain"]["refuse_usec"]     # not restarted
     assert http_get(setup.url + "/healthz")[0] == 503
+
+
+def test_an_old_worker_killed_after_a_failed_upgrade_restores_its_flows_from_the_carried_journal(relay):
+    # the execve carries each running worker's crash journal: the old workers that keep serving
+    # after a failed upgrade still have one, so a SIGKILLed one's successor restores its calls
+    setup, r, code, tx = relay(workers=2)
+    clients = clients_for(setup, 6)
+    traffic = Traffic(clients, tx)
+    try:
+        assert traffic.run(10, until=connected(clients))
+        old_workers = r.worker_pids()
+        code.install(lambda pkg: (set_version("9.9.9")(pkg),
+                                  patch("workerproc.py", "        ctl.send(control.READY)",
+                                        "        raise SystemExit(3)")(pkg)))
+        rc, out, err = upgrade(setup, traffic)
+        assert rc == 1 and status(setup)["last_upgrade"]["state"] == "failed", (out, err)
+        assert r.worker_pids() == old_workers
+        victim = 0 if any(tx.worker_of[tuple(c.address)] == setup.ports["internal_port"] for c in clients) else 1
+        os.kill(old_workers[victim], signal.SIGKILL)
+        assert traffic.run(20, until=lambda: r.worker_pids().get(victim) not in (None, old_workers[victim])
+                           and status(setup)["workers_up"] == 2)
+        assert traffic.run(20, until=lambda: re.search(
+            rf"worker {victim}: [1-9]\d* flows restored from the crash journal", r.log()) is not None), r.log()
+    finally:
+        traffic.close()
+    assert carries_calls(setup, tx)
