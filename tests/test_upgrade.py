@@ -55,6 +55,11 @@ class Code:
         os.replace(tmp, self.link)      # atomic, like dpkg's rename of each file
 
 
+def broken_worker(old, new):
+    """Version 9.9.9 whose upgrade worker fails where workerproc.py says `old` (replaced by `new`)."""
+    return lambda pkg: (set_version("9.9.9")(pkg), patch("workerproc.py", old, new)(pkg))
+
+
 def set_version(version):
     def change(pkg):
         path = os.path.join(pkg, "__init__.py")
@@ -342,9 +347,7 @@ def test_a_new_worker_that_never_gets_ready_fails_the_upgrade_and_the_old_worker
     try:
         assert traffic.run(10, until=connected(clients))
         old_workers = r.worker_pids()
-        code.install(lambda pkg: (set_version("9.9.9")(pkg),
-                                  patch("workerproc.py", "        ctl.send(control.READY)",
-                                        "        raise SystemExit(3)")(pkg)))
+        code.install(broken_worker("        ctl.send(control.READY)", "        raise SystemExit(3)"))
         rc, out, err = upgrade(setup, traffic)
         assert rc == 1 and "failed" in err and "exited before it was ready" in err, (out, err)
         st = status(setup)
@@ -431,9 +434,8 @@ def test_a_new_worker_that_dies_while_taking_over_is_restarted_with_the_flows(re
     try:
         assert traffic.run(10, until=connected(clients))
         old_workers = r.worker_pids()
-        code.install(lambda pkg: (set_version("9.9.9")(pkg),
-                                  patch("workerproc.py", "        handed = await_turn(ctl)\n",
-                                        "        handed = await_turn(ctl)\n        raise SystemExit(3)\n")(pkg)))
+        code.install(broken_worker("        handed = await_turn(ctl)\n",
+                                   "        handed = await_turn(ctl)\n        raise SystemExit(3)\n"))
         rc, out, err = upgrade(setup, traffic)
         assert rc == 1 and "died while taking over" in err, (out, err)
         assert traffic.run(20, until=lambda: status(setup)["workers_up"] == 2)
@@ -477,9 +479,7 @@ def test_an_old_worker_killed_after_a_failed_upgrade_restores_its_flows_from_the
     try:
         assert traffic.run(10, until=connected(clients))
         old_workers = r.worker_pids()
-        code.install(lambda pkg: (set_version("9.9.9")(pkg),
-                                  patch("workerproc.py", "        ctl.send(control.READY)",
-                                        "        raise SystemExit(3)")(pkg)))
+        code.install(broken_worker("        ctl.send(control.READY)", "        raise SystemExit(3)"))
         rc, out, err = upgrade(setup, traffic)
         assert rc == 1 and status(setup)["last_upgrade"]["state"] == "failed", (out, err)
         assert r.worker_pids() == old_workers
