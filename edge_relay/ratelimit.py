@@ -231,43 +231,12 @@ class FlowMeter:
             self.row1[:] = self._zero
             self.heavy.clear()
 
-    def batch(self, now):
-        """`allow` for the packets of one batch received at `now`: a function of the key alone.
-
-        Same answers and counts as calling `allow(key, now)` per packet; the
-        window is checked once here instead of per packet, and the sketch's
-        fast path runs with every name it needs bound locally (~90 ns less
-        per packet than `allow`). The window moves here, as `allow` would move
-        it on the batch's first packet. The function is valid for this `now`
-        only: call `batch` again for the next batch.
-        """
-        self.advance(now)
-        mask = self.mask
-        row0, row1 = self.row0, self.row1     # reset in place by advance(): never replaced
-        threshold = self.threshold
-        heavy = self.allow_heavy
-
-        def allow(key):
-            h = hash(key)
-            i = h & mask
-            j = (h >> 24) & mask
-            a = row0[i]
-            b = row1[j]
-            if (a if a < b else b) < threshold:
-                if a < 0xFFFFFFFF:
-                    row0[i] = a + 1
-                if b < 0xFFFFFFFF:
-                    row1[j] = b + 1
-                return True
-            return heavy(key)
-        return allow
-
     def allow_heavy(self, key):
         """The slow path of `allow` (window already current): exact count of a flow whose estimate
         reached the threshold.
 
-        For callers that inline the sketch fast path (see `batch`) and need
-        its other branch.
+        For callers that inline the sketch fast path (Router.from_clients does,
+        with advance(now) once per batch) and need its other branch.
         """
         heavy = self.heavy
         n = heavy.get(key, self.threshold)
