@@ -389,7 +389,8 @@ def test_the_per_flow_cap_forwards_exactly_what_flow_meter_allow_would():
         now = NOW
         for step in range(300):
             now += rng.choice((0.0, 0.001, 0.05, 0.3, 1.0)) * (1 if rng.random() < 0.95 else -1)
-            batch = [rng.choice(sas[:3]) if rng.random() < 0.5 else rng.choice(sas) for _ in range(rng.randrange(1, 33))]
+            batch = [rng.choice(sas[:3]) if rng.random() < 0.5 else rng.choice(sas)
+                     for _ in range(rng.randrange(1, 33))]
             before = rig.router.drops[Drop.RATE_FLOW_PACKETS]
             ref.advance(now)
             expected = [ref.allow(sa, now) for sa in batch]
