@@ -60,7 +60,6 @@ buffers); an object is used by one thread (a worker owns its sockets).
 
 import array
 import ctypes
-import ctypes.util
 import errno
 import os
 import socket
@@ -204,7 +203,9 @@ def _load_libc():
         _libc = False
         if sys.platform.startswith("linux") and ctypes.sizeof(ctypes.c_void_p) == 8:
             try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+                # the process's own symbols, libc's among them: ctypes.util.find_library
+                # would cost a restart ~10 ms (its imports, and an ldconfig run per worker)
+                lib = ctypes.CDLL(None, use_errno=True)
                 if hasattr(lib, "recvmmsg") and hasattr(lib, "sendmmsg"):
                     _libc = lib
             except OSError:
