@@ -148,7 +148,9 @@ class SourceBuckets:
         bucket changes nothing (a newcomer gets a full one), so this only
         gives memory back: called from the router's periodic expire, it
         keeps the table to the sources active in the last `burst / rate` s
-        instead of letting it fill to `max_sources`.
+        instead of letting it fill to `max_sources`, and a pass that leaves
+        under a quarter of the keys it started with rebuilds the dict, which
+        deleting keys never shrinks.
         """
         keys = self._pass
         if keys is None:
@@ -169,6 +171,12 @@ class SourceBuckets:
                 forgotten += 1
         if end >= len(keys):
             self._pass = None
+            if len(buckets) * 4 < len(keys):
+                # A dict never shrinks when keys leave it: after a burst of sources (a
+                # flood, or 100k clients arriving at once) the empty table would keep
+                # its peak allocation (~2.6 MB at 65536 sources) for good. A copy has
+                # the size of what is left; at most once per pass, O(what is left).
+                self.buckets = dict(buckets)
         else:
             self._pos = end
         return forgotten

@@ -213,6 +213,20 @@ def test_source_buckets_expire_forgets_only_refilled_buckets_with_bounded_work_p
     assert len(s) == 0 and s.expire(2.0) == 0 and s._pass is None
 
 
+def test_source_buckets_give_their_memory_back_once_a_burst_of_sources_has_refilled():
+    import sys
+    s = SourceBuckets(rate=10.0, burst=4, max_sources=10**6)      # refills in 0.4 s
+    for i in range(50_000):
+        assert s.take(i.to_bytes(4, "big"), 0.0)
+    peak = sys.getsizeof(s.buckets)
+    assert s.take(b"late", 0.35)                          # not refilled at the pass's end
+    for _ in range(50_000 // 4096 + 2):                   # one pass, bounded work per call
+        s.expire(0.42)
+    assert s._pass is None and list(s.buckets) == [b"late"]
+    assert sys.getsizeof(s.buckets) < peak // 100
+    assert s.buckets[b"late"] == pytest.approx(0.35 + 0.1)   # the survivor keeps its bucket (one token taken)
+
+
 def test_source_buckets_expire_matches_the_full_sweep():
     import random
     rng = random.Random(3)
