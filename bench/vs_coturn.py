@@ -21,7 +21,9 @@ Theory of operation
                is a target's p50 minus direct's (generator to receiver with
                no relay) in the same round
   CPU is read from /proc/<pid>/task/*/schedstat (ns, every thread) over the
-  counted window, for the forwarder and for cgen.
+  counted window, for the forwarder and for cgen; the forwarder's kernel
+  share (system / (user + system) ticks of /proc/<pid>/stat, same window)
+  says how much of its CPU per packet is system calls and loopback delivery.
 """
 
 import os
@@ -67,6 +69,32 @@ def cpu_ns(pid):
     except OSError:
         return 0
     return total
+
+
+def user_sys_ticks(pid):
+    """(user, system) clock ticks of every thread of `pid` so far, from /proc/<pid>/stat; (0, 0) when gone.
+
+    Tick-sampled, so coarse, but over a window of a second or more its split
+    says how much of a forwarder's CPU is the kernel's (the system calls and
+    the loopback delivery they carry) and how much its own code.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]), int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+
+
+def kernel_share(before, after):
+    """System time / (user + system) between two user_sys_ticks sums, or None without ticks."""
+    user, system = after[0] - before[0], after[1] - before[1]
+    return system / (user + system) if user + system > 0 else None
+
+
+def _ticks(pids):
+    pairs = [user_sys_ticks(p) for p in pids]
+    return sum(u for u, _ in pairs), sum(s for _, s in pairs)
 
 
 def payload(i, ssrc_base=0x3000):
@@ -175,9 +203,9 @@ class SideBySide:
                                preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
         fwd_pids = b.targets[name].pids if name != "direct" else []
         time.sleep(max(0.0, t0 + warm - time.monotonic()))
-        a_f, a_g, ta = sum(cpu_ns(p) for p in fwd_pids), cpu_ns(gen.pid), time.monotonic()
+        a_f, a_g, ta, a_t = sum(cpu_ns(p) for p in fwd_pids), cpu_ns(gen.pid), time.monotonic(), _ticks(fwd_pids)
         time.sleep(max(0.0, t0 + duration - time.monotonic()))
-        b_f, b_g, tb = sum(cpu_ns(p) for p in fwd_pids), cpu_ns(gen.pid), time.monotonic()
+        b_f, b_g, tb, b_t = sum(cpu_ns(p) for p in fwd_pids), cpu_ns(gen.pid), time.monotonic(), _ticks(fwd_pids)
         out, _ = gen.communicate(timeout=30)
         r = _json(out)
         span = tb - ta
@@ -185,7 +213,8 @@ class SideBySide:
         fwd_s = (b_f - a_f) / 1e9
         m = {"target": name, "direction": direction, "rate": rate, "pps": counted / (duration - warm),
              "sent": r["sent"], "received": r["received"], "written_off": r["written_off"],
-             "cpu": {"forwarder": fwd_s / span, "cgen": (b_g - a_g) / 1e9 / span},
+             "cpu": {"forwarder": fwd_s / span, "cgen": (b_g - a_g) / 1e9 / span,
+                     "forwarder_kernel_share": kernel_share(a_t, b_t)},
              "loadavg_1m": os.getloadavg()[0]}
         if name != "direct":
             m["cpu_per_packet_us"] = fwd_s / max(1, counted) * 1e6
@@ -330,6 +359,13 @@ def verdicts(s, add):
                 med(f"relay_c_minus_coturn_added_p50_us_20000_{d}"), TARGETS["latency_p50_added_20k_us"], False)
 
 
+def _kshare(measures):
+    """Median kernel share of the forwarder's CPU over `measures`, as text ("-" when not sampled)."""
+    v = [m["cpu"].get("forwarder_kernel_share") for m in measures]
+    v = [x for x in v if x is not None]
+    return f"{statistics.median(v):.2f}" if v else "-"
+
+
 def table(results):
     c = results.get("coturn")
     if not c:
@@ -343,7 +379,7 @@ def table(results):
           f"unit before/after: {c.get('unit_before')} / {c.get('unit_after')}")
     med = statistics.median
     P(f"  {'capacity':10s} {'dir':4s} {'relay pps/CPU-s':>15s} {'coturn':>9s}"
-      f" {'ratio':>6s} {'fwd cpu r/c':>11s} {'cgen cpu r/c':>12s}")
+      f" {'ratio':>6s} {'fwd cpu r/c':>11s} {'cgen cpu r/c':>12s} {'kernel r/c':>10s}")
     for d, rows in c.get("capacity_pairs", {}).items():
         rc = [r["capacity_pps"] for r, _ in rows if r.get("capacity_pps")]
         cc = [x["capacity_pps"] for _, x in rows if x.get("capacity_pps")]
@@ -352,9 +388,11 @@ def table(results):
         P(f"  {'':10s} {d:4s} {med(rc) if rc else 0:15.0f} {med(cc) if cc else 0:9.0f}"
           f" {med(ratio) if ratio else 0:6.2f}"
           f" {med([r['cpu']['forwarder'] for r, _ in rows]):5.2f}/{med([x['cpu']['forwarder'] for _, x in rows]):.2f}"
-          f" {med([r['cpu']['cgen'] for r, _ in rows]):6.2f}/{med([x['cpu']['cgen'] for _, x in rows]):.2f}")
+          f" {med([r['cpu']['cgen'] for r, _ in rows]):6.2f}/{med([x['cpu']['cgen'] for _, x in rows]):.2f}"
+          f" {_kshare([r for r, _ in rows]):>5s}/{_kshare([x for _, x in rows])}")
     P(f"  {'fixed rate':10s} {'dir':4s} {'us/pkt relay':>12s} {'coturn':>7s} {'ratio':>6s}   "
-      f"{'p50 us direct':>13s} {'relay':>6s} {'coturn':>6s} {'added r-c':>9s}  {'fwd cpu r/c':>11s} {'cgen r/c':>9s}")
+      f"{'p50 us direct':>13s} {'relay':>6s} {'coturn':>6s} {'added r-c':>9s}  {'fwd cpu r/c':>11s} {'cgen r/c':>9s}"
+      f" {'kernel r/c':>10s}")
     for rate, by_dir in c.get("fixed_rate_rounds", {}).items():
         for d, rounds in by_dir.items():
             rp = med([rd["relay"]["cpu_per_packet_us"] for rd in rounds])
@@ -365,7 +403,8 @@ def table(results):
               f"  {med([rd['relay']['cpu']['forwarder'] for rd in rounds]):5.2f}"
               f"/{med([rd['coturn']['cpu']['forwarder'] for rd in rounds]):.2f}"
               f" {med([rd['relay']['cpu']['cgen'] for rd in rounds]):4.2f}"
-              f"/{med([rd['coturn']['cpu']['cgen'] for rd in rounds]):.2f}")
+              f"/{med([rd['coturn']['cpu']['cgen'] for rd in rounds]):.2f}"
+              f" {_kshare([rd['relay'] for rd in rounds]):>5s}/{_kshare([rd['coturn'] for rd in rounds])}")
             if all("relay_c" in rd for rd in rounds):
                 cc = med([rd["relay_c"]["cpu_per_packet_us"] for rd in rounds])
                 lc = med([rd["relay_c"]["latency_us"]["p50"] for rd in rounds])

@@ -22,15 +22,18 @@ bytes that identify a client in both directions.
 `decode` applies the receiver rules in the documented order and returns a
 `Header` or the `Drop` reason for the first rule that failed; it never raises
 for any input and never copies the payload (it is a memoryview slice). The
-relay's hot path seals with a per-flow prefix (octets 0..25, built once per
-flow) and a per-batch timestamp, so a packet costs two hash state copies
+relay's hot path (`seal`, which Router.from_clients inlines) seals with a
+per-flow prefix (octets 0..25, built once per flow) and a per-batch
+timestamp, so a packet costs two hash state copies
 (the key's pre-keyed inner and outer SHA-256 states, keys.split_hmac), three
 updates and two digests: HMAC-SHA256 exactly, ~20 % cheaper than copying an
 HMAC object.
 
-`decode_to_client` is the relay's fast path for the same rules: what
-`decode(..., accept=RELAY_ACCEPTS)` does, returning a plain tuple instead of
-a Header (tests hold the two equal on every vector and on fuzzed input).
+The relay's own transceiver -> client loop (router.Router.from_transceivers)
+applies the same rules inline, in the same order, with RELAY_FIELDS: a
+Python call per datagram costs more than the rest of the check on the
+relay's hot path. tests/test_router_fuzz.py holds its verdict equal to
+`decode(..., accept=RELAY_ACCEPTS)` on every vector and on fuzzed input.
 """
 
 import hmac
@@ -59,10 +62,11 @@ ZERO_ADDRESS = bytes(16)
 
 _FIXED = struct.Struct(">2sBBBBBBH16s")        # octets 0..25
 _ALL = struct.Struct(">2sBBBBBBH16sHI16s")     # octets 0..47 (timestamp as 16 + 32 bits)
-# octets 0..47 for decode_to_client: magic as one 16-bit word, flags skipped,
-# the port as its two octets (what sockaddr.from_fields takes)
-_RELAY_FIELDS = struct.Struct(">HBBBxBB2s16sHI16s")
-_MAGIC_WORD = int.from_bytes(MAGIC, "big")
+# octets 0..47 as Router.from_transceivers reads them (decode's rules inlined
+# there): magic as one 16-bit word, flags skipped, the port as its two octets
+# (what sockaddr.pack_v4/pack_v6 take)
+RELAY_FIELDS = struct.Struct(">HBBBxBB2s16sHI16s")
+MAGIC_WORD = int.from_bytes(MAGIC, "big")
 
 
 class Header(NamedTuple):
@@ -173,49 +177,3 @@ def decode(datagram, keyring, now_ms, window_ms, accept=RELAY_ACCEPTS):
     if ts > now_ms + window_ms or ts < now_ms - window_ms:
         return Drop.HEADER_STALE
     return Header(msg_type, key_id, flags, route, family, port, address, ts, payload)
-
-
-def decode_to_client(datagram, keyring, now_ms, window_ms):
-    """The relay's decode: `decode(datagram, ..., accept=RELAY_ACCEPTS)` as a plain tuple.
-
-    Returns the Drop reason, or `(route, family, port2, address, payload)`
-    where `port2` is the port's two octets (big-endian, as the wire and
-    sockaddr.from_fields have it) and `payload` a memoryview into the
-    datagram. family 4 or 6 means TO_CLIENT; family 0 (FAMILY_NONE) means
-    PROBE_ACK, since the family rule allows nothing else for either type.
-    Same rules in the same order as `decode`, so the same Drop for the same
-    input; the key id and flags are checked (key id) or ignored (flags)
-    exactly as there but not returned.
-    """
-    if len(datagram) < HEADER_LEN:
-        return Drop.HEADER_SHORT
-    (magic, version, msg_type, key_id, route, family, port2, address,
-     ts_hi, ts_lo, tag) = _RELAY_FIELDS.unpack_from(datagram)
-    if magic != _MAGIC_WORD:
-        return Drop.HEADER_MAGIC
-    if version != HEADER_VERSION:
-        return Drop.HEADER_VERSION
-    if msg_type != TO_CLIENT and msg_type != PROBE_ACK:
-        return Drop.HEADER_TYPE
-    key = keyring.by_id[key_id]
-    if key is None:
-        return Drop.HEADER_KEY_ID
-    if msg_type == TO_CLIENT:
-        if family != FAMILY_V4 and family != FAMILY_V6:
-            return Drop.HEADER_FAMILY
-    elif family != FAMILY_NONE:
-        return Drop.HEADER_FAMILY
-    view = datagram if datagram.__class__ is memoryview else memoryview(datagram)
-    inner, outer = key.header_split
-    mac = inner.copy()
-    mac.update(view[:MAC_INPUT_LEN])
-    payload = view[HEADER_LEN:]
-    mac.update(payload)
-    check = outer.copy()
-    check.update(mac.digest())
-    if not hmac.compare_digest(check.digest()[:TAG_LEN], tag):
-        return Drop.HEADER_MAC
-    ts = (ts_hi << 32) | ts_lo
-    if ts > now_ms + window_ms or ts < now_ms - window_ms:
-        return Drop.HEADER_STALE
-    return route, family, port2, address, payload

@@ -148,7 +148,9 @@ class SourceBuckets:
         bucket changes nothing (a newcomer gets a full one), so this only
         gives memory back: called from the router's periodic expire, it
         keeps the table to the sources active in the last `burst / rate` s
-        instead of letting it fill to `max_sources`.
+        instead of letting it fill to `max_sources`, and a pass that leaves
+        under a quarter of the keys it started with rebuilds the dict, which
+        deleting keys never shrinks.
         """
         keys = self._pass
         if keys is None:
@@ -169,6 +171,12 @@ class SourceBuckets:
                 forgotten += 1
         if end >= len(keys):
             self._pass = None
+            if len(buckets) * 4 < len(keys):
+                # A dict never shrinks when keys leave it: after a burst of sources (a
+                # flood, or 100k clients arriving at once) the empty table would keep
+                # its peak allocation (~2.6 MB at 65536 sources) for good. A copy has
+                # the size of what is left; at most once per pass, O(what is left).
+                self.buckets = dict(buckets)
         else:
             self._pos = end
         return forgotten
@@ -231,43 +239,12 @@ class FlowMeter:
             self.row1[:] = self._zero
             self.heavy.clear()
 
-    def batch(self, now):
-        """`allow` for the packets of one batch received at `now`: a function of the key alone.
-
-        Same answers and counts as calling `allow(key, now)` per packet; the
-        window is checked once here instead of per packet, and the sketch's
-        fast path runs with every name it needs bound locally (~90 ns less
-        per packet than `allow`). The window moves here, as `allow` would move
-        it on the batch's first packet. The function is valid for this `now`
-        only: call `batch` again for the next batch.
-        """
-        self.advance(now)
-        mask = self.mask
-        row0, row1 = self.row0, self.row1     # reset in place by advance(): never replaced
-        threshold = self.threshold
-        heavy = self.allow_heavy
-
-        def allow(key):
-            h = hash(key)
-            i = h & mask
-            j = (h >> 24) & mask
-            a = row0[i]
-            b = row1[j]
-            if (a if a < b else b) < threshold:
-                if a < 0xFFFFFFFF:
-                    row0[i] = a + 1
-                if b < 0xFFFFFFFF:
-                    row1[j] = b + 1
-                return True
-            return heavy(key)
-        return allow
-
     def allow_heavy(self, key):
         """The slow path of `allow` (window already current): exact count of a flow whose estimate
         reached the threshold.
 
-        For callers that inline the sketch fast path (see `batch`) and need
-        its other branch.
+        For callers that inline the sketch fast path (Router.from_clients does,
+        with advance(now) once per batch) and need its other branch.
         """
         heavy = self.heavy
         n = heavy.get(key, self.threshold)

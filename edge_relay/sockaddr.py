@@ -17,6 +17,7 @@ sees the IPv4 address it will put in XOR-MAPPED-ADDRESS, and `from_fields`
 maps it back for a socket of family AF_INET6.
 """
 
+import functools
 import socket
 import struct
 
@@ -27,7 +28,7 @@ _IN = struct.Struct("=H2s4s8x")        # family, port (already big-endian bytes)
 _IN6 = struct.Struct("=H2s4s16sI")     # family, port, flowinfo, addr, scope_id
 _AF_INET = _FAMILY.pack(socket.AF_INET)
 _AF_INET6 = _FAMILY.pack(socket.AF_INET6)
-_V4_MAPPED = bytes(10) + b"\xff\xff"
+V4_MAPPED = bytes(10) + b"\xff\xff"   # ::ffff:0:0/96
 _ZERO12 = bytes(12)
 _ZERO4 = bytes(4)
 
@@ -67,32 +68,41 @@ def client_fields(sa):
     """
     if sa[:2] == _AF_INET6:
         addr = bytes(sa[8:24])
-        if addr[:12] == _V4_MAPPED:
+        if addr[:12] == V4_MAPPED:
             return 4, bytes(sa[2:4]), addr[12:] + _ZERO12
         return 6, bytes(sa[2:4]), addr
     return 4, bytes(sa[2:4]), bytes(sa[4:8]) + _ZERO12
+
+
+# (port as 2 octets, 16-octet address) -> sockaddr bytes, as C callables: the
+# router's transceiver -> client loop calls these directly (a Python call per
+# datagram costs more than the packing), with from_fields' branches inlined.
+# pack_v4 keeps the first 4 octets of the address ("4s" truncates).
+pack_v4 = functools.partial(struct.Struct("=2s2s4s8x").pack, _AF_INET)
+pack_v6 = functools.partial(struct.Struct("=2s2s4x16s4x").pack, _AF_INET6)
 
 
 def from_fields(family, port, addr16, sock_family):
     """Raw sockaddr bytes to send to `(family, port, addr16)` from a socket of `sock_family`.
 
     The inverse of `client_fields`. Returns None when the address cannot be
-    reached from that socket (an IPv6 client on an IPv4 socket).
+    reached from that socket (an IPv6 client on an IPv4 socket). An IPv4
+    client on an IPv6 socket gets its v4-mapped address.
     """
     if family == 4:
         if sock_family == socket.AF_INET6:
-            return _AF_INET6 + port + _ZERO4 + _V4_MAPPED + addr16[:4] + _ZERO4
-        return _AF_INET + port + addr16[:4] + bytes(8)
+            return pack_v6(port, V4_MAPPED + addr16[:4])
+        return pack_v4(port, addr16)
     if sock_family != socket.AF_INET6:
         return None
-    return _AF_INET6 + port + _ZERO4 + addr16 + _ZERO4
+    return pack_v6(port, addr16)
 
 
 def source_ip(sa):
     """The source IP of raw sockaddr bytes, as bytes: the per-source limit key."""
     if sa[:2] == _AF_INET6:
         addr = bytes(sa[8:24])
-        return addr[12:] if addr[:12] == _V4_MAPPED else addr
+        return addr[12:] if addr[:12] == V4_MAPPED else addr
     return bytes(sa[4:8])
 
 

@@ -821,14 +821,11 @@ def client_filter(text):
         if len(key) == sockaddr.SOCKADDR_IN_LEN:
             addr = key[4:8] if v4 else None
         elif v4:
-            addr = key[20:24] if key[8:20] == _V4_MAPPED else None
+            addr = key[20:24] if key[8:20] == sockaddr.V4_MAPPED else None
         else:
             addr = key[8:24]
         return addr is not None and int.from_bytes(addr, "big") & mask == want
     return match
-
-
-_V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 def flow_report(router, cfg, now, limit, transceiver=None, state=None, client=None):

@@ -450,6 +450,41 @@ def test_a_refused_run_is_counted_per_datagram_and_gso_stays_on(make_io, sockets
         assert io.gso
 
 
+def test_a_one_destination_batch_with_headers_leaves_as_one_gso_send_or_falls_back(sockets):
+    """The client -> transceiver shape (one peer, a header on each datagram, one size): one sendmsg;
+    refused as unsupported, the same datagrams through sendmmsg; refused otherwise, counted per datagram."""
+    if not batchio.mmsg_available():
+        pytest.skip("recvmmsg/sendmmsg not available")
+    sock, peer = sockets(), sockets()
+    io = batchio.open_io(sock, batch_size=8, mode="mmsg")
+    msgs = [(sa(peer), b"H%03d" % i, memoryview(bytearray(b"body-%02d" % i))) for i in range(20)]
+    want = [b"H%03dbody-%02d" % (i, i) for i in range(20)]
+    calls = []
+    real = io._sendmsg
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+    io._sendmsg = counting
+    assert io.send(box(msgs)) == 20 and io.send_failed == 0
+    assert len(calls) == 1 and recv_datagrams(peer, 20) == want
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(errno.EIO, "no segmentation here")
+    io._sendmsg = refuse
+    assert io.send(box(msgs)) == 20 and io.send_failed == 0
+    assert recv_datagrams(peer, 20) == want and not io.gso
+    assert_nothing_more(peer)
+
+    io = batchio.open_io(sock, batch_size=8, mode="mmsg")
+    host, _ = sockaddr.to_tuple(sa(peer))
+    port0 = sockaddr.from_tuple((host, 0))          # EINVAL for the GSO send and for every datagram
+    assert io.send(box([(port0,) + m[1:] for m in msgs])) == 0
+    assert io.send_failed == 20 and io.gso
+    assert_nothing_more(peer)
+
+
 # --- memio: the same contract in memory ----------------------------------------
 
 A_SA = sockaddr.from_tuple(("192.0.2.1", 1000))

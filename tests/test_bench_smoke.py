@@ -2,6 +2,7 @@
 relay's flows are confirmed through real ICE checks, latency is sampled, and the sans-IO
 figures come out. Functional only: no timing thresholds (bench/run.py measures)."""
 
+import os
 import shutil
 
 import pytest
@@ -131,6 +132,17 @@ def test_c_generator_drives_both_relays_both_ways(side, name, direction):
     assert lat["n"] > 0 and 0 < lat["p50"] <= lat["p99"] <= lat["max"]
     m = side.measure(name, direction)
     assert 0 < m["received"] <= m["sent"] and m["pps"] >= 0 and m["cpu"]["cgen"] > 0
+    share = m["cpu"]["forwarder_kernel_share"]
+    assert share is None or 0.0 <= share <= 1.0          # None: no clock tick fell in a short window
+
+
+def test_kernel_share_is_system_over_user_plus_system_ticks():
+    from bench import vs_coturn
+    assert vs_coturn.kernel_share((10, 5), (13, 6)) == pytest.approx(0.25)
+    assert vs_coturn.kernel_share((10, 5), (10, 5)) is None
+    user, system = vs_coturn.user_sys_ticks(os.getpid())
+    assert user >= 0 and system >= 0 and user + system > 0     # this process has run
+    assert vs_coturn.user_sys_ticks(2 ** 22 + 1) == (0, 0)     # no such pid
 
 
 def test_coturn_summary_and_targets_from_a_tiny_result():
@@ -149,3 +161,8 @@ def test_coturn_summary_and_targets_from_a_tiny_result():
     vs_coturn.verdicts(s, lambda name, value, target, hib=True: v.__setitem__(name, (value, target, hib)))
     assert v["edge-relay >= 1.0x coturn, capacity pps/CPU-s (c2t)"][0] == pytest.approx(2.0)
     assert any("coturn" in line for line in vs_coturn.table(results))
+    # results written before the kernel share existed still render
+    r["cpu"] = dict(r["cpu"], forwarder_kernel_share=0.5)
+    c["cpu"] = dict(c["cpu"], forwarder_kernel_share=None)
+    lines = vs_coturn.table(results)
+    assert any(" 0.50/-" in line for line in lines), lines

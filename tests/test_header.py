@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_relay import header, keys
+from edge_relay import header, keys, sockaddr
 from edge_relay.drops import Drop
+from edge_relay.flows import FlowTable
+from edge_relay.router import Policy, Router
 
 HERE = Path(__file__).parent / "vectors"
 KEYS = json.loads((HERE / "keys.json").read_text())
@@ -22,6 +24,7 @@ VECTORS = json.loads((HERE / "header.json").read_text())
 MASTERS = {v["key_id"]: bytes.fromhex(v["master"]) for v in KEYS["keys"]}
 HEADER_KEYS = {v["key_id"]: bytes.fromhex(v["header_key"]) for v in KEYS["keys"]}
 RING = keys.KeyRing(MASTERS, signing_key_id=2)
+OTHER_RING = keys.KeyRing({1: MASTERS[1]})
 SIDE = {"relay": header.RELAY_ACCEPTS, "transceiver": header.TRANSCEIVER_ACCEPTS}
 VALID = VECTORS["valid"]
 BASE = [v for v in VALID if not v["name"].startswith("probe_window")]
@@ -316,56 +319,99 @@ def test_prefixes_and_trailing_junk(vec):
         assert decode(vec, raw + junk) is Drop.HEADER_MAC
 
 
-# -- decode_to_client: the relay's fast path, held equal to decode -----------------------
+# -- the relay's inlined check (Router.from_transceivers), held equal to decode ---------
+
+TX_SA = sockaddr.from_tuple(("10.0.0.5", 5000))
+LISTENER_FAMILIES = [socket.AF_INET, socket.AF_INET6]
+_ROUTERS = {}
 
 
-def expected_to_client(data, ring, now_ms, window_ms):
-    """What decode_to_client must return, from decode itself."""
+def _router(ring, window_ms):
+    """One router per (ring, window), listener 0 IPv4 and listener 1 IPv6, transceiver 1 at TX_SA."""
+    key = (id(ring), window_ms)
+    if key not in _ROUTERS:
+        table = FlowTable(n_listeners=2, max_flows=100_000, max_pending_per_source=1 << 20, max_flows_per_session=0)
+        _ROUTERS[key] = Router(table, ring, {1: TX_SA}, LISTENER_FAMILIES, Policy(header_window=window_ms / 1000))
+    return _ROUTERS[key]
+
+
+def expected_verdict(data, ring, now_ms, window_ms):
+    """What the relay must make of `data` from its transceiver, from decode itself (and a flow it names)."""
     hdr = header.decode(data, ring, now_ms, window_ms, header.RELAY_ACCEPTS)
     if hdr.__class__ is Drop:
-        return hdr
-    return hdr.route, hdr.family, hdr.port.to_bytes(2, "big"), hdr.address, bytes(hdr.payload)
+        return hdr, None
+    if hdr.type == header.PROBE_ACK:
+        return "probe ack", None
+    sa = None
+    if hdr.route < len(LISTENER_FAMILIES):
+        sa = sockaddr.from_fields(hdr.family, hdr.port.to_bytes(2, "big"), hdr.address, LISTENER_FAMILIES[hdr.route])
+    if sa is None:
+        return Drop.NO_FLOW, None
+    return ("sent", hdr.route, sa, bytes(hdr.payload)), sa
 
 
-def to_client(data, ring, now_ms, window_ms):
-    got = header.decode_to_client(data, ring, now_ms, window_ms)
-    if got.__class__ is Drop:
-        return got
-    assert isinstance(got, tuple) and len(got) == 5
-    assert isinstance(got[4], memoryview)
-    return got[:4] + (bytes(got[4]),)
+def relay_verdict(data, ring, now_ms, window_ms, flow_sa=None, route=0):
+    """What Router.from_transceivers does with `data` from TX_SA: the Drop it counted, "probe ack"
+    (consumed, nothing counted or sent), or ("sent", listener, destination, payload). `flow_sa` gets a
+    confirmed flow of transceiver 1 on listener `route` first."""
+    router = _router(ring, window_ms)
+    if flow_sa is not None and router.flows.get(route, flow_sa) is None:
+        router.flows.confirm(router.flows.open(route, flow_sa, 1, 0.0), 0.0)
+    before = list(router.drops)
+    buf = bytearray(data) + b"tail"          # a view into a larger buffer, as batchio gives
+    router.from_transceivers([memoryview(buf)[:len(data)]], [TX_SA], 1, 0.0, now_ms)
+    moved = [(Drop(i), n - before[i]) for i, n in enumerate(router.drops) if n != before[i]]
+    sent = [(i, box) for i, box in enumerate(router.to_clients) if box.n]
+    try:
+        if moved:
+            assert moved[1:] == [] and moved[0][1] == 1 and not sent, (moved, sent)
+            return moved[0][0]
+        if not sent:
+            return "probe ack"
+        (listener, box), = sent
+        assert box.n == 1 and box.head[0] is None and box.origin[0] == 0
+        return "sent", listener, box.dest[0], bytes(box.body[0])
+    finally:
+        for box in router.to_clients:
+            box.clear()
 
 
-def assert_to_client_agrees(data, ring=RING, now_ms=0, window_ms=2000):
-    want = expected_to_client(data, ring, now_ms, window_ms)
-    for form in (data, bytearray(data), memoryview(data)):
-        assert to_client(form, ring, now_ms, window_ms) == want, (data.hex(), now_ms, window_ms)
+def assert_relay_agrees(data, ring=RING, now_ms=0, window_ms=2000):
+    want, sa = expected_verdict(data, ring, now_ms, window_ms)
+    route = want[1] if want.__class__ is tuple else 0
+    assert relay_verdict(data, ring, now_ms, window_ms, sa, route) == want, (data.hex(), now_ms, window_ms)
     return want
 
 
 @pytest.mark.parametrize("vec", VALID + VECTORS["invalid"], ids=lambda v: v["name"])
-def test_decode_to_client_agrees_with_decode_on_the_vectors(vec):
+def test_the_relay_check_agrees_with_decode_on_the_vectors(vec):
     raw = bytes.fromhex(vec["datagram"])
-    want = assert_to_client_agrees(raw, RING, vec["now_ms"], vec["window_ms"])
+    want = assert_relay_agrees(raw, RING, vec["now_ms"], vec["window_ms"])
     if vec["accept"] == "relay" and vec.get("expect", "OK") == "OK":
         assert want.__class__ is not Drop
-        # family 0 is PROBE_ACK, 4/6 is TO_CLIENT: nothing else gets through
-        assert (want[1] == header.FAMILY_NONE) == (vec["type"] == header.PROBE_ACK)
+        assert (want == "probe ack") == (vec["type"] == header.PROBE_ACK)
     for n in (0, 1, 47, 48, len(raw) - 1):
-        assert_to_client_agrees(raw[:n], RING, vec["now_ms"], vec["window_ms"])
-    assert_to_client_agrees(raw + b"\x00", RING, vec["now_ms"], vec["window_ms"])
+        assert_relay_agrees(raw[:n], RING, vec["now_ms"], vec["window_ms"])
+    assert_relay_agrees(raw + b"\x00", RING, vec["now_ms"], vec["window_ms"])
 
 
-def test_decode_to_client_payload_is_a_view_of_the_datagram():
-    head = header.encode(RING.signing, header.TO_CLIENT, b"abc", route=2, family=4, port=5000,
-                         address=bytes(4), timestamp_ms=1000)
-    buf = bytearray(head + b"abc")
-    got = header.decode_to_client(memoryview(buf), RING, 1000, 0)
-    assert got[:4] == (2, 4, (5000).to_bytes(2, "big"), bytes(16))
-    assert got[4].obj is buf and bytes(got[4]) == b"abc"
+def test_the_relay_forwards_to_the_named_client_of_either_family_from_either_listener():
+    for host, port in (("203.0.113.7", 5000), ("2001:db8::7", 5001)):
+        family, port, address = client_fields(host, port)
+        payload = b"\x80\x6f" + bytes(30)
+        for route in (0, 1):
+            data = header.encode(RING.signing, header.TO_CLIENT, payload, route=route, family=family, port=port,
+                                 address=address, timestamp_ms=1000) + payload
+            want = assert_relay_agrees(data, RING, 1000, 2000)
+            if family == 6 and route == 0:
+                assert want is Drop.NO_FLOW         # an IPv6 client cannot be reached from an IPv4 listener
+            else:
+                assert want[:2] == ("sent", route) and want[3] == payload
+                assert want[2] == sockaddr.from_fields(family, port.to_bytes(2, "big"), address,
+                                                       LISTENER_FAMILIES[route])
 
 
-def test_decode_to_client_fuzz():
+def test_the_relay_check_fuzz():
     """Random edits of valid relay-side datagrams, and random bytes: same answer as decode."""
     rng = random.Random(7)
     seeds = [bytes.fromhex(v["datagram"]) for v in VALID if v["accept"] == "relay"]
@@ -373,7 +419,8 @@ def test_decode_to_client_fuzz():
         family, port, address = client_fields(host, port)
         for key in (RING.get(1), RING.get(2)):
             payload = rng.randbytes(rng.choice((0, 1, 12, 160)))
-            seeds.append(header.encode(key, header.TO_CLIENT, payload, route=rng.randrange(256), family=family,
+            route = rng.choice((0, 1, rng.randrange(256)))       # both listeners, and routes to none
+            seeds.append(header.encode(key, header.TO_CLIENT, payload, route=route, family=family,
                                        port=port, address=address, timestamp_ms=1000, flags=rng.randrange(256))
                          + payload)
     seeds.append(header.encode(RING.signing, header.PROBE_ACK, b"ack", timestamp_ms=1000) + b"ack")
@@ -391,12 +438,11 @@ def test_decode_to_client_fuzz():
         ts = int.from_bytes(raw[26:32], "big") if len(raw) >= 32 else 0
         if rng.random() < 0.3:
             now = ts + rng.choice((-2001, -2000, 0, 2000, 2001))
-        want = assert_to_client_agrees(bytes(raw), RING if rng.random() < 0.9 else keys.KeyRing({1: MASTERS[1]}),
-                                       now, rng.choice((0, 2000)))
-        outcomes.add(want if want.__class__ is Drop else ("ok", want[1]))
+        want = assert_relay_agrees(bytes(raw), RING if rng.random() < 0.9 else OTHER_RING, now, rng.choice((0, 2000)))
+        outcomes.add(want if want.__class__ is Drop else ("ok", want if want == "probe ack" else want[1]))
     # the fuzz reached every rule and both accepted types
     assert HEADER_DROPS <= outcomes
-    assert {("ok", 0), ("ok", 4), ("ok", 6)} <= outcomes
+    assert {("ok", "probe ack"), ("ok", 0), ("ok", 1), Drop.NO_FLOW} <= outcomes     # both listeners
 
 
 def test_seal_same_with_either_mac_state():

@@ -367,3 +367,46 @@ def test_transceiver_datagrams_that_reach_no_client_are_counted(reason, make, so
     assert rig.from_transceivers([(make(), source or TX[1])]) == 0
     assert rig.drops() == {reason: 1}
     assert rig.at_client(client(1)) == []
+
+
+# --- the hot path's inlined pieces equal their reference implementations ----------
+
+def test_the_per_flow_cap_forwards_exactly_what_flow_meter_allow_would():
+    """from_clients inlines FlowMeter's fast path: same answers, counts and tables as allow(key, now)."""
+    import random
+
+    from edge_relay.ratelimit import FlowMeter
+    rng = random.Random(7)
+    for burst, cells in ((8, 4), (40, 16), (2000, 65536)):
+        rig = Rig({"flow_packets_rate": burst / 0.5, "flow_packets_burst": burst})
+        sas = [client(i) for i in range(1, 41)]
+        for sa in sas:
+            rig.open(sa)
+        # small tables make the sketch collide and its heavy path run; the router reads them per batch state
+        rig.router.limits.per_flow = FlowMeter(burst / 0.5, burst, cells)
+        rig.router._set_batch_state()
+        ref = FlowMeter(burst / 0.5, burst, cells)
+        now = NOW
+        for step in range(300):
+            now += rng.choice((0.0, 0.001, 0.05, 0.3, 1.0)) * (1 if rng.random() < 0.95 else -1)
+            batch = [rng.choice(sas[:3]) if rng.random() < 0.5 else rng.choice(sas)
+                     for _ in range(rng.randrange(1, 33))]
+            before = rig.router.drops[Drop.RATE_FLOW_PACKETS]
+            ref.advance(now)
+            expected = [ref.allow(sa, now) for sa in batch]
+            assert rig.from_clients([(RTP, sa) for sa in batch], now=now) == sum(expected), step
+            assert rig.router.drops[Drop.RATE_FLOW_PACKETS] - before == expected.count(False), step
+            got = rig.router.limits.per_flow
+            assert (got.current, got.heavy, got.row0, got.row1) == (ref.current, ref.heavy, ref.row0, ref.row1)
+        rig.at_transceiver(1)
+
+
+def test_what_from_clients_seals_is_header_seal_exactly():
+    """The router's inlined MAC gives the very header header.seal gives, octet for octet."""
+    rig = Rig()
+    flow = rig.open(client(9))
+    payloads = [RTP, DTLS, b"\x80\x00", RTP[:12] + os.urandom(200)]
+    assert rig.from_clients([(p, client(9)) for p in payloads], wall_ms=WALL_MS + 5) == len(payloads)
+    ts6 = header.timestamp_bytes(WALL_MS + 5)
+    got = [bytes(data) for data, _ in rig.tx[1].received()]
+    assert got == [header.seal(RING.signing.header_split, flow.route, ts6, p) + p for p in payloads]
