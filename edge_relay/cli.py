@@ -14,13 +14,11 @@ Exit codes (documented in --help and edge-relay(8)):
       RestartPreventExitStatus=78: restarting into the same file cannot help.
 """
 
-import argparse
 import json
 import os
 import socket
 import sys
 import time
-import traceback
 
 from . import __version__, config as config_mod, keys
 from .errors import ConfigError, EdgeRelayError, KeyFileError
@@ -39,7 +37,16 @@ def cmd_run(args):
         return reexec.preflight_main(args.config, args.workers)
     cfg = config_mod.load(args.config)
     from . import supervisor
-    return supervisor.run(args.config, cfg, workers=args.workers)
+    code = supervisor.run(args.config, cfg, workers=args.workers)
+    # The supervisor has stopped: its sockets and flows are in the fd store and
+    # its workers are gone. A restart waits for this exit, and the interpreter's
+    # teardown (~20 ms of freeing what the kernel frees anyway) would come first.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):   # None, closed or broken: nothing to keep
+            pass
+    os._exit(code)
 
 
 def cmd_check_config(args):
@@ -133,6 +140,7 @@ def cmd_version(args):
 
 
 def _hostport(text):
+    import argparse  # already loaded: only argparse calls this
     host, sep, port = text.rpartition(":")
     if not sep:
         raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
@@ -561,6 +569,7 @@ def cmd_adapter(args):
 
 
 def build_parser():
+    import argparse  # ~15 ms with building the parser: `edge-relay run` skips both (_run_args)
     p = argparse.ArgumentParser(
         prog="edge-relay",
         description="Edge UDP relay for real-time voice AI over WebRTC.",
@@ -733,9 +742,55 @@ def build_parser():
     return p
 
 
+# The options of `run`, as build_parser declares them: {option: (dest, takes a value)}.
+_RUN_OPTIONS = {"--config": ("config", True), "-c": ("config", True), "--workers": ("workers", True),
+                "--preflight": ("preflight", False)}
+
+
+def _run_args(argv):
+    """`run`'s arguments without argparse, for the plainest spellings only; None for anything else.
+
+    A restart waits for this process to forward its first packet, and argparse
+    (import and the parser of every subcommand) is the largest cost before the
+    config. Whatever is not spelled exactly as below (help, abbreviations, a
+    missing or bad value, any other option) returns None and goes through
+    argparse, so usage errors and their messages stay argparse's;
+    tests/test_startup_imports.py checks that both agree.
+    """
+    if not argv or argv[0] != "run":
+        return None
+    values = {"config": DEFAULT_CONFIG, "workers": None, "preflight": False}
+    rest = argv[1:]
+    i = 0
+    while i < len(rest):
+        option, eq, value = rest[i].partition("=")
+        if option not in _RUN_OPTIONS or (eq and option == "-c"):
+            return None
+        dest, takes_value = _RUN_OPTIONS[option]
+        if not takes_value:
+            if eq:
+                return None
+            values[dest] = True
+        else:
+            if not eq:
+                i += 1
+                if i == len(rest) or rest[i].startswith("-"):
+                    return None
+                value = rest[i]
+            if dest == "workers":
+                try:
+                    value = int(value)
+                except ValueError:
+                    return None
+            values[dest] = value
+        i += 1
+    import types
+    return types.SimpleNamespace(command="run", func=cmd_run, **values)
+
+
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _run_args(argv) or build_parser().parse_args(argv)
     try:
         return args.func(args)
     except EdgeRelayError as exc:
@@ -745,6 +800,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception:  # noqa: BLE001 - a bug: say so with the traceback, and exit distinctly
+        import traceback  # only for a bug: not on every start
         traceback.print_exc()
         print(f"edge-relay {args.command}: internal error (a bug); exit {EXIT_SOFTWARE}", file=sys.stderr)
         return EXIT_SOFTWARE

@@ -28,7 +28,6 @@ span several keys live in the `_CROSS_CHECKS` functions at the end.
 """
 
 import dataclasses
-import difflib
 import ipaddress
 import math
 import os
@@ -503,6 +502,7 @@ def _unknown(key, value, known):
         isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
     ) else "unknown key"
     name = key if isinstance(key, str) else str(key)
+    import difflib  # only for a config that has a mistake: not on every start
     close = difflib.get_close_matches(name, known, n=1)
     return kind + (f" (did you mean {close[0]}?)" if close else "")
 

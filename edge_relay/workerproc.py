@@ -29,7 +29,6 @@ import os
 import signal
 import socket
 import sys
-import traceback
 
 from . import control, metrics, sdnotify
 from .lifecycle import Restarts
@@ -100,6 +99,7 @@ def spawn(slot, spec, close_inherited, now):
             close_inherited()
             code = _child(slot, spec, theirs)
         except BaseException:  # noqa: BLE001 - the child must never return into the supervisor
+            import traceback  # only when the worker crashed: not on every start
             traceback.print_exc()
         finally:
             os._exit(code)
