@@ -28,6 +28,8 @@ DEFERRED = (
     "edge_relay.effective",  # cli: `config --effective`, `keys`
     "edge_relay.demo",      # cli: the demo subcommands
     "urllib.request",       # cli: the subcommands that ask a running relay
+    "ctypes.util",          # batchio: libc through CDLL(None), no find_library (its imports, ldconfig)
+    "subprocess",           # nothing on the way to the first packet runs a program
 )
 
 # Runs `edge-relay run` as the package does, until its worker's loop is open:
