@@ -30,9 +30,9 @@ updates and two digests: HMAC-SHA256 exactly, ~20 % cheaper than copying an
 HMAC object.
 
 The relay's own transceiver -> client loop (router.Router.from_transceivers)
-applies the same rules inline, in the same order, with RELAY_FIELDS: a
-Python call per datagram costs more than the rest of the check on the
-relay's hot path. tests/test_router_fuzz.py holds its verdict equal to
+applies the same rules inline, in the same order, with RELAY_FIELDS: no
+Python call per datagram (inlined, the loop costs about a tenth less).
+tests/test_header.py (test_the_relay_check_*) holds its verdict equal to
 `decode(..., accept=RELAY_ACCEPTS)` on every vector and on fuzzed input.
 """
 
