@@ -338,6 +338,56 @@ def _running_management(path):
         return m
 
 
+def _signal_relay(args, name, signum, no_endpoint, before_signal=None):
+    """Reach the relay answering /status, check its pid, and send it `signum`.
+
+    Returns (url, status, pid, asked) -- `status()` reads /status again,
+    `asked` is the monotonic microsecond before the signal, which the
+    relay's answer must postdate -- or an exit code when it cannot: the
+    reason is printed here, prefixed with `name`. `no_endpoint` is (the
+    hint, exit code) for a config with management.port 0; `before_signal`
+    may look at the first /status and return an exit code to stop before
+    anything is sent (it prints why).
+    """
+    import urllib.request
+
+    from .metrics import monotonic_ns
+    url = args.url
+    if url is None:
+        m = _running_management(args.config)
+        if not m.enabled:
+            hint, code = no_endpoint
+            print(f"{name}: {args.config}: management.port is 0: {hint}", file=sys.stderr)
+            return code
+        url = _management_url(m, "/status")
+
+    def status():
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return json.loads(r.read().decode("utf-8"))
+
+    try:
+        first = status()
+        serving = first["pid"]     # reachable before we signal: else no answer could be read
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"{name}: {url}: {exc} (is the relay running? --url)", file=sys.stderr)
+        return EXIT_ERROR
+    pid = args.pid or serving
+    if pid != serving:
+        print(f"{name}: {url} is served by pid {serving}, not {pid}", file=sys.stderr)
+        return EXIT_ERROR
+    if before_signal is not None:
+        code = before_signal(first, pid)
+        if code is not None:
+            return code
+    asked = monotonic_ns() // 1000
+    try:
+        os.kill(pid, signum)
+    except OSError as exc:
+        print(f"{name}: pid {pid}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return url, status, pid, asked
+
+
 def _signal_for_verdict(args, command, signum, key):
     """Send `signum` to the relay answering /status and wait for its verdict `key` on this very request.
 
@@ -347,44 +397,21 @@ def _signal_for_verdict(args, command, signum, key):
     or EXIT_UNSUPPORTED when the running relay has no such verdict at all
     (it predates it: nothing was sent).
     """
-    import urllib.request
-
-    from .metrics import monotonic_ns
-    url = args.url
-    if url is None:
-        m = _running_management(args.config)
-        if not m.enabled:
-            print(f"edge-relay {command}: {args.config}: management.port is 0: no endpoint to read the relay's "
-                  f"verdict from (give --url, or send SIG{signal_name(signum)} yourself: "
-                  f"systemctl kill -s {signal_name(signum)} edge-relay)", file=sys.stderr)
-            return (EXIT_UNSUPPORTED if key == "last_upgrade" else EXIT_ERROR), None, None
-        url = _management_url(m, "/status")
-
-    def status():
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return json.loads(r.read().decode("utf-8"))
-
-    try:
-        first = status()
-        serving = first["pid"]     # reachable before we signal: else no verdict could be read
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"edge-relay {command}: {url}: {exc} (is the relay running? --url)", file=sys.stderr)
-        return EXIT_ERROR, None, None
-    pid = args.pid or serving
-    if pid != serving:
-        print(f"edge-relay {command}: {url} is served by pid {serving}, not {pid}", file=sys.stderr)
-        return EXIT_ERROR, None, None
-    if key not in first:
+    def supported(first, pid):
+        if key in first:
+            return None
         print(f"edge-relay {command}: pid {pid} runs edge-relay {first.get('version', '< 0.1.1')}, which cannot "
               f"{command} in place (no {key} in its /status); nothing was sent: restart it instead",
               file=sys.stderr)
-        return EXIT_UNSUPPORTED, None, None
-    asked = monotonic_ns() // 1000
-    try:
-        os.kill(pid, signum)
-    except OSError as exc:
-        print(f"edge-relay {command}: pid {pid}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_ERROR, None, None
+        return EXIT_UNSUPPORTED
+
+    no_endpoint = (f"no endpoint to read the relay's verdict from (give --url, or send SIG{signal_name(signum)} "
+                   f"yourself: systemctl kill -s {signal_name(signum)} edge-relay)",
+                   EXIT_UNSUPPORTED if key == "last_upgrade" else EXIT_ERROR)
+    reached = _signal_relay(args, f"edge-relay {command}", signum, no_endpoint, supported)
+    if reached.__class__ is int:
+        return reached, None, None
+    url, status, pid, asked = reached
     deadline = time.monotonic() + args.timeout
     last_error = "no answer"
     while time.monotonic() < deadline:
@@ -454,40 +481,15 @@ def cmd_drain(args):
     reached, refused (it is stopping) or did not answer within --timeout. With --wait, also wait until
     no flow is left (then the host can be stopped without cutting a call).
     """
-    import urllib.request
-
-    from .metrics import monotonic_ns
     from .workerproc import DRAIN_SIGNAL, UNDRAIN_SIGNAL
     name = "edge-relay drain" + (" --cancel" if args.cancel else "")
-    url = args.url
-    if url is None:
-        m = _running_management(args.config)
-        if not m.enabled:
-            print(f"{name}: {args.config}: management.port is 0: no endpoint to read the relay's state from "
-                  f"(give --url, or signal it yourself: systemctl kill --kill-whom=main -s "
-                  f"{(UNDRAIN_SIGNAL if args.cancel else DRAIN_SIGNAL).name} edge-relay)", file=sys.stderr)
-            return EXIT_ERROR
-        url = _management_url(m, "/status")
-
-    def status():
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return json.loads(r.read().decode("utf-8"))
-
-    try:
-        serving = status()["pid"]
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"{name}: {url}: {exc} (is the relay running? --url)", file=sys.stderr)
-        return EXIT_ERROR
-    pid = args.pid or serving
-    if pid != serving:
-        print(f"{name}: {url} is served by pid {serving}, not {pid}", file=sys.stderr)
-        return EXIT_ERROR
-    asked = monotonic_ns() // 1000
-    try:
-        os.kill(pid, UNDRAIN_SIGNAL if args.cancel else DRAIN_SIGNAL)
-    except OSError as exc:
-        print(f"{name}: pid {pid}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_ERROR
+    signum = UNDRAIN_SIGNAL if args.cancel else DRAIN_SIGNAL
+    no_endpoint = (f"no endpoint to read the relay's state from (give --url, or signal it yourself: "
+                   f"systemctl kill --kill-whom=main -s {signum.name} edge-relay)", EXIT_ERROR)
+    reached = _signal_relay(args, name, signum, no_endpoint)
+    if reached.__class__ is int:
+        return reached
+    url, status, pid, asked = reached
 
     def took(doc):
         d = doc.get("drain") or {}
