@@ -64,7 +64,7 @@ HANDOVER_TIMEOUT = 5.0       # seconds an old worker may take to hand its flows 
 def no_upgrade():
     """`last_upgrade` before any request (GET /status)."""
     return {"state": "none", "requested_usec": 0, "finished_usec": 0, "reason": "", "from_version": "",
-            "to_version": ""}
+            "to_version": "", "pauses_ms": []}
 
 
 def _usec(now):
@@ -137,6 +137,10 @@ class Upgrader:
         self.todo = []              # slot indexes still running the old code (new image)
         self.current = None         # the slot being handed over: [slot, successor Slot, stage, deadline]
         self.notes = []             # what went less than perfectly, said in the "ok" verdict
+        # per replaced worker, ms from its old process's STOP to the new one's first publication:
+        # how long its callers' datagrams waited in the socket (last_upgrade["pauses_ms"])
+        self.pauses = []
+        self.stop_ns = 0            # when the current slot's old worker was told to stop reading
         self.legacy = None          # (Translation, mmap, words view, fd) of an older counters layout
         self.legacy_pids = {}       # slot index -> pid of an old worker still writing that layout
         self.kept = (None, 0)       # (flows memfd given to the new worker, when): until it serves
@@ -415,6 +419,7 @@ class Upgrader:
                         os.close(slot.handed)
                         slot.handed = None
                     slot.asked_to_stop = True
+                    self.stop_ns = metrics.monotonic_ns()
                     send(slot.ctl, STOP)
                     # its exit is no death of the slot's worker: the reaper leaves it to us (its FLOWS
                     # and its hang-up still come through its channel) and the slot keeps its pid
@@ -472,9 +477,17 @@ class Upgrader:
                 return self._fail(now, f"worker {slot.index}: the new code's worker (pid {succ.pid}) died while "
                                        "taking over (its log says why); that slot restarts with the new code, "
                                        "the other old workers keep serving")
-            if sup.shared.words[slot.index * metrics.SLOT_WORDS + metrics.HEARTBEAT] > handed_ns:
+            served_ns = sup.shared.words[slot.index * metrics.SLOT_WORDS + metrics.HEARTBEAT]
+            if served_ns > handed_ns:
                 self._release_kept()
                 self.current = None
+                if self.stop_ns:
+                    pause = round((served_ns - self.stop_ns) / 1e6, 1)
+                    self.pauses.append(pause)
+                    sup.log.verdict("info", "upgrade: worker %d: new pid %d serves, %.1f ms after its old "
+                                    "process stopped reading (flows handed over after %.1f ms)", slot.index,
+                                    succ.pid, pause, (handed_ns - self.stop_ns) / 1e6)
+                    self.stop_ns = 0
                 continue
             if now >= deadline:
                 self._release_kept()
@@ -584,7 +597,7 @@ class Upgrader:
         sup = self.sup
         v = sup.last_upgrade
         v.update(state="failed" if why else "ok", finished_usec=_usec(sup.clock()),
-                 reason=why or "; ".join(self.notes))
+                 reason=why or "; ".join(self.notes), pauses_ms=list(self.pauses))
         if why:
             sup.upgrade_failures += 1
             sup.log.verdict("err", "upgrade to edge-relay %s failed: %s", __version__, why)

@@ -181,6 +181,10 @@ def test_an_upgrade_keeps_the_pid_and_the_sockets_and_hands_every_flow_over(rela
     assert st["pid"] == r.pid == before["pid"] and r.proc.poll() is None
     assert st["version"] == "9.9.9" and st["last_upgrade"]["state"] == "ok", st["last_upgrade"]
     assert st["last_upgrade"]["from_version"] == before["version"] and st["upgrades"] == 1
+    assert before["last_upgrade"]["pauses_ms"] == []
+    # one pause per replaced worker: STOP to the new worker's first publication, never negative
+    pauses = st["last_upgrade"]["pauses_ms"]
+    assert len(pauses) == 2 and all(p >= 0 for p in pauses), pauses
     assert st["workers_up"] == 2 and st["generation"] == before["generation"] == st["workers_generation"]
     assert udp_inodes(r.pid) == sockets_before, "a socket was bound again"
     new_workers = r.worker_pids()
@@ -196,6 +200,8 @@ def test_an_upgrade_keeps_the_pid_and_the_sockets_and_hands_every_flow_over(rela
               re.findall(r"worker (\d+): new pid \d+ (starting|ready|took over)", log)]
     assert events == [("starting", 0), ("ready", 0), ("took over", 0),
                       ("starting", 1), ("ready", 1), ("took over", 1)], events
+    served = re.findall(r"worker (\d+): new pid \d+ serves, ([\d.]+) ms after", log)
+    assert [(int(w), float(ms)) for w, ms in served] == [(0, pauses[0]), (1, pauses[1])], served
     said = "\n".join(line for line in log.splitlines() if "upgrade" in line or "flows" in line)
     for w in on_worker:
         assert f"worker {w}: new pid {new_workers[w]} took over from old pid {old_workers[w]} with its flows" \
