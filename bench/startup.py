@@ -5,7 +5,7 @@ Usage: python -m bench.startup [--runs 5] [--flows 200] [--workers 2] [--out ben
 
 Theory of operation
   This process plays systemd (a notify socket and an fd store, as
-  tests/test_systemd_protocol.py's FakeSystemd does), a transceiver (the demo
+  bench/fakesystemd.py's FakeSystemd, shared with the tests), a transceiver (the demo
   one: it answers ICE and echoes media) and the callers: `--flows` voice
   clients that keep a flow each, and one probe caller sending a stamped
   datagram every PROBE_INTERVAL whose echo gives the round-trip time of every
@@ -46,6 +46,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .fakesystemd import FakeSystemd
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -102,52 +104,6 @@ sys.exit(cli.main(sys.argv[1:]))
 
 STEPS = ["interpreter", "import-cli", "import-run", "config", "keys", "sockets", "fork", "flows-restored",
          "worker-serving", "ready", "first-forwarded"]
-
-
-class FakeSystemd:
-    """A notify socket and an fd store (FDSTORE=1, FDSTOREREMOVE=1; BARRIER=1 answered by closing its fd)."""
-
-    def __init__(self, path):
-        import array
-        self._array = array.array
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.setblocking(False)
-        self.path = path
-        self.store = {}
-        self.ready = 0
-
-    def pump(self):
-        while True:
-            try:
-                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(253 * 4))
-            except BlockingIOError:
-                return
-            fds = []
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    a = self._array("i")
-                    a.frombytes(payload[:len(payload) - len(payload) % a.itemsize])
-                    fds.extend(a)
-            msg = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
-            if msg.get("READY") == "1":
-                self.ready += 1
-            if msg.get("FDSTORE") == "1":
-                for old in self.store.pop(msg["FDNAME"], []):
-                    os.close(old)
-                self.store[msg["FDNAME"]] = fds
-                fds = []
-            elif msg.get("FDSTOREREMOVE") == "1":
-                for fd in self.store.pop(msg["FDNAME"], []):
-                    os.close(fd)
-            for fd in fds:
-                os.close(fd)
-
-    def close(self):
-        self.sock.close()
-        for fds in self.store.values():
-            for fd in fds:
-                os.close(fd)
 
 
 def free_port(kind=socket.SOCK_DGRAM):

@@ -7,7 +7,6 @@ starts the next process with the stored fds at 3.. and LISTEN_PID set to the
 pid that execs the relay (a small wrapper, as systemd's own exec does).
 """
 
-import array
 import os
 import signal
 import socket
@@ -15,6 +14,7 @@ import sys
 
 import pytest
 
+from bench.fakesystemd import FakeSystemd
 from relayproc import ROOT, Relay, Setup, Traffic, Transceiver, clients_for, metrics, run_args, value
 
 pytestmark = pytest.mark.slow
@@ -33,48 +33,6 @@ for i, fd in enumerate(high):
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=names)
 os.execv(sys.executable, [sys.executable] + sys.argv[3:])
 """
-
-
-class FakeSystemd:
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.setblocking(False)
-        self.path = path
-        self.messages = []          # (dict of VAR: value) in arrival order
-        self.store = {}             # name -> [fd]
-
-    def pump(self):
-        while True:
-            try:
-                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(253 * 4))
-            except BlockingIOError:
-                return
-            fds = []
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    a = array.array("i")
-                    a.frombytes(payload[:len(payload) - len(payload) % a.itemsize])
-                    fds.extend(a)
-            msg = dict(line.split("=", 1) for line in data.decode().split("\n"))
-            self.messages.append(msg)
-            if msg.get("FDSTORE") == "1":
-                self.store.setdefault(msg["FDNAME"], []).extend(fds)
-                fds = []
-            elif msg.get("FDSTOREREMOVE") == "1":
-                for fd in self.store.pop(msg["FDNAME"], []):
-                    os.close(fd)
-            for fd in fds:          # BARRIER=1: closing its fd is the answer
-                os.close(fd)
-
-    def seen(self, key, value=None, since=0):
-        return any(key in m and (value is None or m[key] == value) for m in self.messages[since:])
-
-    def close(self):
-        self.sock.close()
-        for fds in self.store.values():
-            for fd in fds:
-                os.close(fd)
 
 
 def test_notify_watchdog_fdstore_and_a_restart_without_loss(tmp_path):
